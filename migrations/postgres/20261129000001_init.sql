@@ -1,0 +1,61 @@
+-- Tenants, service tokens, sealed secrets, Stripe connections and the audit trail.
+-- Released migrations are never edited; add a new file instead.
+
+CREATE TABLE tenants (
+    tenant_id   TEXT PRIMARY KEY,
+    mode        TEXT NOT NULL CHECK (mode IN ('test', 'live')),
+    created_at  TIMESTAMPTZ NOT NULL,
+    updated_at  TIMESTAMPTZ NOT NULL
+);
+
+CREATE TABLE service_tokens (
+    token_id     TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    scopes       TEXT NOT NULL,
+    -- SHA-256 of the token's secret part; the token itself is shown once and never stored.
+    secret_hash  BYTEA NOT NULL,
+    created_at   TIMESTAMPTZ NOT NULL,
+    revoked_at   TIMESTAMPTZ
+);
+
+-- Envelope-encrypted secrets: no column holds plaintext.
+CREATE TABLE sealed_secrets (
+    secret_id      TEXT PRIMARY KEY,
+    tenant_id      TEXT NOT NULL REFERENCES tenants (tenant_id),
+    purpose        TEXT NOT NULL,
+    mode           TEXT NOT NULL,
+    master_key_id  TEXT NOT NULL,
+    wrapped_key    BYTEA NOT NULL,
+    ciphertext     BYTEA NOT NULL,
+    created_at     TIMESTAMPTZ NOT NULL,
+    updated_at     TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX sealed_secrets_master_key_id ON sealed_secrets (master_key_id);
+
+CREATE TABLE stripe_connections (
+    tenant_id          TEXT PRIMARY KEY REFERENCES tenants (tenant_id),
+    connection_id      TEXT NOT NULL UNIQUE,
+    api_key_secret_id  TEXT NOT NULL UNIQUE REFERENCES sealed_secrets (secret_id),
+    status             TEXT NOT NULL CHECK (status IN ('active', 'needs_attention', 'revoked')),
+    mode               TEXT NOT NULL CHECK (mode IN ('test', 'live')),
+    key_type           TEXT NOT NULL CHECK (key_type IN ('secret', 'restricted')),
+    key_last4          TEXT NOT NULL,
+    key_fingerprint    BYTEA NOT NULL,
+    permissions        TEXT NOT NULL,
+    warnings           TEXT NOT NULL,
+    verified_at        TIMESTAMPTZ NOT NULL,
+    connected_at       TIMESTAMPTZ NOT NULL,
+    updated_at         TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX stripe_connections_status ON stripe_connections (status);
+
+CREATE TABLE audit_events (
+    id           BIGSERIAL PRIMARY KEY,
+    occurred_at  TIMESTAMPTZ NOT NULL,
+    actor        TEXT NOT NULL,
+    action       TEXT NOT NULL,
+    tenant_id    TEXT,
+    -- JSON with non-secret facts only (key type, last 4, connection id, …).
+    detail       TEXT NOT NULL
+);
+CREATE INDEX audit_events_tenant ON audit_events (tenant_id, id);

@@ -1,0 +1,8 @@
+//! The two kinds of caller credentials: tenant tokens (JWTs signed by the Atlas app) and
+//! service tokens (created by our CLI, stored hashed, scoped).
+
+mod service_token;
+mod tenant_token;
+
+pub use service_token::{IssuedServiceToken, PresentedServiceToken, Scope, ServiceTokenHash};
+pub use tenant_token::{TenantTokenError, TenantTokens};

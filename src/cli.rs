@@ -1,0 +1,162 @@
+//! The `atlas-stripe` command line: the server and the operator's tools.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret;
+
+use crate::auth::{IssuedServiceToken, Scope, TenantTokens};
+use crate::config::Settings;
+use crate::crypto::{Keyring, MasterKeyId};
+use crate::domain::TenantId;
+use crate::startup::{open_store, shutdown_signal, Application};
+use crate::store::{Actor, NewServiceToken};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "atlas-stripe",
+    version,
+    about = "Connects Atlas tenants' Stripe accounts"
+)]
+pub struct Cli {
+    /// A configuration file layered over the built-in defaults.
+    #[arg(long, global = true, env = "ATLAS_STRIPE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the API (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Create, list and revoke service tokens for internal callers.
+    #[command(subcommand)]
+    ServiceToken(ServiceTokenCommand),
+    /// Mint a tenant token signed with the configured secret (development and demos).
+    TenantToken {
+        #[arg(long)]
+        tenant: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: i64,
+    },
+    /// Master-key tools.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceTokenCommand {
+    /// Create a token; it is printed once and only its hash is stored.
+    Create {
+        /// Who holds it, e.g. "billing-worker".
+        #[arg(long)]
+        name: String,
+        /// Repeatable: tenants:write, keys:read, ops:read.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Print new master-key material as `id:base64key` for crypto.master_keys.
+    Generate {
+        #[arg(long)]
+        id: String,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli.config.as_deref(), &[])?;
+    crate::telemetry::init(&settings.log);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let app = Application::build(&settings).await?;
+            tracing::info!(bind = %settings.server.bind, port = app.port(), "serving");
+            app.run_until(shutdown_signal()).await?;
+        }
+        Command::Migrate => {
+            open_store(&settings).await?;
+            println!("migrations applied");
+        }
+        Command::ServiceToken(command) => service_token(&settings, command).await?,
+        Command::TenantToken { tenant, ttl_secs } => {
+            let tenant = TenantId::parse(&tenant)?;
+            let secrets = settings.secrets()?;
+            let tokens = TenantTokens::new(&secrets.tenant_token_secret, 0);
+            let token = tokens.mint(&tenant, time::Duration::seconds(ttl_secs));
+            println!("{}", token.expose_secret());
+        }
+        Command::Keys(KeysCommand::Generate { id }) => {
+            let id = MasterKeyId::parse(&id)?;
+            println!("{}", Keyring::generate_entry(&id).expose_secret());
+        }
+    }
+    Ok(())
+}
+
+async fn service_token(settings: &Settings, command: ServiceTokenCommand) -> anyhow::Result<()> {
+    let store = open_store(settings).await?;
+    match command {
+        ServiceTokenCommand::Create { name, scopes } => {
+            let scopes = scopes
+                .iter()
+                .map(|s| {
+                    Scope::parse(s).with_context(|| {
+                        let known: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
+                        format!("unknown scope {s:?}; known: {}", known.join(", "))
+                    })
+                })
+                .collect::<anyhow::Result<BTreeSet<_>>>()?;
+            if name.trim().is_empty() || name.len() > 100 {
+                bail!("--name must be 1 to 100 characters");
+            }
+            let issued = IssuedServiceToken::generate();
+            let record = NewServiceToken {
+                id: issued.id.clone(),
+                name,
+                scopes,
+                hash: issued.hash,
+            };
+            store.insert_service_token(&record, &Actor::Cli).await?;
+            eprintln!("service token {} created; it is shown only now:", issued.id);
+            println!("{}", issued.plaintext.expose_secret());
+        }
+        ServiceTokenCommand::List => {
+            println!(
+                "{:<18} {:<24} {:<36} {:<26} revoked",
+                "id", "name", "scopes", "created"
+            );
+            for token in store.list_service_tokens().await? {
+                println!(
+                    "{:<18} {:<24} {:<36} {:<26} {}",
+                    token.id,
+                    token.name,
+                    Scope::join(&token.scopes),
+                    token.created_at,
+                    token
+                        .revoked_at
+                        .map(|t| t.to_string())
+                        .unwrap_or_else(|| "-".into())
+                );
+            }
+        }
+        ServiceTokenCommand::Revoke { id } => {
+            if !store.revoke_service_token(&id, &Actor::Cli).await? {
+                bail!("no active service token with id {id}");
+            }
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! The connect flow (parse, mode check, probe, seal, store) and re-verification.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use secrecy::{ExposeSecret, SecretString};
+use time::OffsetDateTime;
+
+use crate::crypto::{Fingerprinter, Keyring, Purpose, SecretContext};
+use crate::domain::{
+    random_id, ConnectionStatus, KeyFormatError, KeyKind, Mode, Resource, StripeKey, TenantId,
+    Warning,
+};
+use crate::store::{
+    Actor, ConnectionRecord, NewConnection, SaveOutcome, Store, StoreError, Verification,
+};
+use crate::stripe::{probe_write_access, ProbeError, StripeClient};
+
+/// Why a connect or verify did not succeed. Nothing here holds a key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("rate limited")]
+    RateLimited { retry_after: Duration },
+    #[error("no such tenant or connection")]
+    NotConnected,
+    #[error(transparent)]
+    KeyFormat(#[from] KeyFormatError),
+    #[error("mode mismatch")]
+    ModeMismatch { tenant: Mode, key: Mode },
+    #[error("key rejected")]
+    KeyRejected { expired: bool },
+    #[error("missing permissions")]
+    MissingPermissions {
+        missing: Vec<Resource>,
+        fix_url: String,
+    },
+    #[error("Stripe inconclusive: {0}")]
+    StripeUnavailable(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<StoreError> for ConnectError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::TenantMissing => Self::NotConnected,
+            other => Self::Internal(other.into()),
+        }
+    }
+}
+
+/// What the connect flow needs, built once at start-up.
+pub struct ConnectionService {
+    store: Arc<dyn Store>,
+    keyring: Arc<Keyring>,
+    stripe: StripeClient,
+    fingerprinter: Fingerprinter,
+    required: Vec<Resource>,
+    probe_deadline: Duration,
+    limiter: DefaultKeyedRateLimiter<TenantId>,
+}
+
+/// The Stripe dashboard link that pre-fills a restricted key with exactly `required`.
+pub fn fix_url(mode: Mode, required: &[Resource]) -> String {
+    let mode_segment = match mode {
+        Mode::Test => "test/",
+        Mode::Live => "",
+    };
+    let mut url = format!("https://dashboard.stripe.com/{mode_segment}apikeys/create?name=Atlas");
+    for resource in required {
+        url.push_str("&permissions[]=");
+        url.push_str(resource.dashboard_write_scope());
+    }
+    url
+}
+
+impl ConnectionService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        keyring: Arc<Keyring>,
+        stripe: StripeClient,
+        fingerprinter: Fingerprinter,
+        required: Vec<Resource>,
+        probe_deadline: Duration,
+        connect_attempts_per_minute: NonZeroU32,
+    ) -> Self {
+        Self {
+            store,
+            keyring,
+            stripe,
+            fingerprinter,
+            required,
+            probe_deadline,
+            limiter: RateLimiter::keyed(Quota::per_minute(connect_attempts_per_minute)),
+        }
+    }
+
+    pub fn required(&self) -> &[Resource] {
+        &self.required
+    }
+
+    fn check_rate(&self, tenant: &TenantId) -> Result<(), ConnectError> {
+        // Forget tenants whose buckets are full again, so memory stays bounded.
+        if self.limiter.len() > 10_000 {
+            self.limiter.retain_recent();
+        }
+        self.limiter
+            .check_key(tenant)
+            .map_err(|not_until| ConnectError::RateLimited {
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            })
+    }
+
+    /// The modal's Activate: verify the pasted key and store it sealed, replacing any
+    /// previous key atomically. Nothing is stored unless every probe concluded "granted".
+    pub async fn connect(
+        &self,
+        tenant: &TenantId,
+        pasted: &SecretString,
+        actor: &Actor,
+    ) -> Result<SaveOutcome, ConnectError> {
+        self.check_rate(tenant)?;
+        let key = StripeKey::parse(pasted.expose_secret())?;
+        let tenant_record = self
+            .store
+            .find_tenant(tenant)
+            .await?
+            .ok_or(ConnectError::NotConnected)?;
+        if key.mode() != tenant_record.mode {
+            return Err(ConnectError::ModeMismatch {
+                tenant: tenant_record.mode,
+                key: key.mode(),
+            });
+        }
+        let report = probe_write_access(&self.stripe, &key, &self.required, self.probe_deadline)
+            .await
+            .map_err(probe_error)?;
+        if !report.grants_all(&self.required) {
+            return Err(ConnectError::MissingPermissions {
+                missing: report.missing(),
+                fix_url: fix_url(tenant_record.mode, &self.required),
+            });
+        }
+        let secret_id = random_id("sec_", 20);
+        let context = SecretContext {
+            secret_id: secret_id.clone(),
+            tenant_id: tenant.clone(),
+            mode: key.mode(),
+            purpose: Purpose::StripeApiKey,
+        };
+        let sealed = self
+            .keyring
+            .seal(&context, key.expose_secret().as_bytes())
+            .map_err(anyhow::Error::from)?;
+        let warnings = match key.kind() {
+            KeyKind::Secret => vec![Warning::SecretKeyFullAccess],
+            KeyKind::Restricted => Vec::new(),
+        };
+        let connection = NewConnection {
+            tenant_id: tenant.clone(),
+            mode: key.mode(),
+            key_type: key.kind(),
+            key_last4: key.last4(),
+            key_fingerprint: self.fingerprinter.fingerprint(key.expose_secret()),
+            secret_id,
+            sealed,
+            status: ConnectionStatus::Active,
+            permissions: report,
+            warnings,
+            verified_at: OffsetDateTime::now_utc(),
+        };
+        match self.store.save_connection(&connection, actor).await {
+            Err(StoreError::ModeChanged(mode)) => Err(ConnectError::ModeMismatch {
+                tenant: mode,
+                key: key.mode(),
+            }),
+            other => Ok(other?),
+        }
+    }
+
+    /// Opens a stored key. Only the key-fetch route and re-verification call this.
+    pub fn open_key(&self, record: &ConnectionRecord) -> Result<StripeKey, anyhow::Error> {
+        let plaintext = self
+            .keyring
+            .open(&record.secret_context(), &record.sealed)?;
+        let text = std::str::from_utf8(&plaintext)
+            .map_err(|_| anyhow::anyhow!("stored key is not UTF-8"))?;
+        StripeKey::parse(text).map_err(|_| anyhow::anyhow!("stored key no longer parses"))
+    }
+
+    /// Re-probes the stored key and records the outcome: every required permission →
+    /// `active`, some missing → `needs_attention`, 401 → `revoked`. An inconclusive probe
+    /// changes nothing.
+    pub async fn verify(
+        &self,
+        tenant: &TenantId,
+        actor: &Actor,
+    ) -> Result<ConnectionRecord, ConnectError> {
+        let record = self
+            .store
+            .find_connection(tenant)
+            .await?
+            .ok_or(ConnectError::NotConnected)?;
+        let key = self.open_key(&record)?;
+        let verification =
+            match probe_write_access(&self.stripe, &key, &self.required, self.probe_deadline).await
+            {
+                Ok(report) => Verification {
+                    status: if report.grants_all(&self.required) {
+                        ConnectionStatus::Active
+                    } else {
+                        ConnectionStatus::NeedsAttention
+                    },
+                    permissions: report,
+                    verified_at: OffsetDateTime::now_utc(),
+                },
+                Err(ProbeError::KeyRejected { .. }) => Verification {
+                    status: ConnectionStatus::Revoked,
+                    permissions: record.permissions.clone(),
+                    verified_at: OffsetDateTime::now_utc(),
+                },
+                Err(ProbeError::Inconclusive { resource, reason }) => {
+                    return Err(ConnectError::StripeUnavailable(format!(
+                        "{resource}: {reason}"
+                    )))
+                }
+            };
+        match self
+            .store
+            .record_verification(tenant, &record.secret_id, &verification, actor)
+            .await?
+        {
+            Some(updated) => Ok(updated),
+            // Replaced or disconnected while we probed: report what is there now.
+            None => self
+                .store
+                .find_connection(tenant)
+                .await?
+                .ok_or(ConnectError::NotConnected),
+        }
+    }
+}
+
+fn probe_error(e: ProbeError) -> ConnectError {
+    match e {
+        ProbeError::KeyRejected { expired } => ConnectError::KeyRejected { expired },
+        ProbeError::Inconclusive { resource, reason } => {
+            ConnectError::StripeUnavailable(format!("{resource}: {reason}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fix_url_names_exactly_the_required_scopes_per_mode() {
+        assert_eq!(
+            fix_url(Mode::Test, &[Resource::Customers, Resource::Coupons]),
+            "https://dashboard.stripe.com/test/apikeys/create?name=Atlas\
+             &permissions[]=rak_customer_write&permissions[]=rak_coupon_write"
+        );
+        assert_eq!(
+            fix_url(Mode::Live, &Resource::ALL),
+            "https://dashboard.stripe.com/apikeys/create?name=Atlas\
+             &permissions[]=rak_customer_write&permissions[]=rak_checkout_session_write\
+             &permissions[]=rak_coupon_write&permissions[]=rak_invoice_write\
+             &permissions[]=rak_webhook_write"
+        );
+    }
+}

@@ -1,0 +1,374 @@
+use std::collections::BTreeMap;
+use std::fmt;
+
+use aes_gcm::aead::KeyInit;
+use aes_gcm::Aes256Gcm;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use rand::RngCore;
+use secrecy::{ExposeSecret, SecretString};
+use zeroize::Zeroizing;
+
+use super::envelope::{self, SealedSecret, SecretContext};
+use super::{CryptoError, Purpose};
+use crate::domain::{Mode, TenantId};
+
+/// The id of one master-key version, recorded beside every wrapped data key.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MasterKeyId(String);
+
+impl MasterKeyId {
+    pub fn parse(raw: &str) -> Result<Self, KeyringError> {
+        let ok = !raw.is_empty()
+            && raw.len() <= 32
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok {
+            Ok(Self(raw.to_owned()))
+        } else {
+            Err(KeyringError::BadId)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyringError {
+    #[error("crypto.master_keys is empty: list at least one `id:base64key` pair")]
+    Empty,
+    #[error("crypto.master_keys: each entry is `id:base64key`, comma separated")]
+    BadEntry,
+    #[error("crypto.master_keys: a key id is 1 to 32 characters of letters, digits, '_' and '-'")]
+    BadId,
+    #[error("crypto.master_keys: key {0:?} is not 32 bytes of standard base64 (generate one with `atlas-stripe keys generate`)")]
+    BadKey(String),
+    #[error("crypto.master_keys: key id {0:?} is listed twice")]
+    Duplicate(String),
+    #[error("crypto.active_key_id {0:?} is not one of the ids in crypto.master_keys")]
+    ActiveMissing(String),
+}
+
+/// The configured master-key versions: one active for sealing, all of them for opening.
+pub struct Keyring {
+    keys: BTreeMap<MasterKeyId, Aes256Gcm>,
+    active: MasterKeyId,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyring")
+            .field(
+                "ids",
+                &self.keys.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            )
+            .field("active", &self.active.as_str())
+            .finish()
+    }
+}
+
+impl Keyring {
+    /// Parses `id:base64key[,id:base64key…]` and the active id.
+    pub fn from_config(
+        master_keys: &SecretString,
+        active_key_id: &str,
+    ) -> Result<Self, KeyringError> {
+        let mut keys = BTreeMap::new();
+        for entry in master_keys.expose_secret().split(',').map(str::trim) {
+            if entry.is_empty() {
+                continue;
+            }
+            let (id, material) = entry.split_once(':').ok_or(KeyringError::BadEntry)?;
+            let id = MasterKeyId::parse(id.trim())?;
+            let bytes = Zeroizing::new(
+                BASE64
+                    .decode(material.trim())
+                    .map_err(|_| KeyringError::BadKey(id.0.clone()))?,
+            );
+            let cipher = Aes256Gcm::new_from_slice(&bytes)
+                .map_err(|_| KeyringError::BadKey(id.0.clone()))?;
+            if keys.insert(id.clone(), cipher).is_some() {
+                return Err(KeyringError::Duplicate(id.0));
+            }
+        }
+        if keys.is_empty() {
+            return Err(KeyringError::Empty);
+        }
+        let active = MasterKeyId::parse(active_key_id)
+            .ok()
+            .filter(|id| keys.contains_key(id))
+            .ok_or_else(|| KeyringError::ActiveMissing(active_key_id.to_owned()))?;
+        Ok(Self { keys, active })
+    }
+
+    /// Fresh key material in the configuration format: `id:base64key`.
+    pub fn generate_entry(id: &MasterKeyId) -> SecretString {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(bytes.as_mut());
+        SecretString::from(format!("{}:{}", id.as_str(), BASE64.encode(bytes.as_ref())))
+    }
+
+    pub fn active_id(&self) -> &MasterKeyId {
+        &self.active
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.cipher(id).is_ok()
+    }
+
+    fn cipher(&self, id: &str) -> Result<&Aes256Gcm, CryptoError> {
+        self.keys
+            .iter()
+            .find(|(k, _)| k.as_str() == id)
+            .map(|(_, cipher)| cipher)
+            .ok_or_else(|| CryptoError::UnknownMasterKey(id.to_owned()))
+    }
+
+    /// Seals under the active master key.
+    pub fn seal(
+        &self,
+        context: &SecretContext,
+        plaintext: &[u8],
+    ) -> Result<SealedSecret, CryptoError> {
+        envelope::seal(
+            self.cipher(self.active.as_str())?,
+            self.active.as_str(),
+            context,
+            plaintext,
+        )
+    }
+
+    /// Opens with whichever master key the record names.
+    pub fn open(
+        &self,
+        context: &SecretContext,
+        sealed: &SealedSecret,
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        envelope::open(self.cipher(&sealed.master_key_id)?, context, sealed)
+    }
+
+    /// Re-wraps the data key under the active master key (a no-op copy when it already is).
+    pub fn rewrap(
+        &self,
+        context: &SecretContext,
+        sealed: &SealedSecret,
+    ) -> Result<SealedSecret, CryptoError> {
+        envelope::rewrap(
+            self.cipher(&sealed.master_key_id)?,
+            self.cipher(self.active.as_str())?,
+            self.active.as_str(),
+            context,
+            sealed,
+        )
+    }
+
+    /// Seals and opens a canary with the active key, and proves every listed key can
+    /// wrap and unwrap: what `/readyz` asks before traffic is sent here.
+    pub fn self_test(&self) -> Result<(), CryptoError> {
+        let context = SecretContext {
+            secret_id: "self_test".to_owned(),
+            tenant_id: TenantId::parse("keyring-self-test").map_err(|_| CryptoError::Seal)?,
+            mode: Mode::Test,
+            purpose: Purpose::StripeApiKey,
+        };
+        let canary = b"atlas-stripe keyring self-test";
+        let sealed = self.seal(&context, canary)?;
+        if self.open(&context, &sealed)?.as_slice() != canary {
+            return Err(CryptoError::Open);
+        }
+        for id in self.keys.keys() {
+            let sealed = envelope::seal(self.cipher(id.as_str())?, id.as_str(), &context, canary)?;
+            self.rewrap(&context, &sealed)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str) -> String {
+        let id = MasterKeyId::parse(id).unwrap();
+        Keyring::generate_entry(&id).expose_secret().to_owned()
+    }
+
+    fn ring(entries: &[&str], active: &str) -> Keyring {
+        Keyring::from_config(&SecretString::from(entries.join(",")), active).expect("valid keyring")
+    }
+
+    fn keyring(ids: &[&str], active: &str) -> Keyring {
+        let entries: Vec<String> = ids.iter().map(|id| entry(id)).collect();
+        let entries: Vec<&str> = entries.iter().map(String::as_str).collect();
+        ring(&entries, active)
+    }
+
+    fn context(tenant: &str, mode: Mode) -> SecretContext {
+        SecretContext {
+            secret_id: "sec_1".to_owned(),
+            tenant_id: TenantId::parse(tenant).unwrap(),
+            mode,
+            purpose: Purpose::StripeApiKey,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let ring = keyring(&["k1"], "k1");
+        let ctx = context("ten_a", Mode::Test);
+        let sealed = ring.seal(&ctx, b"rk_test_secret").unwrap();
+        assert_eq!(sealed.master_key_id, "k1");
+        assert!(!sealed.ciphertext.windows(7).any(|w| w == b"rk_test"));
+        assert_eq!(
+            ring.open(&ctx, &sealed).unwrap().as_slice(),
+            b"rk_test_secret"
+        );
+    }
+
+    #[test]
+    fn each_seal_uses_a_fresh_data_key_and_nonce() {
+        let ring = keyring(&["k1"], "k1");
+        let ctx = context("ten_a", Mode::Test);
+        let a = ring.seal(&ctx, b"same").unwrap();
+        let b = ring.seal(&ctx, b"same").unwrap();
+        assert_ne!(a.ciphertext, b.ciphertext);
+        assert_ne!(a.wrapped_key, b.wrapped_key);
+    }
+
+    #[test]
+    fn wrong_context_does_not_open() {
+        let ring = keyring(&["k1"], "k1");
+        let ctx = context("ten_a", Mode::Test);
+        let sealed = ring.seal(&ctx, b"secret").unwrap();
+        let others = [
+            context("ten_b", Mode::Test),
+            context("ten_a", Mode::Live),
+            SecretContext {
+                secret_id: "sec_2".into(),
+                ..ctx.clone()
+            },
+            SecretContext {
+                purpose: Purpose::WebhookSigningSecret,
+                ..ctx.clone()
+            },
+        ];
+        for other in others {
+            assert_eq!(
+                ring.open(&other, &sealed),
+                Err(CryptoError::Open),
+                "{other:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn any_tampered_byte_fails() {
+        let ring = keyring(&["k1"], "k1");
+        let ctx = context("ten_a", Mode::Test);
+        let sealed = ring.seal(&ctx, b"secret").unwrap();
+        for i in 0..sealed.ciphertext.len() {
+            let mut bad = sealed.clone();
+            bad.ciphertext[i] ^= 0x01;
+            assert_eq!(ring.open(&ctx, &bad), Err(CryptoError::Open));
+        }
+        for i in 0..sealed.wrapped_key.len() {
+            let mut bad = sealed.clone();
+            bad.wrapped_key[i] ^= 0x80;
+            assert_eq!(ring.open(&ctx, &bad), Err(CryptoError::Open));
+        }
+        let mut short = sealed.clone();
+        short.ciphertext.truncate(5);
+        assert_eq!(ring.open(&ctx, &short), Err(CryptoError::Open));
+    }
+
+    #[test]
+    fn unknown_or_relabelled_master_key_fails() {
+        let ring = keyring(&["k1", "k2"], "k1");
+        let ctx = context("ten_a", Mode::Test);
+        let sealed = ring.seal(&ctx, b"secret").unwrap();
+        let unknown = SealedSecret {
+            master_key_id: "k9".into(),
+            ..sealed.clone()
+        };
+        assert_eq!(
+            ring.open(&ctx, &unknown),
+            Err(CryptoError::UnknownMasterKey("k9".into()))
+        );
+        let relabelled = SealedSecret {
+            master_key_id: "k2".into(),
+            ..sealed
+        };
+        assert_eq!(ring.open(&ctx, &relabelled), Err(CryptoError::Open));
+    }
+
+    #[test]
+    fn rewrap_moves_to_the_active_key_and_still_opens() {
+        let (k1, k2) = (entry("k1"), entry("k2"));
+        let ctx = context("ten_a", Mode::Test);
+        let sealed = ring(&[&k1], "k1").seal(&ctx, b"secret").unwrap();
+
+        let rotated = ring(&[&k1, &k2], "k2");
+        let rewrapped = rotated.rewrap(&ctx, &sealed).unwrap();
+        assert_eq!(rewrapped.master_key_id, "k2");
+        assert_eq!(rewrapped.ciphertext, sealed.ciphertext);
+        assert_ne!(rewrapped.wrapped_key, sealed.wrapped_key);
+        // Once rewrapped, the old master key can be dropped from the configuration.
+        let only_new = ring(&[&k2], "k2");
+        assert_eq!(
+            only_new.open(&ctx, &rewrapped).unwrap().as_slice(),
+            b"secret"
+        );
+        assert!(matches!(
+            only_new.open(&ctx, &sealed),
+            Err(CryptoError::UnknownMasterKey(_))
+        ));
+        // A rewrap refuses a pair that does not open instead of writing garbage.
+        let mut tampered = sealed.clone();
+        tampered.ciphertext[20] ^= 1;
+        assert_eq!(rotated.rewrap(&ctx, &tampered), Err(CryptoError::Open));
+    }
+
+    #[test]
+    fn config_errors_are_specific() {
+        let entry = Keyring::generate_entry(&MasterKeyId::parse("k1").unwrap());
+        let good = entry.expose_secret().to_owned();
+        let cases = [
+            ("", "k1", KeyringError::Empty),
+            ("k1", "k1", KeyringError::BadEntry),
+            ("k 1:AAAA", "k1", KeyringError::BadId),
+            ("k1:AAAA", "k1", KeyringError::BadKey("k1".into())),
+            (
+                &format!("{good},{good}") as &str,
+                "k1",
+                KeyringError::Duplicate("k1".into()),
+            ),
+            (
+                &good as &str,
+                "k2",
+                KeyringError::ActiveMissing("k2".into()),
+            ),
+        ];
+        for (spec, active, expected) in cases {
+            let err =
+                Keyring::from_config(&SecretString::from(spec.to_owned()), active).unwrap_err();
+            assert_eq!(err, expected, "{spec:?}");
+            assert!(
+                !err.to_string().contains(&good[3..]),
+                "key material in an error"
+            );
+        }
+    }
+
+    #[test]
+    fn self_test_passes_and_debug_hides_material() {
+        let ring = keyring(&["k1", "k2"], "k2");
+        ring.self_test().unwrap();
+        assert_eq!(
+            format!("{ring:?}"),
+            r#"Keyring { ids: ["k1", "k2"], active: "k2" }"#
+        );
+    }
+}

@@ -1,0 +1,26 @@
+//! Envelope encryption of the secrets we hold (Stripe API keys, later webhook secrets).
+//!
+//! Each secret gets a fresh 256-bit data key; the secret is sealed with AES-256-GCM under the
+//! data key, and the data key is wrapped with AES-256-GCM under a versioned master key. Both
+//! seals carry associated data naming the secret's context, so a ciphertext moved to another
+//! row, tenant, mode or purpose does not open.
+
+mod envelope;
+mod fingerprint;
+mod keyring;
+
+pub use envelope::{Purpose, SealedSecret, SecretContext};
+pub use fingerprint::Fingerprinter;
+pub use keyring::{Keyring, KeyringError, MasterKeyId};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    /// The record names a master key this process was not configured with.
+    #[error("master key {0:?} is not in the configured keyring")]
+    UnknownMasterKey(String),
+    /// Authentication failed: tampered bytes, a wrong context, or the wrong key.
+    #[error("sealed secret failed to open (tampered, moved to another context, or wrong key)")]
+    Open,
+    #[error("sealing failed")]
+    Seal,
+}

@@ -1,0 +1,55 @@
+use serde::Serialize;
+
+/// The health of a tenant's Stripe connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionStatus {
+    /// Verified with every required permission.
+    Active,
+    /// The key works but lacks a required permission (one was removed, or a new one is required).
+    NeedsAttention,
+    /// Stripe answered 401: the key was rolled, expired or deleted.
+    Revoked,
+}
+
+impl ConnectionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::NeedsAttention => "needs_attention",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "active" => Some(Self::Active),
+            "needs_attention" => Some(Self::NeedsAttention),
+            "revoked" => Some(Self::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// Something the tenant should know about a working connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Warning {
+    /// A secret key can do everything on the account; a restricted key is least privilege.
+    SecretKeyFullAccess,
+}
+
+impl Warning {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SecretKeyFullAccess => "secret_key_full_access",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "secret_key_full_access" => Some(Self::SecretKeyFullAccess),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Extractors that turn raw requests into domain values, or into our error shape.
+
+use std::collections::BTreeSet;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use super::state::AppState;
+use crate::auth::{PresentedServiceToken, Scope};
+use crate::domain::TenantId;
+
+/// JSON body whose every failure is our error shape. Parses to a `Value` first so that a
+/// data error (wrong type, missing field) never echoes the value sent, which may be a key.
+pub struct AppJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AppJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map(|l| l.0)
+            .unwrap_or_default();
+        let axum::Json(value) = axum::Json::<serde_json::Value>::from_request(req, state)
+            .await
+            .map_err(|rejection| match rejection {
+                JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType,
+                r if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                    ApiError::PayloadTooLarge(limit)
+                }
+                JsonRejection::JsonSyntaxError(_) => {
+                    ApiError::InvalidJson("The request body is not valid JSON.".into())
+                }
+                _ => ApiError::InvalidJson("The request body could not be read as JSON.".into()),
+            })?;
+        serde_json::from_value(value).map(AppJson).map_err(|e| {
+            let message = e.to_string();
+            let field = message
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split('`').next());
+            ApiError::InvalidJson(match field {
+                Some(field) => format!("The JSON body lacks the field \"{field}\"."),
+                None => "The JSON body has a field of the wrong type or an unknown shape.".into(),
+            })
+        })
+    }
+}
+
+/// The configured body limit, made visible to [`AppJson`] for its error message.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BodyLimit(pub usize);
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The tenant a tenant token authorises, matched against `{tenant_id}` in the path.
+/// A token for another tenant gets the same 404 as a tenant that does not exist.
+pub struct AuthorizedTenant(pub TenantId);
+
+impl FromRequestParts<AppState> for AuthorizedTenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or(ApiError::Unauthenticated)?;
+        let claimed = state
+            .tenant_tokens
+            .verify(token)
+            .map_err(|_| ApiError::Unauthenticated)?;
+        let Path(path_tenant) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::RouteNotFound)?;
+        if claimed != path_tenant {
+            return Err(ApiError::NotConnected);
+        }
+        let tenant = TenantId::parse(&path_tenant)
+            .map_err(|e| ApiError::InvalidTenantId(format!("{e}.")))?;
+        tracing::Span::current().record("tenant_id", tenant.as_str());
+        Ok(Self(tenant))
+    }
+}
+
+/// An internal caller holding a valid, unrevoked service token.
+pub struct ServiceCaller {
+    pub token_id: String,
+    pub scopes: BTreeSet<Scope>,
+}
+
+impl ServiceCaller {
+    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
+        if self.scopes.contains(&scope) {
+            Ok(())
+        } else {
+            Err(ApiError::InsufficientScope(scope.as_str()))
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for ServiceCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let presented = bearer(parts)
+            .and_then(PresentedServiceToken::parse)
+            .ok_or(ApiError::Unauthenticated)?;
+        let record = state
+            .store
+            .find_service_token(presented.id())
+            .await
+            .map_err(ApiError::internal)?
+            .ok_or(ApiError::Unauthenticated)?;
+        if record.revoked_at.is_some() || !presented.matches(&record.hash) {
+            return Err(ApiError::Unauthenticated);
+        }
+        Ok(Self {
+            token_id: record.id,
+            scopes: record.scopes,
+        })
+    }
+}
+
+/// `{tenant_id}` of an internal route, parsed.
+pub struct TenantPath(pub TenantId);
+
+impl<S: Send + Sync> FromRequestParts<S> for TenantPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::RouteNotFound)?;
+        let tenant =
+            TenantId::parse(&raw).map_err(|e| ApiError::InvalidTenantId(format!("{e}.")))?;
+        tracing::Span::current().record("tenant_id", tenant.as_str());
+        Ok(Self(tenant))
+    }
+}

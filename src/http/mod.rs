@@ -1,0 +1,91 @@
+//! The HTTP boundary: one module per audience, merged into one router.
+
+pub mod error;
+pub mod extract;
+mod integrations;
+mod internal;
+mod ops;
+pub mod state;
+mod summary;
+
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Router};
+use tower_http::catch_panic::CatchPanicLayer;
+use tracing::Instrument;
+
+use crate::domain::random_id;
+use error::{ApiError, REQUEST_ID};
+use extract::BodyLimit;
+pub use state::AppState;
+pub use summary::ConnectionSummary;
+
+pub fn router(state: AppState, body_limit: usize) -> Router {
+    Router::new()
+        .merge(ops::router())
+        .merge(integrations::router())
+        .merge(internal::router())
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(Extension(BodyLimit(body_limit)))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
+        }))
+        .layer(middleware::from_fn(request_context))
+        .with_state(state)
+}
+
+const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// A caller's request id is kept when it is short and plain; otherwise we make one.
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| random_id("req_", 20))
+}
+
+/// Gives each request an id (echoed as `x-request-id`, present in every log line and error
+/// body) and a span named by its matched route, never its raw URI.
+async fn request_context(req: Request, next: Next) -> Response {
+    let id = request_id(&req);
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %req.method(),
+        route = %route,
+        tenant_id = tracing::field::Empty,
+    );
+    let started = Instant::now();
+    let mut response = REQUEST_ID
+        .scope(id.clone(), next.run(req).instrument(span.clone()))
+        .await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request finished"
+        )
+    });
+    response
+}

@@ -1,0 +1,15 @@
+use std::sync::Arc;
+
+use crate::auth::TenantTokens;
+use crate::connect::ConnectionService;
+use crate::crypto::Keyring;
+use crate::store::Store;
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub keyring: Arc<Keyring>,
+    pub tenant_tokens: Arc<TenantTokens>,
+    pub connections: Arc<ConnectionService>,
+}

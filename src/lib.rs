@@ -1,0 +1,15 @@
+//! atlas-stripe: connects an Atlas tenant's Stripe account. Verifies a pasted API key
+//! without side effects, seals it with envelope encryption, and serves it to Atlas's
+//! charging services.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod connect;
+pub mod crypto;
+pub mod domain;
+pub mod http;
+pub mod startup;
+pub mod store;
+pub mod stripe;
+pub mod telemetry;

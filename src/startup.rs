@@ -1,0 +1,141 @@
+//! Builds the application from settings: store, keyring, Stripe client, router, listener.
+
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::auth::TenantTokens;
+use crate::config::{redact_url, Settings};
+use crate::connect::ConnectionService;
+use crate::crypto::Fingerprinter;
+use crate::domain::Resource;
+use crate::http::{self, AppState};
+use crate::store::{self, Store};
+use crate::stripe::{StripeClient, StripeClientConfig};
+
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown_grace: Duration,
+}
+
+/// Opens the configured store and applies its migrations.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+    use secrecy::ExposeSecret;
+    let where_ = redact_url(settings.database.url.expose_secret());
+    let store = store::connect(&settings.database)
+        .await
+        .with_context(|| format!("opening the database at {where_}"))?;
+    store.migrate().await.context("applying migrations")?;
+    tracing::info!(database = %where_, backend = ?store.backend(), "database ready");
+    Ok(store)
+}
+
+impl Application {
+    /// Binds `server.bind` (port 0 in tests) and wires everything.
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let secrets = settings.secrets()?;
+        if let Some(path) = &secrets.generated_into {
+            tracing::warn!(
+                file = %path.display(),
+                "USING DEVELOPMENT SECRETS (generated on first run). Never use them in production: \
+                 set crypto.master_keys, crypto.active_key_id, crypto.fingerprint_key and \
+                 auth.tenant_token_secret, and dev.generate_secrets = false"
+            );
+        }
+        let store = open_store(settings).await?;
+        let keyring = Arc::new(secrets.keyring);
+        keyring.self_test().context("keyring self-test")?;
+        let stripe = StripeClient::new(StripeClientConfig::from_settings(&settings.stripe))
+            .context("building the Stripe HTTP client")?;
+        let required = settings
+            .stripe
+            .required_resources
+            .iter()
+            .map(|name| Resource::parse(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let attempts = NonZeroU32::new(settings.limits.connect_attempts_per_minute)
+            .context("limits.connect_attempts_per_minute must be at least 1")?;
+        let connections = ConnectionService::new(
+            store.clone(),
+            keyring.clone(),
+            stripe,
+            Fingerprinter::new(secrets.fingerprint_key),
+            required,
+            settings.stripe.probe_deadline(),
+            attempts,
+        );
+        let state = AppState {
+            store,
+            keyring,
+            tenant_tokens: Arc::new(TenantTokens::new(
+                &secrets.tenant_token_secret,
+                settings.auth.tenant_token_leeway_secs,
+            )),
+            connections: Arc::new(connections),
+        };
+        let listener = TcpListener::bind(&settings.server.bind)
+            .await
+            .with_context(|| format!("binding {}", settings.server.bind))?;
+        Ok(Self {
+            listener,
+            router: http::router(state, settings.server.body_limit_bytes),
+            shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until `shutdown` resolves, then lets in-flight requests finish for at most
+    /// the grace period.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining in-flight requests");
+            let _ = stopping_tx.send(true);
+        });
+        let grace = self.shutdown_grace;
+        tokio::select! {
+            result = serve => result,
+            _ = async move {
+                let _ = stopping_rx.wait_for(|stopping| *stopping).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!("shutdown grace period elapsed with requests still in flight");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

@@ -1,0 +1,137 @@
+//! Persistence behind one trait, with PostgreSQL (production) and SQLite (the embedded
+//! default) implementations sharing the same SQL text and a migrations folder each.
+
+mod postgres;
+mod records;
+mod sql;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use postgres::PgStore;
+pub use records::{
+    Actor, AuditRecord, ConnectionRecord, NewConnection, NewServiceToken, SaveOutcome,
+    ServiceTokenRecord, TenantRecord, TenantWrite, Verification,
+};
+pub use sqlite::SqliteStore;
+
+use crate::domain::{ConnectionStatus, Mode, TenantId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("tenant does not exist")]
+    TenantMissing,
+    /// The tenant's mode changed while a key was being verified for the old one.
+    #[error("the tenant is now in {0} mode")]
+    ModeChanged(Mode),
+    #[error("the tenant has a Stripe connection; disconnect it before changing the mode")]
+    TenantHasConnection,
+    #[error("a concurrent change won; try again")]
+    Conflict,
+    /// A stored value failed to parse back into its domain type.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database.url must start with postgres://, postgresql:// or sqlite:")]
+    UnsupportedUrl,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// Everything the service persists. One implementation per backend; the same story test
+/// suite runs against both.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn backend(&self) -> Backend;
+
+    /// Applies pending migrations.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// The database answers and every migration this binary knows is applied.
+    async fn check_ready(&self) -> Result<(), String>;
+
+    async fn upsert_tenant(
+        &self,
+        tenant: &TenantId,
+        mode: Mode,
+        actor: &Actor,
+    ) -> Result<TenantWrite, StoreError>;
+
+    async fn find_tenant(&self, tenant: &TenantId) -> Result<Option<TenantRecord>, StoreError>;
+
+    async fn insert_service_token(
+        &self,
+        token: &NewServiceToken,
+        actor: &Actor,
+    ) -> Result<(), StoreError>;
+
+    async fn find_service_token(&self, id: &str) -> Result<Option<ServiceTokenRecord>, StoreError>;
+
+    async fn list_service_tokens(&self) -> Result<Vec<ServiceTokenRecord>, StoreError>;
+
+    /// Revokes a token; false when there is no such (unrevoked) token.
+    async fn revoke_service_token(&self, id: &str, actor: &Actor) -> Result<bool, StoreError>;
+
+    async fn find_connection(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<ConnectionRecord>, StoreError>;
+
+    /// Stores a verified connection, replacing any previous one in the same transaction.
+    async fn save_connection(
+        &self,
+        connection: &NewConnection,
+        actor: &Actor,
+    ) -> Result<SaveOutcome, StoreError>;
+
+    /// Records a re-verification of the key with `secret_id`; `None` when that key is no
+    /// longer the tenant's (replaced or disconnected meanwhile), so a stale result is dropped.
+    async fn record_verification(
+        &self,
+        tenant: &TenantId,
+        secret_id: &str,
+        verification: &Verification,
+        actor: &Actor,
+    ) -> Result<Option<ConnectionRecord>, StoreError>;
+
+    /// Deletes the connection and its sealed key; false when there was none.
+    async fn delete_connection(&self, tenant: &TenantId, actor: &Actor)
+        -> Result<bool, StoreError>;
+
+    async fn list_connections(
+        &self,
+        status: Option<ConnectionStatus>,
+    ) -> Result<Vec<ConnectionRecord>, StoreError>;
+
+    /// The audit trail, oldest first; all tenants when `tenant` is `None`.
+    async fn audit_trail(&self, tenant: Option<&TenantId>) -> Result<Vec<AuditRecord>, StoreError>;
+}
+
+/// Opens the store the URL names (`postgres://…` or `sqlite://…`).
+pub async fn connect(
+    settings: &crate::config::DatabaseSettings,
+) -> Result<Arc<dyn Store>, StoreError> {
+    use secrecy::ExposeSecret;
+    let url = settings.url.expose_secret();
+    let timeout = std::time::Duration::from_millis(settings.acquire_timeout_ms);
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(
+            PgStore::connect(url, settings.max_connections, timeout).await?,
+        ))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(
+            SqliteStore::connect(url, settings.max_connections, timeout).await?,
+        ))
+    } else {
+        Err(StoreError::UnsupportedUrl)
+    }
+}

@@ -1,0 +1,280 @@
+//! What the store reads and writes, in domain types, and the row types it maps them from.
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use super::StoreError;
+use crate::auth::{Scope, ServiceTokenHash};
+use crate::crypto::{Purpose, SealedSecret, SecretContext};
+use crate::domain::{
+    Access, ConnectionStatus, KeyKind, Mode, PermissionReport, Resource, TenantId, Warning,
+};
+
+/// Who made a change, as written to the audit trail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Actor {
+    Tenant(TenantId),
+    ServiceToken(String),
+    Cli,
+}
+
+impl Actor {
+    pub fn label(&self) -> String {
+        match self {
+            Self::Tenant(id) => format!("tenant:{id}"),
+            Self::ServiceToken(id) => format!("service_token:{id}"),
+            Self::Cli => "cli".to_owned(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantRecord {
+    pub tenant_id: TenantId,
+    pub mode: Mode,
+    pub created_at: OffsetDateTime,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TenantWrite {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+pub struct NewServiceToken {
+    pub id: String,
+    pub name: String,
+    pub scopes: BTreeSet<Scope>,
+    pub hash: ServiceTokenHash,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServiceTokenRecord {
+    pub id: String,
+    pub name: String,
+    pub scopes: BTreeSet<Scope>,
+    pub hash: ServiceTokenHash,
+    pub created_at: OffsetDateTime,
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// A verified key, sealed, ready to be stored as the tenant's connection.
+#[derive(Clone, Debug)]
+pub struct NewConnection {
+    pub tenant_id: TenantId,
+    pub mode: Mode,
+    pub key_type: KeyKind,
+    pub key_last4: String,
+    pub key_fingerprint: Vec<u8>,
+    /// Chosen before sealing: the sealed secret's associated data names it.
+    pub secret_id: String,
+    pub sealed: SealedSecret,
+    pub status: ConnectionStatus,
+    pub permissions: PermissionReport,
+    pub warnings: Vec<Warning>,
+    pub verified_at: OffsetDateTime,
+}
+
+#[derive(Clone, Debug)]
+pub struct ConnectionRecord {
+    pub tenant_id: TenantId,
+    pub connection_id: String,
+    pub status: ConnectionStatus,
+    pub mode: Mode,
+    pub key_type: KeyKind,
+    pub key_last4: String,
+    pub key_fingerprint: Vec<u8>,
+    pub secret_id: String,
+    pub sealed: SealedSecret,
+    pub permissions: PermissionReport,
+    pub warnings: Vec<Warning>,
+    pub verified_at: OffsetDateTime,
+    pub connected_at: OffsetDateTime,
+}
+
+impl ConnectionRecord {
+    /// The context the API key was sealed in.
+    pub fn secret_context(&self) -> SecretContext {
+        SecretContext {
+            secret_id: self.secret_id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            mode: self.mode,
+            purpose: Purpose::StripeApiKey,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum SaveOutcome {
+    Created(ConnectionRecord),
+    Replaced(ConnectionRecord),
+}
+
+/// The result of re-probing a stored key.
+#[derive(Clone, Debug)]
+pub struct Verification {
+    pub status: ConnectionStatus,
+    pub permissions: PermissionReport,
+    pub verified_at: OffsetDateTime,
+}
+
+#[derive(Clone, Debug)]
+pub struct AuditRecord {
+    pub occurred_at: OffsetDateTime,
+    pub actor: String,
+    pub action: String,
+    pub tenant_id: Option<String>,
+    pub detail: Value,
+}
+
+/// Timestamps are kept at microsecond precision, PostgreSQL's, so what we return equals
+/// what we read back.
+pub(super) fn now() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(now)
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_owned())
+}
+
+pub(super) fn permissions_to_text(report: &PermissionReport) -> String {
+    serde_json::to_string(report).unwrap_or_else(|_| "{}".to_owned())
+}
+
+pub(super) fn warnings_to_text(warnings: &[Warning]) -> String {
+    serde_json::to_string(warnings).unwrap_or_else(|_| "[]".to_owned())
+}
+
+fn permissions_from_text(text: &str) -> Result<PermissionReport, StoreError> {
+    let map: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(text).map_err(|_| corrupt("permissions"))?;
+    map.iter()
+        .map(|(resource, access)| {
+            let resource =
+                Resource::parse(resource).map_err(|_| corrupt("permissions resource"))?;
+            let access = Access::parse(access).ok_or_else(|| corrupt("permissions access"))?;
+            Ok((resource, access))
+        })
+        .collect()
+}
+
+fn warnings_from_text(text: &str) -> Result<Vec<Warning>, StoreError> {
+    let names: Vec<String> = serde_json::from_str(text).map_err(|_| corrupt("warnings"))?;
+    names
+        .iter()
+        .map(|w| Warning::parse(w).ok_or_else(|| corrupt("warning")))
+        .collect()
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct TenantRow {
+    tenant_id: String,
+    mode: String,
+    created_at: OffsetDateTime,
+}
+
+impl TryFrom<TenantRow> for TenantRecord {
+    type Error = StoreError;
+    fn try_from(row: TenantRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            tenant_id: TenantId::parse(&row.tenant_id).map_err(|_| corrupt("tenant_id"))?,
+            mode: Mode::parse(&row.mode).map_err(|_| corrupt("mode"))?,
+            created_at: row.created_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct ServiceTokenRow {
+    token_id: String,
+    name: String,
+    scopes: String,
+    secret_hash: Vec<u8>,
+    created_at: OffsetDateTime,
+    revoked_at: Option<OffsetDateTime>,
+}
+
+impl TryFrom<ServiceTokenRow> for ServiceTokenRecord {
+    type Error = StoreError;
+    fn try_from(row: ServiceTokenRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            hash: ServiceTokenHash::from_slice(&row.secret_hash)
+                .ok_or_else(|| corrupt("secret_hash"))?,
+            scopes: Scope::split(&row.scopes),
+            id: row.token_id,
+            name: row.name,
+            created_at: row.created_at,
+            revoked_at: row.revoked_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct ConnectionRow {
+    tenant_id: String,
+    connection_id: String,
+    status: String,
+    mode: String,
+    key_type: String,
+    key_last4: String,
+    key_fingerprint: Vec<u8>,
+    api_key_secret_id: String,
+    master_key_id: String,
+    wrapped_key: Vec<u8>,
+    ciphertext: Vec<u8>,
+    permissions: String,
+    warnings: String,
+    verified_at: OffsetDateTime,
+    connected_at: OffsetDateTime,
+}
+
+impl TryFrom<ConnectionRow> for ConnectionRecord {
+    type Error = StoreError;
+    fn try_from(row: ConnectionRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            tenant_id: TenantId::parse(&row.tenant_id).map_err(|_| corrupt("tenant_id"))?,
+            status: ConnectionStatus::parse(&row.status).ok_or_else(|| corrupt("status"))?,
+            mode: Mode::parse(&row.mode).map_err(|_| corrupt("mode"))?,
+            key_type: KeyKind::parse(&row.key_type).ok_or_else(|| corrupt("key_type"))?,
+            permissions: permissions_from_text(&row.permissions)?,
+            warnings: warnings_from_text(&row.warnings)?,
+            connection_id: row.connection_id,
+            key_last4: row.key_last4,
+            key_fingerprint: row.key_fingerprint,
+            secret_id: row.api_key_secret_id,
+            sealed: SealedSecret {
+                master_key_id: row.master_key_id,
+                wrapped_key: row.wrapped_key,
+                ciphertext: row.ciphertext,
+            },
+            verified_at: row.verified_at,
+            connected_at: row.connected_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct AuditRow {
+    occurred_at: OffsetDateTime,
+    actor: String,
+    action: String,
+    tenant_id: Option<String>,
+    detail: String,
+}
+
+impl From<AuditRow> for AuditRecord {
+    fn from(row: AuditRow) -> Self {
+        Self {
+            occurred_at: row.occurred_at,
+            actor: row.actor,
+            action: row.action,
+            tenant_id: row.tenant_id,
+            detail: serde_json::from_str(&row.detail).unwrap_or(Value::Null),
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! The store's SQL, shared by both backends.
+//!
+//! The statements are written in the common subset of PostgreSQL and SQLite (`$n`
+//! placeholders, `RETURNING`, `ON CONFLICT`), so one implementation serves both; only the
+//! migrations differ. sqlx's runtime queries are typed by backend, hence a macro that
+//! stamps the same `impl Store` onto each backend's pool type.
+//!
+//! Every multi-statement change starts with a write (`UPDATE tenants … RETURNING`), which
+//! locks the tenant row in PostgreSQL and takes SQLite's write lock up front, so concurrent
+//! changes to one tenant serialise instead of deadlocking.
+
+pub(super) const CONNECTION_COLUMNS: &str = "c.tenant_id, c.connection_id, c.status, c.mode, \
+    c.key_type, c.key_last4, c.key_fingerprint, c.api_key_secret_id, s.master_key_id, \
+    s.wrapped_key, s.ciphertext, c.permissions, c.warnings, c.verified_at, c.connected_at";
+
+pub(super) const LOCK_TENANT: &str =
+    "UPDATE tenants SET updated_at = updated_at WHERE tenant_id = $1 RETURNING mode";
+
+pub(super) const INSERT_AUDIT: &str = "INSERT INTO audit_events \
+    (occurred_at, actor, action, tenant_id, detail) VALUES ($1, $2, $3, $4, $5)";
+
+macro_rules! impl_store {
+    ($store:ty, $backend:expr, $migrator:expr) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $store {
+            fn backend(&self) -> $crate::store::Backend {
+                $backend
+            }
+
+            async fn migrate(&self) -> Result<(), $crate::store::StoreError> {
+                $migrator.run(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn check_ready(&self) -> Result<(), String> {
+                let applied: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM _sqlx_migrations WHERE success",
+                )
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| format!("database: {e}"))?;
+                let known = $migrator.iter().count() as i64;
+                if applied < known {
+                    return Err(format!("migrations: {applied} of {known} applied"));
+                }
+                Ok(())
+            }
+
+            async fn upsert_tenant(
+                &self,
+                tenant: &$crate::domain::TenantId,
+                mode: $crate::domain::Mode,
+                actor: &$crate::store::Actor,
+            ) -> Result<$crate::store::TenantWrite, $crate::store::StoreError> {
+                use $crate::store::{StoreError, TenantWrite};
+                let now = $crate::store::records::now();
+                // Two attempts: a concurrent create of the same tenant makes the first insert
+                // a no-op, and the second attempt then updates the row it created.
+                for _ in 0..2 {
+                    let mut tx = self.pool.begin().await?;
+                    let current: Option<String> = sqlx::query_scalar($crate::store::sql::LOCK_TENANT)
+                        .bind(tenant.as_str())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    let outcome = match current {
+                        Some(current) if current == mode.as_str() => return Ok(TenantWrite::Unchanged),
+                        Some(_) => {
+                            let connected: i64 = sqlx::query_scalar(
+                                "SELECT COUNT(*) FROM stripe_connections WHERE tenant_id = $1",
+                            )
+                            .bind(tenant.as_str())
+                            .fetch_one(&mut *tx)
+                            .await?;
+                            if connected > 0 {
+                                return Err(StoreError::TenantHasConnection);
+                            }
+                            sqlx::query("UPDATE tenants SET mode = $2, updated_at = $3 WHERE tenant_id = $1")
+                                .bind(tenant.as_str())
+                                .bind(mode.as_str())
+                                .bind(now)
+                                .execute(&mut *tx)
+                                .await?;
+                            TenantWrite::Updated
+                        }
+                        None => {
+                            let inserted = sqlx::query(
+                                "INSERT INTO tenants (tenant_id, mode, created_at, updated_at) \
+                                 VALUES ($1, $2, $3, $3) ON CONFLICT (tenant_id) DO NOTHING",
+                            )
+                            .bind(tenant.as_str())
+                            .bind(mode.as_str())
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                            if inserted == 0 {
+                                continue;
+                            }
+                            TenantWrite::Created
+                        }
+                    };
+                    let action = match outcome {
+                        TenantWrite::Created => "tenant.created",
+                        _ => "tenant.mode_changed",
+                    };
+                    audit(&mut *tx, now, actor, action, Some(tenant.as_str()), serde_json::json!({"mode": mode})).await?;
+                    tx.commit().await?;
+                    return Ok(outcome);
+                }
+                Err(StoreError::Conflict)
+            }
+
+            async fn find_tenant(
+                &self,
+                tenant: &$crate::domain::TenantId,
+            ) -> Result<Option<$crate::store::TenantRecord>, $crate::store::StoreError> {
+                let row: Option<$crate::store::records::TenantRow> = sqlx::query_as(
+                    "SELECT tenant_id, mode, created_at FROM tenants WHERE tenant_id = $1",
+                )
+                .bind(tenant.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn insert_service_token(
+                &self,
+                token: &$crate::store::NewServiceToken,
+                actor: &$crate::store::Actor,
+            ) -> Result<(), $crate::store::StoreError> {
+                let now = $crate::store::records::now();
+                let scopes = $crate::auth::Scope::join(&token.scopes);
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(
+                    "INSERT INTO service_tokens (token_id, name, scopes, secret_hash, created_at) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&token.id)
+                .bind(&token.name)
+                .bind(&scopes)
+                .bind(&token.hash.0[..])
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                let detail = serde_json::json!({"token_id": token.id, "name": token.name, "scopes": scopes});
+                audit(&mut *tx, now, actor, "service_token.created", None, detail).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn find_service_token(
+                &self,
+                id: &str,
+            ) -> Result<Option<$crate::store::ServiceTokenRecord>, $crate::store::StoreError> {
+                let row: Option<$crate::store::records::ServiceTokenRow> = sqlx::query_as(
+                    "SELECT token_id, name, scopes, secret_hash, created_at, revoked_at \
+                     FROM service_tokens WHERE token_id = $1",
+                )
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn list_service_tokens(
+                &self,
+            ) -> Result<Vec<$crate::store::ServiceTokenRecord>, $crate::store::StoreError> {
+                let rows: Vec<$crate::store::records::ServiceTokenRow> = sqlx::query_as(
+                    "SELECT token_id, name, scopes, secret_hash, created_at, revoked_at \
+                     FROM service_tokens ORDER BY created_at, token_id",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn revoke_service_token(
+                &self,
+                id: &str,
+                actor: &$crate::store::Actor,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let now = $crate::store::records::now();
+                let mut tx = self.pool.begin().await?;
+                let revoked = sqlx::query(
+                    "UPDATE service_tokens SET revoked_at = $2 WHERE token_id = $1 AND revoked_at IS NULL",
+                )
+                .bind(id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if revoked == 0 {
+                    return Ok(false);
+                }
+                audit(&mut *tx, now, actor, "service_token.revoked", None, serde_json::json!({"token_id": id})).await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn find_connection(
+                &self,
+                tenant: &$crate::domain::TenantId,
+            ) -> Result<Option<$crate::store::ConnectionRecord>, $crate::store::StoreError> {
+                find_connection(&self.pool, tenant).await
+            }
+
+            async fn save_connection(
+                &self,
+                new: &$crate::store::NewConnection,
+                actor: &$crate::store::Actor,
+            ) -> Result<$crate::store::SaveOutcome, $crate::store::StoreError> {
+                use $crate::store::records::{now, permissions_to_text, warnings_to_text};
+                use $crate::store::{SaveOutcome, StoreError};
+                let now = now();
+                let tenant = new.tenant_id.as_str();
+                let mut tx = self.pool.begin().await?;
+                let mode: Option<String> = sqlx::query_scalar($crate::store::sql::LOCK_TENANT)
+                    .bind(tenant)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                match mode.as_deref().map($crate::domain::Mode::parse) {
+                    None => return Err(StoreError::TenantMissing),
+                    Some(Ok(mode)) if mode == new.mode => {}
+                    Some(Ok(mode)) => return Err(StoreError::ModeChanged(mode)),
+                    Some(Err(_)) => return Err(StoreError::Corrupt("tenant mode".into())),
+                }
+                let previous: Option<(String, String, Vec<u8>)> = sqlx::query_as(
+                    "SELECT connection_id, api_key_secret_id, key_fingerprint \
+                     FROM stripe_connections WHERE tenant_id = $1",
+                )
+                .bind(tenant)
+                .fetch_optional(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO sealed_secrets (secret_id, tenant_id, purpose, mode, master_key_id, \
+                     wrapped_key, ciphertext, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+                )
+                .bind(&new.secret_id)
+                .bind(tenant)
+                .bind($crate::crypto::Purpose::StripeApiKey.as_str())
+                .bind(new.mode.as_str())
+                .bind(&new.sealed.master_key_id)
+                .bind(&new.sealed.wrapped_key)
+                .bind(&new.sealed.ciphertext)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                let connection_id = match &previous {
+                    Some((connection_id, _, _)) => connection_id.clone(),
+                    None => $crate::domain::random_id("con_", 20),
+                };
+                let statement = if previous.is_some() {
+                    "UPDATE stripe_connections SET api_key_secret_id = $3, status = $4, mode = $5, \
+                     key_type = $6, key_last4 = $7, key_fingerprint = $8, permissions = $9, \
+                     warnings = $10, verified_at = $11, connected_at = $12, updated_at = $12 \
+                     WHERE tenant_id = $1 AND connection_id = $2"
+                } else {
+                    "INSERT INTO stripe_connections (tenant_id, connection_id, api_key_secret_id, \
+                     status, mode, key_type, key_last4, key_fingerprint, permissions, warnings, \
+                     verified_at, connected_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)"
+                };
+                sqlx::query(statement)
+                    .bind(tenant)
+                    .bind(&connection_id)
+                    .bind(&new.secret_id)
+                    .bind(new.status.as_str())
+                    .bind(new.mode.as_str())
+                    .bind(new.key_type.as_str())
+                    .bind(&new.key_last4)
+                    .bind(&new.key_fingerprint)
+                    .bind(permissions_to_text(&new.permissions))
+                    .bind(warnings_to_text(&new.warnings))
+                    .bind(new.verified_at)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                if let Some((_, old_secret_id, _)) = &previous {
+                    sqlx::query("DELETE FROM sealed_secrets WHERE secret_id = $1")
+                        .bind(old_secret_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let same_key = previous.as_ref().map(|(_, _, fp)| *fp == new.key_fingerprint);
+                let detail = serde_json::json!({
+                    "connection_id": connection_id,
+                    "key_type": new.key_type.as_str(),
+                    "key_last4": new.key_last4,
+                    "same_key": same_key,
+                    "status": new.status,
+                    "permissions": new.permissions,
+                    "master_key_id": new.sealed.master_key_id,
+                });
+                let action = if previous.is_some() { "connection.replaced" } else { "connection.created" };
+                audit(&mut *tx, now, actor, action, Some(tenant), detail).await?;
+                tx.commit().await?;
+                let record = $crate::store::ConnectionRecord {
+                    tenant_id: new.tenant_id.clone(),
+                    connection_id,
+                    status: new.status,
+                    mode: new.mode,
+                    key_type: new.key_type,
+                    key_last4: new.key_last4.clone(),
+                    key_fingerprint: new.key_fingerprint.clone(),
+                    secret_id: new.secret_id.clone(),
+                    sealed: new.sealed.clone(),
+                    permissions: new.permissions.clone(),
+                    warnings: new.warnings.clone(),
+                    verified_at: new.verified_at,
+                    connected_at: now,
+                };
+                Ok(if previous.is_some() { SaveOutcome::Replaced(record) } else { SaveOutcome::Created(record) })
+            }
+
+            async fn record_verification(
+                &self,
+                tenant: &$crate::domain::TenantId,
+                secret_id: &str,
+                verification: &$crate::store::Verification,
+                actor: &$crate::store::Actor,
+            ) -> Result<Option<$crate::store::ConnectionRecord>, $crate::store::StoreError> {
+                let now = $crate::store::records::now();
+                let mut tx = self.pool.begin().await?;
+                let previous: Option<String> = sqlx::query_scalar(
+                    "UPDATE stripe_connections SET status = $3, permissions = $4, verified_at = $5, \
+                     updated_at = $6 WHERE tenant_id = $1 AND api_key_secret_id = $2 \
+                     RETURNING connection_id",
+                )
+                .bind(tenant.as_str())
+                .bind(secret_id)
+                .bind(verification.status.as_str())
+                .bind($crate::store::records::permissions_to_text(&verification.permissions))
+                .bind(verification.verified_at)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(connection_id) = previous else {
+                    return Ok(None);
+                };
+                let detail = serde_json::json!({
+                    "connection_id": connection_id,
+                    "status": verification.status,
+                    "permissions": verification.permissions,
+                });
+                audit(&mut *tx, now, actor, "connection.verified", Some(tenant.as_str()), detail).await?;
+                let record = find_connection(&mut *tx, tenant).await?;
+                tx.commit().await?;
+                Ok(record)
+            }
+
+            async fn delete_connection(
+                &self,
+                tenant: &$crate::domain::TenantId,
+                actor: &$crate::store::Actor,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let now = $crate::store::records::now();
+                let mut tx = self.pool.begin().await?;
+                let deleted: Option<(String, String, String)> = sqlx::query_as(
+                    "DELETE FROM stripe_connections WHERE tenant_id = $1 \
+                     RETURNING connection_id, api_key_secret_id, key_last4",
+                )
+                .bind(tenant.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some((connection_id, secret_id, key_last4)) = deleted else {
+                    return Ok(false);
+                };
+                sqlx::query("DELETE FROM sealed_secrets WHERE secret_id = $1")
+                    .bind(&secret_id)
+                    .execute(&mut *tx)
+                    .await?;
+                let detail = serde_json::json!({"connection_id": connection_id, "key_last4": key_last4});
+                audit(&mut *tx, now, actor, "connection.deleted", Some(tenant.as_str()), detail).await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn list_connections(
+                &self,
+                status: Option<$crate::domain::ConnectionStatus>,
+            ) -> Result<Vec<$crate::store::ConnectionRecord>, $crate::store::StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM stripe_connections c \
+                     JOIN sealed_secrets s ON s.secret_id = c.api_key_secret_id \
+                     WHERE ($1 IS NULL OR c.status = $1) ORDER BY c.tenant_id",
+                    $crate::store::sql::CONNECTION_COLUMNS
+                );
+                let rows: Vec<$crate::store::records::ConnectionRow> = sqlx::query_as(&sql)
+                    .bind(status.map(|s| s.as_str()))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn audit_trail(
+                &self,
+                tenant: Option<&$crate::domain::TenantId>,
+            ) -> Result<Vec<$crate::store::AuditRecord>, $crate::store::StoreError> {
+                let rows: Vec<$crate::store::records::AuditRow> = sqlx::query_as(
+                    "SELECT occurred_at, actor, action, tenant_id, detail FROM audit_events \
+                     WHERE ($1 IS NULL OR tenant_id = $1) ORDER BY id",
+                )
+                .bind(tenant.map(|t| t.as_str()))
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+        }
+
+        async fn find_connection<'e, E>(
+            executor: E,
+            tenant: &$crate::domain::TenantId,
+        ) -> Result<Option<$crate::store::ConnectionRecord>, $crate::store::StoreError>
+        where
+            E: sqlx::Executor<'e, Database = <$store as $crate::store::sql::HasDatabase>::Db>,
+        {
+            let sql = format!(
+                "SELECT {} FROM stripe_connections c \
+                 JOIN sealed_secrets s ON s.secret_id = c.api_key_secret_id WHERE c.tenant_id = $1",
+                $crate::store::sql::CONNECTION_COLUMNS
+            );
+            let row: Option<$crate::store::records::ConnectionRow> = sqlx::query_as(&sql)
+                .bind(tenant.as_str())
+                .fetch_optional(executor)
+                .await?;
+            row.map(TryInto::try_into).transpose()
+        }
+
+        async fn audit<'e, E>(
+            executor: E,
+            at: time::OffsetDateTime,
+            actor: &$crate::store::Actor,
+            action: &str,
+            tenant: Option<&str>,
+            detail: serde_json::Value,
+        ) -> Result<(), $crate::store::StoreError>
+        where
+            E: sqlx::Executor<'e, Database = <$store as $crate::store::sql::HasDatabase>::Db>,
+        {
+            sqlx::query($crate::store::sql::INSERT_AUDIT)
+                .bind(at)
+                .bind(actor.label())
+                .bind(action)
+                .bind(tenant)
+                .bind(detail.to_string())
+                .execute(executor)
+                .await?;
+            Ok(())
+        }
+    };
+}
+
+pub(super) use impl_store;
+
+/// Names the sqlx database type of a store, for the shared helpers' executor bounds.
+pub(super) trait HasDatabase {
+    type Db: sqlx::Database;
+}

@@ -1,0 +1,286 @@
+use std::time::Duration;
+
+use rand::Rng;
+use reqwest::header::{HeaderValue, CONTENT_TYPE};
+use serde_json::Value;
+
+use crate::domain::StripeKey;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StripeMethod {
+    Get,
+    Post,
+    Delete,
+}
+
+impl StripeMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Get => "GET",
+            Self::Post => "POST",
+            Self::Delete => "DELETE",
+        }
+    }
+}
+
+/// One request to Stripe. `form` is sent form-encoded (POST) or as the query (GET, DELETE),
+/// with Stripe's bracket notation in the names (`enabled_events[]`, `metadata[tenant_id]`).
+#[derive(Clone, Debug)]
+pub struct StripeRequest {
+    pub method: StripeMethod,
+    pub path: String,
+    pub form: Vec<(String, String)>,
+    /// Required on every creating POST, so a retry never creates a second object.
+    pub idempotency_key: Option<String>,
+}
+
+/// A conclusive answer from Stripe: a 2xx, or a 4xx Stripe means (not 409/429), in Stripe's
+/// JSON shape.
+#[derive(Clone, Debug)]
+pub struct StripeReply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl StripeReply {
+    /// `error.type` of a Stripe error body.
+    pub fn error_type(&self) -> Option<&str> {
+        self.body.pointer("/error/type").and_then(Value::as_str)
+    }
+
+    /// `error.code` of a Stripe error body (e.g. `resource_missing`, `api_key_expired`).
+    pub fn error_code(&self) -> Option<&str> {
+        self.body.pointer("/error/code").and_then(Value::as_str)
+    }
+}
+
+/// Why no conclusive answer came, after the retries allowed.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StripeFailure {
+    #[error("Stripe did not answer in time")]
+    Timeout,
+    #[error("could not reach Stripe")]
+    Transport,
+    #[error("Stripe answered {0}")]
+    Status(u16),
+    #[error("Stripe answered {0} with a body that is not Stripe's JSON")]
+    UnexpectedBody(u16),
+}
+
+#[derive(Clone, Debug)]
+pub struct StripeClientConfig {
+    pub api_base: String,
+    pub api_version: String,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_retries: u32,
+    pub retry_base_delay: Duration,
+    pub retry_max_delay: Duration,
+}
+
+impl StripeClientConfig {
+    pub fn from_settings(s: &crate::config::StripeSettings) -> Self {
+        Self {
+            api_base: s.api_base.trim_end_matches('/').to_owned(),
+            api_version: s.api_version.clone(),
+            connect_timeout: Duration::from_millis(s.connect_timeout_ms),
+            request_timeout: Duration::from_millis(s.request_timeout_ms),
+            max_retries: s.max_retries,
+            retry_base_delay: Duration::from_millis(s.retry_base_delay_ms),
+            retry_max_delay: Duration::from_millis(s.retry_max_delay_ms),
+        }
+    }
+}
+
+/// Stripe's API over reqwest: bearer auth, pinned `Stripe-Version`, form bodies, bounded
+/// retries with jittered exponential backoff that honour `Stripe-Should-Retry`.
+#[derive(Clone)]
+pub struct StripeClient {
+    http: reqwest::Client,
+    config: StripeClientConfig,
+}
+
+/// Stripe's answers are small; anything larger is not Stripe.
+const MAX_BODY: usize = 1 << 20;
+
+enum Attempt {
+    Done(StripeReply),
+    Retry(StripeFailure),
+    Final(StripeFailure),
+}
+
+impl StripeClient {
+    pub fn new(config: StripeClientConfig) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .user_agent(concat!("atlas-stripe/", env!("CARGO_PKG_VERSION")))
+            .https_only(config.api_base.starts_with("https://"))
+            // A redirect is never Stripe's answer; following one could carry the key elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self { http, config })
+    }
+
+    pub fn api_version(&self) -> &str {
+        &self.config.api_version
+    }
+
+    /// Sends `request`, retrying inconclusive answers, and returns Stripe's conclusive reply.
+    pub async fn send(
+        &self,
+        key: &StripeKey,
+        request: &StripeRequest,
+    ) -> Result<StripeReply, StripeFailure> {
+        let mut attempt = 0;
+        loop {
+            let outcome = self.attempt(key, request).await;
+            let failure = match outcome {
+                Attempt::Done(reply) => return Ok(reply),
+                Attempt::Final(failure) => return Err(failure),
+                Attempt::Retry(failure) => failure,
+            };
+            if attempt >= self.config.max_retries {
+                return Err(failure);
+            }
+            attempt += 1;
+            tracing::debug!(method = request.method.as_str(), attempt, %failure, "retrying Stripe request");
+            tokio::time::sleep(self.backoff(attempt)).await;
+        }
+    }
+
+    /// Full jitter: a random delay up to base·2^(attempt-1), capped.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .config
+            .retry_base_delay
+            .saturating_mul(1 << (attempt - 1).min(16));
+        let cap = exp.min(self.config.retry_max_delay);
+        let millis = cap.as_millis() as u64;
+        Duration::from_millis(rand::thread_rng().gen_range(millis / 2..=millis.max(1)))
+    }
+
+    async fn attempt(&self, key: &StripeKey, request: &StripeRequest) -> Attempt {
+        let url = format!("{}{}", self.config.api_base, request.path);
+        let method = match request.method {
+            StripeMethod::Get => reqwest::Method::GET,
+            StripeMethod::Post => reqwest::Method::POST,
+            StripeMethod::Delete => reqwest::Method::DELETE,
+        };
+        let encoded = serde_urlencoded::to_string(&request.form).unwrap_or_default();
+        let mut builder = self
+            .http
+            .request(method, url)
+            .bearer_auth(key.expose_secret())
+            .header("Stripe-Version", &self.config.api_version);
+        if let Some(idempotency_key) = &request.idempotency_key {
+            builder = builder.header("Idempotency-Key", idempotency_key);
+        }
+        builder = match request.method {
+            StripeMethod::Post => builder
+                .header(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-www-form-urlencoded"),
+                )
+                .body(encoded),
+            _ if encoded.is_empty() => builder,
+            _ => builder.query(&request.form),
+        };
+        let response = match builder.send().await {
+            Ok(response) => response,
+            Err(e) if e.is_timeout() => return Attempt::Retry(StripeFailure::Timeout),
+            Err(_) => return Attempt::Retry(StripeFailure::Transport),
+        };
+        let status = response.status().as_u16();
+        let should_retry = response
+            .headers()
+            .get("Stripe-Should-Retry")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.eq_ignore_ascii_case("true"));
+        if response
+            .content_length()
+            .is_some_and(|len| len > MAX_BODY as u64)
+        {
+            return Attempt::Retry(StripeFailure::UnexpectedBody(status));
+        }
+        let bytes = match response.bytes().await {
+            Ok(bytes) => bytes,
+            Err(e) if e.is_timeout() => return Attempt::Retry(StripeFailure::Timeout),
+            Err(_) => return Attempt::Retry(StripeFailure::Transport),
+        };
+        tracing::debug!(method = request.method.as_str(), status, "Stripe answered");
+        classify(status, should_retry, &bytes)
+    }
+}
+
+/// Sorts an answer into conclusive, retryable or final-but-inconclusive.
+fn classify(status: u16, should_retry: Option<bool>, bytes: &[u8]) -> Attempt {
+    let body: Option<Value> = serde_json::from_slice(bytes).ok();
+    let is_success = (200..300).contains(&status);
+    let well_formed = match &body {
+        Some(Value::Object(_)) if is_success => true,
+        Some(body) => body.pointer("/error/type").is_some_and(Value::is_string),
+        None => false,
+    };
+    let retryable_status = matches!(status, 409 | 429) || status >= 500;
+    match (well_formed, should_retry) {
+        // Stripe says explicitly whether a retry may succeed; believe it.
+        (_, Some(true)) => Attempt::Retry(failure(status, well_formed)),
+        (true, Some(false)) if retryable_status => Attempt::Final(StripeFailure::Status(status)),
+        (false, Some(false)) => Attempt::Final(StripeFailure::UnexpectedBody(status)),
+        (false, None) => Attempt::Retry(StripeFailure::UnexpectedBody(status)),
+        (true, _) if retryable_status => Attempt::Retry(StripeFailure::Status(status)),
+        (true, _) if is_success || (400..500).contains(&status) => Attempt::Done(StripeReply {
+            status,
+            body: body.unwrap_or(Value::Null),
+        }),
+        (true, _) => Attempt::Retry(StripeFailure::Status(status)),
+    }
+}
+
+fn failure(status: u16, well_formed: bool) -> StripeFailure {
+    if well_formed {
+        StripeFailure::Status(status)
+    } else {
+        StripeFailure::UnexpectedBody(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(a: Attempt) -> String {
+        match a {
+            Attempt::Done(r) => format!("done {}", r.status),
+            Attempt::Retry(f) => format!("retry {f:?}"),
+            Attempt::Final(f) => format!("final {f:?}"),
+        }
+    }
+
+    #[test]
+    fn classifies_answers() {
+        let err = br#"{"error":{"type":"invalid_request_error","code":"resource_missing"}}"#;
+        assert_eq!(kind(classify(404, None, err)), "done 404");
+        assert_eq!(kind(classify(403, None, err)), "done 403");
+        assert_eq!(kind(classify(200, None, b"{}")), "done 200");
+        assert_eq!(kind(classify(429, None, err)), "retry Status(429)");
+        assert_eq!(kind(classify(409, None, err)), "retry Status(409)");
+        assert_eq!(kind(classify(500, None, err)), "retry Status(500)");
+        assert_eq!(kind(classify(500, Some(false), err)), "final Status(500)");
+        assert_eq!(kind(classify(400, Some(true), err)), "retry Status(400)");
+        assert_eq!(
+            kind(classify(404, None, b"<html>")),
+            "retry UnexpectedBody(404)"
+        );
+        assert_eq!(
+            kind(classify(200, None, b"[]")),
+            "retry UnexpectedBody(200)"
+        );
+        assert_eq!(
+            kind(classify(404, None, br#"{"message":"x"}"#)),
+            "retry UnexpectedBody(404)"
+        );
+        assert_eq!(kind(classify(302, None, err)), "retry Status(302)");
+    }
+}

@@ -1,0 +1,10 @@
+//! Talking to Stripe: the HTTP client (timeouts, retries, pinned version) and the
+//! side-effect-free permission probe.
+
+mod client;
+mod probe;
+
+pub use client::{
+    StripeClient, StripeClientConfig, StripeFailure, StripeMethod, StripeReply, StripeRequest,
+};
+pub use probe::{probe_request, probe_write_access, ProbeError};
