@@ -15,6 +15,8 @@ use crate::crypto::{Keyring, MasterKeyId};
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 const ENV_PREFIX: &str = "ATLAS_STRIPE";
+/// Settings that are lists; given as one string (variable or override) they split on ','.
+const LIST_KEYS: [&str; 1] = ["stripe.required_resources"];
 
 #[derive(Debug, Deserialize)]
 pub struct Settings {
@@ -164,10 +166,14 @@ impl Settings {
                 .prefix_separator("__")
                 .separator("__")
                 .list_separator(",")
-                .with_list_parse_key("stripe.required_resources"),
+                .with_list_parse_key(LIST_KEYS[0]),
         );
         for (key, value) in overrides {
-            builder = builder.set_override(*key, *value)?;
+            builder = if LIST_KEYS.contains(key) {
+                builder.set_override(*key, value.split(',').map(str::trim).collect::<Vec<_>>())?
+            } else {
+                builder.set_override(*key, *value)?
+            };
         }
         let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;

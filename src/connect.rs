@@ -7,7 +7,6 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use secrecy::{ExposeSecret, SecretString};
-use time::OffsetDateTime;
 
 use crate::crypto::{Fingerprinter, Keyring, Purpose, SecretContext};
 use crate::domain::{
@@ -170,7 +169,7 @@ impl ConnectionService {
             status: ConnectionStatus::Active,
             permissions: report,
             warnings,
-            verified_at: OffsetDateTime::now_utc(),
+            verified_at: crate::store::now(),
         };
         match self.store.save_connection(&connection, actor).await {
             Err(StoreError::ModeChanged(mode)) => Err(ConnectError::ModeMismatch {
@@ -215,12 +214,12 @@ impl ConnectionService {
                         ConnectionStatus::NeedsAttention
                     },
                     permissions: report,
-                    verified_at: OffsetDateTime::now_utc(),
+                    verified_at: crate::store::now(),
                 },
                 Err(ProbeError::KeyRejected { .. }) => Verification {
                     status: ConnectionStatus::Revoked,
                     permissions: record.permissions.clone(),
-                    verified_at: OffsetDateTime::now_utc(),
+                    verified_at: crate::store::now(),
                 },
                 Err(ProbeError::Inconclusive { resource, reason }) => {
                     return Err(ConnectError::StripeUnavailable(format!(

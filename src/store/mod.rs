@@ -12,7 +12,7 @@ use async_trait::async_trait;
 
 pub use postgres::PgStore;
 pub use records::{
-    Actor, AuditRecord, ConnectionRecord, NewConnection, NewServiceToken, SaveOutcome,
+    now, Actor, AuditRecord, ConnectionRecord, NewConnection, NewServiceToken, SaveOutcome,
     ServiceTokenRecord, TenantRecord, TenantWrite, Verification,
 };
 pub use sqlite::SqliteStore;

@@ -132,7 +132,7 @@ pub struct AuditRecord {
 
 /// Timestamps are kept at microsecond precision, PostgreSQL's, so what we return equals
 /// what we read back.
-pub(super) fn now() -> OffsetDateTime {
+pub fn now() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
         .unwrap_or(now)

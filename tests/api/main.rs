@@ -1,1 +1,13 @@
+//! The API and store tests: one binary, each test on its own app and database, on both
+//! backends.
+
+mod helpers;
 mod stripe_contract;
+mod stripe_mock;
+
+mod auth;
+mod connect;
+mod ops;
+mod secrets;
+mod store;
+mod tenants;

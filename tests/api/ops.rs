@@ -1,0 +1,75 @@
+use crate::backend_tests;
+use crate::helpers::{assert_error, json, spawn_app, Backend};
+
+backend_tests!(
+    health_and_readiness_answer,
+    unknown_routes_and_methods_get_our_error_shape,
+    request_ids_are_kept_or_made
+);
+
+async fn health_and_readiness_answer(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let health = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let body = json(ready).await;
+    assert_eq!(body["checks"]["database"], "ok");
+    assert_eq!(body["checks"]["keyring"], "ok");
+}
+
+async fn unknown_routes_and_methods_get_our_error_shape(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let missing = app.http.get(app.url("/v2/nothing")).send().await.unwrap();
+    assert_error(missing, 404, "not_found").await;
+    let wrong_method = app.http.put(app.url("/healthz")).send().await.unwrap();
+    assert_error(wrong_method, 405, "method_not_allowed").await;
+}
+
+async fn request_ids_are_kept_or_made(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let kept = app
+        .http
+        .get(app.url("/healthz"))
+        .header("x-request-id", "atlas-upstream-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kept.headers()["x-request-id"], "atlas-upstream-42");
+    // A header that is not plain is replaced, not echoed.
+    let replaced = app
+        .http
+        .get(app.url("/healthz"))
+        .header("x-request-id", "a b<script>")
+        .send()
+        .await
+        .unwrap();
+    let id = replaced.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(id.starts_with("req_") && id.len() == 24, "{id}");
+}
+
+#[tokio::test]
+async fn readiness_fails_naming_the_database_when_postgres_is_gone() {
+    let app = spawn_app(Backend::Postgres).await;
+    let name = app.db.url.rsplit('/').next().unwrap().to_owned();
+    let mut admin =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&crate::helpers::postgres_admin_url())
+            .await
+            .unwrap();
+    // Drop the app's database under it (WITH FORCE ends its connections).
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    let body = assert_error(ready, 503, "not_ready").await;
+    assert_eq!(body["error"]["checks"]["database"], "failed");
+    assert_eq!(body["error"]["checks"]["keyring"], "ok");
+    assert!(
+        !body.to_string().contains(&name),
+        "no detail leaks to the caller: {body}"
+    );
+}

@@ -1,0 +1,181 @@
+//! Canary keys: a key that went through the whole flow, at trace level, must appear in no
+//! log line, no response body, and nowhere in the database's files in plaintext.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use atlas_stripe::domain::{Mode, Resource};
+use reqwest::Method;
+
+use crate::backend_tests;
+use crate::helpers::{assert_error, spawn_app, Backend, TestApp};
+use crate::stripe_mock::{answer_all, grant_all_but, key, Answer};
+
+backend_tests!(a_canary_key_leaks_nowhere);
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every log line of this process at trace level, as the app would print with RUST_LOG=trace.
+fn captured_logs() -> &'static Captured {
+    static LOGS: OnceLock<Captured> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("the canary test owns the global subscriber");
+        captured
+    })
+}
+
+fn files_under(dir: &Path, found: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files_under(&path, found);
+        } else {
+            found.push(path);
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The database's own files, after a checkpoint, so nothing hides in memory.
+async fn database_files(app: &TestApp) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    match app.db.backend {
+        Backend::Sqlite => {
+            let db = app.db.sqlite_path.as_ref().unwrap();
+            files_under(db.parent().unwrap(), &mut files);
+        }
+        Backend::Postgres => {
+            let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(
+                &crate::helpers::postgres_admin_url(),
+            )
+            .await
+            .unwrap();
+            sqlx::query("CHECKPOINT").execute(&mut admin).await.unwrap();
+            let dir = std::env::var("ATLAS_TEST_POSTGRES_DATA_DIR")
+                .expect("ATLAS_TEST_POSTGRES_DATA_DIR is set by scripts/test");
+            files_under(Path::new(&dir), &mut files);
+        }
+    }
+    assert!(!files.is_empty());
+    files
+}
+
+async fn a_canary_key_leaks_nowhere(backend: Backend) {
+    let logs = captured_logs();
+    let app = spawn_app(backend).await;
+    let tenant = format!(
+        "ten_canary_{}",
+        match backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    );
+    app.create_tenant(&tenant, Mode::Test).await;
+    let canary = key("rk_test_", "Cnry");
+    let mut bodies = Vec::new();
+
+    // Refused paths first: missing permission, then Stripe rejecting the key.
+    grant_all_but(&app.stripe, &[Resource::Coupons]).await;
+    bodies.push(
+        assert_error(
+            app.connect(&tenant, &canary).await,
+            422,
+            "missing_permissions",
+        )
+        .await
+        .to_string(),
+    );
+    app.stripe.reset().await;
+    answer_all(&app.stripe, Answer::InvalidKey).await;
+    bodies.push(
+        assert_error(app.connect(&tenant, &canary).await, 422, "key_rejected")
+            .await
+            .to_string(),
+    );
+
+    // Then the whole happy path: connect, show, verify (the key is opened), replace.
+    app.stripe.reset().await;
+    answer_all(&app.stripe, Answer::Granted).await;
+    for (method, suffix, body) in [
+        (Method::POST, "", Some(&canary)),
+        (Method::GET, "", None),
+        (Method::POST, "/verify", None),
+        (Method::POST, "", Some(&canary)),
+    ] {
+        let mut request = app
+            .http
+            .request(
+                method,
+                app.url(&format!("{}{suffix}", TestApp::connection_path(&tenant))),
+            )
+            .bearer_auth(app.tenant_token(&tenant));
+        if let Some(api_key) = body {
+            request = request.json(&serde_json::json!({ "api_key": api_key }));
+        }
+        let response = request.send().await.unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+        bodies.push(response.text().await.unwrap());
+    }
+    // The key did travel: Stripe saw it.
+    let sent = app.stripe_requests().await;
+    assert!(sent.iter().any(|r| r.headers["authorization"]
+        .to_str()
+        .unwrap()
+        .ends_with(&canary)));
+
+    for body in &bodies {
+        assert!(
+            !body.contains(&canary),
+            "a response body holds the key: {body}"
+        );
+    }
+    let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert!(
+        logs.contains(&tenant),
+        "the capture saw this test's requests"
+    );
+    assert!(logs.contains("TRACE"), "the capture is at trace level");
+    assert!(!logs.contains(&canary), "a log line holds the key");
+    assert!(
+        !logs.contains(&canary[8..]),
+        "a log line holds the key's body"
+    );
+
+    let files = database_files(&app).await;
+    for file in &files {
+        let bytes = std::fs::read(file).unwrap_or_default();
+        assert!(
+            !contains(&bytes, canary.as_bytes()),
+            "plaintext key in {}",
+            file.display()
+        );
+        assert!(
+            !contains(&bytes, &canary.as_bytes()[8..]),
+            "plaintext key body in {}",
+            file.display()
+        );
+    }
+}

@@ -1,0 +1,208 @@
+//! Stripe as wiremock, answering with Stripe's real status codes and body shapes.
+
+use std::time::Duration;
+
+use atlas_stripe::domain::Resource;
+use serde_json::json;
+use wiremock::matchers::{method, path_regex};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+/// How Stripe answers a probe.
+#[derive(Clone, Copy, Debug)]
+pub enum Answer {
+    /// 404 `resource_missing`: the key may write, the random object does not exist.
+    Granted,
+    /// 403: the restricted key lacks the permission.
+    Denied,
+    /// 401 `Invalid API Key provided`.
+    InvalidKey,
+    /// 401 with code `api_key_expired`.
+    ExpiredKey,
+    /// 429 `rate_limit`.
+    RateLimited,
+    /// 500 `api_error`, optionally with `Stripe-Should-Retry`.
+    ServerError { should_retry: Option<bool> },
+    /// 502 with an HTML page, as a proxy in front of Stripe might answer.
+    Html,
+}
+
+pub fn probe_path(resource: Resource) -> &'static str {
+    match resource {
+        Resource::Customers => r"^/v1/customers/cus_[A-Za-z0-9]+$",
+        Resource::CheckoutSessions => r"^/v1/checkout/sessions/cs_[A-Za-z0-9]+/expire$",
+        Resource::Coupons => r"^/v1/coupons/[A-Za-z0-9]+$",
+        Resource::Invoices => r"^/v1/invoices/in_[A-Za-z0-9]+$",
+        Resource::WebhookEndpoints => r"^/v1/webhook_endpoints/we_[A-Za-z0-9]+$",
+    }
+}
+
+fn object_name(path: &str) -> &'static str {
+    match path.split('/').nth(2) {
+        Some("customers") => "customer",
+        Some("checkout") => "checkout.session",
+        Some("coupons") => "coupon",
+        Some("invoices") => "invoice",
+        _ => "webhook endpoint",
+    }
+}
+
+fn object_id(path: &str) -> &str {
+    let segments: Vec<&str> = path.split('/').collect();
+    match segments.last() {
+        Some(&"expire") => segments[segments.len() - 2],
+        Some(last) => last,
+        None => "",
+    }
+}
+
+/// Stripe masks the key in its messages: prefix, asterisks, last four.
+fn masked_key(request: &Request) -> String {
+    let key = request
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("sk_test_xxxx");
+    let prefix = &key[..key.len().min(8)];
+    let last4 = &key[key.len().saturating_sub(4)..];
+    format!(
+        "{prefix}{}{last4}",
+        "*".repeat(key.len().saturating_sub(12))
+    )
+}
+
+pub struct StripeAnswer {
+    pub answer: Answer,
+    pub delay: Option<Duration>,
+}
+
+impl Respond for StripeAnswer {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let path = request.url.path();
+        let request_id = format!(
+            "req_{}",
+            &object_id(path).chars().rev().take(14).collect::<String>()
+        );
+        let template = |status: u16, body: serde_json::Value| {
+            ResponseTemplate::new(status)
+                .insert_header("request-id", request_id.as_str())
+                .insert_header("stripe-version", "2023-08-16")
+                .set_body_json(body)
+        };
+        let template = match self.answer {
+            Answer::Granted => template(
+                404,
+                json!({"error": {
+                    "code": "resource_missing",
+                    "doc_url": "https://stripe.com/docs/error-codes/resource-missing",
+                    "message": format!("No such {}: '{}'", object_name(path), object_id(path)),
+                    "param": "id",
+                    "request_log_url": format!("https://dashboard.stripe.com/test/logs/{request_id}"),
+                    "type": "invalid_request_error",
+                }}),
+            ),
+            Answer::Denied => template(
+                403,
+                json!({"error": {
+                    "message": format!(
+                        "The provided key '{}' does not have the required permissions for this endpoint on account 'acct_1NxAtlasTest'. Having the 'rak_{}_write' permission would allow this request to continue.",
+                        masked_key(request), object_name(path).replace([' ', '.'], "_")),
+                    "type": "invalid_request_error",
+                }}),
+            ),
+            Answer::InvalidKey => template(
+                401,
+                json!({"error": {
+                    "message": format!("Invalid API Key provided: {}", masked_key(request)),
+                    "type": "invalid_request_error",
+                }}),
+            ),
+            Answer::ExpiredKey => template(
+                401,
+                json!({"error": {
+                    "code": "api_key_expired",
+                    "doc_url": "https://stripe.com/docs/error-codes/api-key-expired",
+                    "message": format!("Expired API Key provided: {}", masked_key(request)),
+                    "type": "invalid_request_error",
+                }}),
+            ),
+            Answer::RateLimited => template(
+                429,
+                json!({"error": {
+                    "code": "rate_limit",
+                    "doc_url": "https://stripe.com/docs/error-codes/rate-limit",
+                    "message": "Request rate limit exceeded. Learn more about rate limits here https://stripe.com/docs/rate-limits.",
+                    "type": "invalid_request_error",
+                }}),
+            ),
+            Answer::ServerError { should_retry } => {
+                let t = template(
+                    500,
+                    json!({"error": {
+                        "message": "An unknown error occurred",
+                        "type": "api_error",
+                    }}),
+                );
+                match should_retry {
+                    Some(v) => {
+                        t.insert_header("stripe-should-retry", if v { "true" } else { "false" })
+                    }
+                    None => t,
+                }
+            }
+            Answer::Html => ResponseTemplate::new(502)
+                .insert_header("content-type", "text/html")
+                .set_body_string("<html><body><h1>502 Bad Gateway</h1></body></html>"),
+        };
+        match self.delay {
+            Some(delay) => template.set_delay(delay),
+            None => template,
+        }
+    }
+}
+
+/// A mock for the probe of `resource`.
+pub fn probe(resource: Resource, answer: Answer) -> Mock {
+    Mock::given(method("POST"))
+        .and(path_regex(probe_path(resource)))
+        .respond_with(StripeAnswer {
+            answer,
+            delay: None,
+        })
+}
+
+pub fn probe_delayed(resource: Resource, answer: Answer, delay: Duration) -> Mock {
+    Mock::given(method("POST"))
+        .and(path_regex(probe_path(resource)))
+        .respond_with(StripeAnswer {
+            answer,
+            delay: Some(delay),
+        })
+}
+
+/// Every probe answers `answer`.
+pub async fn answer_all(server: &MockServer, answer: Answer) {
+    for resource in Resource::ALL {
+        probe(resource, answer).mount(server).await;
+    }
+}
+
+/// Every probe is granted except those in `denied`.
+pub async fn grant_all_but(server: &MockServer, denied: &[Resource]) {
+    for resource in Resource::ALL {
+        let answer = if denied.contains(&resource) {
+            Answer::Denied
+        } else {
+            Answer::Granted
+        };
+        probe(resource, answer).mount(server).await;
+    }
+}
+
+/// A well-formed key of the given prefix (built at run time: no key-shaped literal is
+/// committed) whose last four characters are `last4`.
+pub fn key(prefix: &str, last4: &str) -> String {
+    use rand::distributions::{Alphanumeric, DistString};
+    let body = Alphanumeric.sample_string(&mut rand::thread_rng(), 95);
+    format!("{prefix}{body}{last4}")
+}
