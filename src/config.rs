@@ -26,6 +26,7 @@ pub struct Settings {
     pub crypto: CryptoSettings,
     pub auth: AuthSettings,
     pub limits: LimitSettings,
+    pub accounting: AccountingSettings,
     pub dev: DevSettings,
     pub log: LogSettings,
 }
@@ -102,6 +103,11 @@ pub struct AuthSettings {
 #[derive(Debug, Deserialize)]
 pub struct LimitSettings {
     pub connect_attempts_per_minute: u32,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AccountingSettings {
+    pub flush_interval_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]

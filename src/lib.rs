@@ -2,6 +2,7 @@
 //! without side effects, seals it with envelope encryption, and serves it to Atlas's
 //! charging services.
 
+pub mod accounting;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 
+use crate::accounting::KeyFetchRecorder;
 use crate::auth::TenantTokens;
 use crate::config::{redact_url, Settings};
 use crate::connect::ConnectionService;
@@ -21,6 +23,7 @@ pub struct Application {
     listener: TcpListener,
     router: axum::Router,
     shutdown_grace: Duration,
+    background: Vec<JoinHandle<()>>,
 }
 
 /// Opens the configured store and applies its migrations.
@@ -69,7 +72,12 @@ impl Application {
             settings.stripe.probe_deadline(),
             attempts,
         );
+        let (key_fetches, accounting) = KeyFetchRecorder::spawn(
+            store.clone(),
+            Duration::from_millis(settings.accounting.flush_interval_ms),
+        );
         let state = AppState {
+            key_fetches,
             store,
             keyring,
             tenant_tokens: Arc::new(TenantTokens::new(
@@ -85,6 +93,7 @@ impl Application {
             listener,
             router: http::router(state, settings.server.body_limit_bytes),
             shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
+            background: vec![accounting],
         })
     }
 
@@ -105,7 +114,7 @@ impl Application {
             let _ = stopping_tx.send(true);
         });
         let grace = self.shutdown_grace;
-        tokio::select! {
+        let result = tokio::select! {
             result = serve => result,
             _ = async move {
                 let _ = stopping_rx.wait_for(|stopping| *stopping).await;
@@ -114,7 +123,17 @@ impl Application {
                 tracing::warn!("shutdown grace period elapsed with requests still in flight");
                 Ok(())
             }
+        };
+        // The router (and with it every sender) is gone: background writers flush and end.
+        for task in self.background {
+            if tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+            {
+                tracing::error!("a background writer did not finish flushing in time");
+            }
         }
+        result
     }
 }
 

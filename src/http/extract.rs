@@ -62,6 +62,18 @@ fn bearer(parts: &Parts) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// A well-formed service token, not yet checked against the store: the key fetch checks it
+/// in the same query that reads the key.
+impl<S: Send + Sync> FromRequestParts<S> for PresentedServiceToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        bearer(parts)
+            .and_then(PresentedServiceToken::parse)
+            .ok_or(ApiError::Unauthenticated)
+    }
+}
+
 /// The tenant a tenant token authorises, matched against `{tenant_id}` in the path.
 /// A token for another tenant gets the same 404 as a tenant that does not exist.
 pub struct AuthorizedTenant(pub TenantId);
@@ -108,9 +120,7 @@ impl FromRequestParts<AppState> for ServiceCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let presented = bearer(parts)
-            .and_then(PresentedServiceToken::parse)
-            .ok_or(ApiError::Unauthenticated)?;
+        let presented = PresentedServiceToken::from_request_parts(parts, state).await?;
         let record = state
             .store
             .find_service_token(presented.id())

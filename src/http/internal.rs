@@ -1,24 +1,96 @@
 //! Routes for Atlas's internal services, authorised by scoped service tokens.
 
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::extract::{AppJson, ServiceCaller, TenantPath};
 use super::state::AppState;
 use super::summary::ConnectionSummary;
-use crate::auth::Scope;
-use crate::domain::{ConnectionStatus, Mode};
+use crate::auth::{PresentedServiceToken, Scope};
+use crate::crypto::{Purpose, SecretContext};
+use crate::domain::{ConnectionStatus, Mode, TenantId};
 use crate::store::{Actor, StoreError, TenantWrite};
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/internal/v1/tenants/{tenant_id}", put(upsert_tenant))
+        .route(
+            "/internal/v1/tenants/{tenant_id}/stripe/key",
+            get(fetch_key),
+        )
         .route("/internal/v1/connections", get(list_connections))
+}
+
+#[derive(Serialize)]
+struct KeyBody<'a> {
+    tenant_id: &'a TenantId,
+    mode: Mode,
+    key_type: &'static str,
+    status: ConnectionStatus,
+    api_key: &'a str,
+}
+
+/// The charging services' hot path: one database round trip (token and sealed key
+/// together), two AES-GCM opens, and accounting handed to a background writer.
+async fn fetch_key(
+    State(state): State<AppState>,
+    presented: PresentedServiceToken,
+    TenantPath(tenant): TenantPath,
+) -> Result<Response, ApiError> {
+    let fetch = state
+        .store
+        .fetch_key(presented.id(), &tenant)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or(ApiError::Unauthenticated)?;
+    if fetch.token_revoked || !presented.matches(&fetch.token_hash) {
+        return Err(ApiError::Unauthenticated);
+    }
+    if !fetch.token_scopes.contains(&Scope::KeysRead) {
+        return Err(ApiError::InsufficientScope(Scope::KeysRead.as_str()));
+    }
+    let key = fetch.connection.ok_or(ApiError::NotConnected)?;
+    if key.status == ConnectionStatus::Revoked {
+        return Err(ApiError::ConnectionNotActive(key.status.as_str()));
+    }
+    let context = SecretContext {
+        secret_id: key.secret_id,
+        tenant_id: tenant.clone(),
+        mode: key.mode,
+        purpose: Purpose::StripeApiKey,
+    };
+    let plaintext = state
+        .keyring
+        .open(&context, &key.sealed)
+        .map_err(ApiError::internal)?;
+    let api_key = std::str::from_utf8(&plaintext)
+        .map_err(|_| ApiError::internal(anyhow::anyhow!("stored key is not UTF-8")))?;
+    let body = serde_json::to_vec(&KeyBody {
+        tenant_id: &tenant,
+        mode: key.mode,
+        key_type: key.key_type.as_str(),
+        status: key.status,
+        api_key,
+    })
+    .map_err(ApiError::internal)?;
+    state.key_fetches.record(presented.id(), &tenant).await;
+    // The response buffer is handed to hyper, which does not zeroise it: the plaintext
+    // outlives this function only there, for as long as the write takes.
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::PRAGMA, "no-cache"),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -53,7 +125,7 @@ async fn list_connections(
     State(state): State<AppState>,
     caller: ServiceCaller,
     Query(query): Query<ConnectionsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Vec<ConnectionSummary>>, ApiError> {
     caller.require(Scope::OpsRead)?;
     let status = match query.status.as_deref() {
         None => None,
@@ -68,6 +140,5 @@ async fn list_connections(
         .list_connections(status)
         .await
         .map_err(ApiError::internal)?;
-    let summaries: Vec<ConnectionSummary> = records.iter().map(Into::into).collect();
-    Ok(Json(json!({ "connections": summaries })))
+    Ok(Json(records.iter().map(Into::into).collect()))
 }

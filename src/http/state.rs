@@ -1,5 +1,6 @@
 use std::sync::Arc;
 
+use crate::accounting::KeyFetchRecorder;
 use crate::auth::TenantTokens;
 use crate::connect::ConnectionService;
 use crate::crypto::Keyring;
@@ -12,4 +13,5 @@ pub struct AppState {
     pub keyring: Arc<Keyring>,
     pub tenant_tokens: Arc<TenantTokens>,
     pub connections: Arc<ConnectionService>,
+    pub key_fetches: KeyFetchRecorder,
 }

@@ -12,8 +12,8 @@ use async_trait::async_trait;
 
 pub use postgres::PgStore;
 pub use records::{
-    now, Actor, AuditRecord, ConnectionRecord, NewConnection, NewServiceToken, SaveOutcome,
-    ServiceTokenRecord, TenantRecord, TenantWrite, Verification,
+    now, Actor, AuditRecord, ConnectionRecord, FetchedKey, KeyFetch, KeyFetchTally, NewConnection,
+    NewServiceToken, SaveOutcome, ServiceTokenRecord, TenantRecord, TenantWrite, Verification,
 };
 pub use sqlite::SqliteStore;
 
@@ -111,6 +111,20 @@ pub trait Store: Send + Sync + 'static {
         &self,
         status: Option<ConnectionStatus>,
     ) -> Result<Vec<ConnectionRecord>, StoreError>;
+
+    /// The key-fetch hot path: the token and the tenant's sealed key in one round trip.
+    /// `None` when no token has that id.
+    async fn fetch_key(
+        &self,
+        token_id: &str,
+        tenant: &TenantId,
+    ) -> Result<Option<KeyFetch>, StoreError>;
+
+    /// Adds tallies of key fetches (accumulated off the request path) in one transaction.
+    async fn record_key_fetches(&self, tallies: &[KeyFetchTally]) -> Result<(), StoreError>;
+
+    /// Key-fetch tallies for one tenant, oldest window first.
+    async fn key_fetches(&self, tenant: &TenantId) -> Result<Vec<KeyFetchTally>, StoreError>;
 
     /// The audit trail, oldest first; all tenants when `tenant` is `None`.
     async fn audit_trail(&self, tenant: Option<&TenantId>) -> Result<Vec<AuditRecord>, StoreError>;

@@ -278,3 +278,73 @@ impl From<AuditRow> for AuditRecord {
         }
     }
 }
+
+/// What the key-fetch route needs, read in one round trip: the presented service token
+/// and, when connected, the tenant's sealed key.
+#[derive(Clone, Debug)]
+pub struct KeyFetch {
+    pub token_hash: ServiceTokenHash,
+    pub token_scopes: BTreeSet<Scope>,
+    pub token_revoked: bool,
+    pub connection: Option<FetchedKey>,
+}
+
+#[derive(Clone, Debug)]
+pub struct FetchedKey {
+    pub status: ConnectionStatus,
+    pub mode: Mode,
+    pub key_type: KeyKind,
+    pub secret_id: String,
+    pub sealed: SealedSecret,
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct KeyFetchRow {
+    secret_hash: Vec<u8>,
+    scopes: String,
+    revoked_at: Option<OffsetDateTime>,
+    status: Option<String>,
+    mode: Option<String>,
+    key_type: Option<String>,
+    api_key_secret_id: Option<String>,
+    master_key_id: Option<String>,
+    wrapped_key: Option<Vec<u8>>,
+    ciphertext: Option<Vec<u8>>,
+}
+
+impl TryFrom<KeyFetchRow> for KeyFetch {
+    type Error = StoreError;
+    fn try_from(row: KeyFetchRow) -> Result<Self, StoreError> {
+        let connection = match (row.status, row.mode, row.key_type, row.api_key_secret_id) {
+            (Some(status), Some(mode), Some(key_type), Some(secret_id)) => Some(FetchedKey {
+                status: ConnectionStatus::parse(&status).ok_or_else(|| corrupt("status"))?,
+                mode: Mode::parse(&mode).map_err(|_| corrupt("mode"))?,
+                key_type: KeyKind::parse(&key_type).ok_or_else(|| corrupt("key_type"))?,
+                secret_id,
+                sealed: SealedSecret {
+                    master_key_id: row.master_key_id.ok_or_else(|| corrupt("sealed secret"))?,
+                    wrapped_key: row.wrapped_key.ok_or_else(|| corrupt("sealed secret"))?,
+                    ciphertext: row.ciphertext.ok_or_else(|| corrupt("sealed secret"))?,
+                },
+            }),
+            _ => None,
+        };
+        Ok(Self {
+            token_hash: ServiceTokenHash::from_slice(&row.secret_hash)
+                .ok_or_else(|| corrupt("secret_hash"))?,
+            token_scopes: Scope::split(&row.scopes),
+            token_revoked: row.revoked_at.is_some(),
+            connection,
+        })
+    }
+}
+
+/// Key fetches by one token for one tenant within one minute.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct KeyFetchTally {
+    pub token_id: String,
+    pub tenant_id: String,
+    pub window_start: OffsetDateTime,
+    pub fetch_count: i64,
+    pub last_fetched_at: OffsetDateTime,
+}

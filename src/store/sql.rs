@@ -19,6 +19,24 @@ pub(super) const LOCK_TENANT: &str =
 pub(super) const INSERT_AUDIT: &str = "INSERT INTO audit_events \
     (occurred_at, actor, action, tenant_id, detail) VALUES ($1, $2, $3, $4, $5)";
 
+/// The token and, when connected, the tenant's sealed key: the whole key fetch in one
+/// primary-key round trip.
+pub(super) const FETCH_KEY: &str = "SELECT t.secret_hash, t.scopes, t.revoked_at, \
+    c.status, c.mode, c.key_type, c.api_key_secret_id, s.master_key_id, s.wrapped_key, \
+    s.ciphertext \
+    FROM service_tokens t \
+    LEFT JOIN stripe_connections c ON c.tenant_id = $2 \
+    LEFT JOIN sealed_secrets s ON s.secret_id = c.api_key_secret_id \
+    WHERE t.token_id = $1";
+
+/// Adds a tally; `CASE` rather than `GREATEST`/`MAX` keeps it in both dialects.
+pub(super) const ADD_KEY_FETCHES: &str = "INSERT INTO key_fetches \
+    (token_id, tenant_id, window_start, fetch_count, last_fetched_at) VALUES ($1, $2, $3, $4, $5) \
+    ON CONFLICT (tenant_id, window_start, token_id) DO UPDATE SET \
+    fetch_count = key_fetches.fetch_count + excluded.fetch_count, \
+    last_fetched_at = CASE WHEN excluded.last_fetched_at > key_fetches.last_fetched_at \
+    THEN excluded.last_fetched_at ELSE key_fetches.last_fetched_at END";
+
 macro_rules! impl_store {
     ($store:ty, $backend:expr, $migrator:expr) => {
         #[async_trait::async_trait]
@@ -391,6 +409,52 @@ macro_rules! impl_store {
                     .fetch_all(&self.pool)
                     .await?;
                 rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn fetch_key(
+                &self,
+                token_id: &str,
+                tenant: &$crate::domain::TenantId,
+            ) -> Result<Option<$crate::store::KeyFetch>, $crate::store::StoreError> {
+                let row: Option<$crate::store::records::KeyFetchRow> =
+                    sqlx::query_as($crate::store::sql::FETCH_KEY)
+                        .bind(token_id)
+                        .bind(tenant.as_str())
+                        .fetch_optional(&self.pool)
+                        .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn record_key_fetches(
+                &self,
+                tallies: &[$crate::store::KeyFetchTally],
+            ) -> Result<(), $crate::store::StoreError> {
+                let mut tx = self.pool.begin().await?;
+                for tally in tallies {
+                    sqlx::query($crate::store::sql::ADD_KEY_FETCHES)
+                        .bind(&tally.token_id)
+                        .bind(&tally.tenant_id)
+                        .bind(tally.window_start)
+                        .bind(tally.fetch_count)
+                        .bind(tally.last_fetched_at)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn key_fetches(
+                &self,
+                tenant: &$crate::domain::TenantId,
+            ) -> Result<Vec<$crate::store::KeyFetchTally>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(
+                    "SELECT token_id, tenant_id, window_start, fetch_count, last_fetched_at \
+                     FROM key_fetches WHERE tenant_id = $1 ORDER BY window_start, token_id",
+                )
+                .bind(tenant.as_str())
+                .fetch_all(&self.pool)
+                .await?)
             }
 
             async fn audit_trail(

@@ -142,10 +142,12 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub stripe: MockServer,
     pub store: Arc<dyn Store>,
-    pub db: TestDatabase,
-    pub secrets: TestSecrets,
+    pub db: Arc<TestDatabase>,
+    pub secrets: Arc<TestSecrets>,
     tenant_tokens: TenantTokens,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    extra: Vec<(String, String)>,
 }
 
 impl Drop for TestApp {
@@ -188,17 +190,28 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
 
 /// Spawns the app with extra settings layered over the test defaults.
 pub async fn spawn_app_with(backend: Backend, extra: &[(&str, &str)]) -> TestApp {
-    let db = TestDatabase::new(backend).await;
+    let db = Arc::new(TestDatabase::new(backend).await);
+    let extra = extra
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    start(db, Arc::new(TestSecrets::generate()), extra).await
+}
+
+async fn start(
+    db: Arc<TestDatabase>,
+    secrets: Arc<TestSecrets>,
+    extra: Vec<(String, String)>,
+) -> TestApp {
     let stripe = MockServer::start().await;
-    let secrets = TestSecrets::generate();
     let stripe_uri = stripe.uri();
     let mut overrides = test_overrides(&db, &secrets, &stripe_uri);
-    overrides.extend_from_slice(extra);
+    overrides.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let settings = Settings::load(None, &overrides).expect("test settings");
     let app = Application::build(&settings).await.expect("build app");
     let port = app.port();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(app.run_until(async move {
+    let server = tokio::spawn(app.run_until(async move {
         let _ = rx.await;
     }));
     let store = atlas_stripe::store::connect(&settings.database)
@@ -218,10 +231,28 @@ pub async fn spawn_app_with(backend: Backend, extra: &[(&str, &str)]) -> TestApp
         secrets,
         tenant_tokens,
         shutdown: Some(tx),
+        server: Some(server),
+        extra,
     }
 }
 
 impl TestApp {
+    /// A second server on the same database and secrets, as a second process would be:
+    /// nothing in memory is shared.
+    pub async fn twin(&self) -> TestApp {
+        start(self.db.clone(), self.secrets.clone(), self.extra.clone()).await
+    }
+
+    /// Stops the server gracefully and waits until it has finished (flushes included).
+    pub async fn shut_down(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server result");
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.address, path)
     }

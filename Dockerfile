@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1
+# Production image: a static-ish release binary on distroless, running as a non-root user.
+# Point it at PostgreSQL and give it its secrets through the environment:
+#   docker run -e ATLAS_STRIPE__DATABASE__URL=postgres://… \
+#              -e ATLAS_STRIPE__CRYPTO__MASTER_KEYS=k1:… -e ATLAS_STRIPE__CRYPTO__ACTIVE_KEY_ID=k1 \
+#              -e ATLAS_STRIPE__CRYPTO__FINGERPRINT_KEY=… -e ATLAS_STRIPE__AUTH__TENANT_TOKEN_SECRET=… \
+#              -p 8080:8080 atlas-stripe
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src src
+COPY migrations migrations
+COPY config config
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin atlas-stripe \
+    && cp target/release/atlas-stripe /atlas-stripe
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+WORKDIR /app
+COPY --from=build /atlas-stripe /usr/local/bin/atlas-stripe
+COPY config /app/config
+# config/production.toml: binds 0.0.0.0, JSON logs, and no generated development secrets:
+# without its secrets the service refuses to start.
+ENV ATLAS_STRIPE_ENVIRONMENT=production
+USER nonroot:nonroot
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/atlas-stripe"]
+CMD ["serve"]

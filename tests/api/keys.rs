@@ -1,0 +1,356 @@
+//! The charging services' key fetch, its accounting, and the ops view.
+
+use std::time::Duration;
+
+use atlas_stripe::auth::Scope;
+use atlas_stripe::domain::{Mode, Resource, TenantId};
+use reqwest::Method;
+use serde_json::json;
+
+use crate::backend_tests;
+use crate::helpers::{assert_error, json, spawn_app, spawn_app_with, Backend, TestApp};
+use crate::stripe_mock::{answer_all, grant_all_but, key, Answer};
+
+backend_tests!(
+    a_charging_service_fetches_the_key,
+    fetching_needs_a_live_token_with_keys_read,
+    not_connected_and_revoked_connections,
+    every_fetch_is_tallied_per_token_and_tenant,
+    a_graceful_shutdown_flushes_the_tallies,
+    every_change_is_audited_without_a_secret,
+    ops_list_connections_by_status,
+);
+
+fn key_path(tenant: &str) -> String {
+    format!("/internal/v1/tenants/{tenant}/stripe/key")
+}
+
+async fn fetch(app: &TestApp, tenant: &str, token: Option<&str>) -> reqwest::Response {
+    let mut request = app.http.get(app.url(&key_path(tenant)));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap()
+}
+
+async fn connected_app(backend: Backend, extra: &[(&str, &str)]) -> (TestApp, String) {
+    let app = spawn_app_with(backend, extra).await;
+    app.create_tenant("ten_1", Mode::Live).await;
+    answer_all(&app.stripe, Answer::Granted).await;
+    let api_key = key("rk_live_", "Live");
+    assert_eq!(app.connect("ten_1", &api_key).await.status(), 201);
+    (app, api_key)
+}
+
+async fn a_charging_service_fetches_the_key(backend: Backend) {
+    let (app, api_key) = connected_app(backend, &[]).await;
+    let token = app.service_token(&[Scope::KeysRead]).await;
+    let response = fetch(&app, "ten_1", Some(&token)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    assert_eq!(
+        json(response).await,
+        json!({"tenant_id": "ten_1", "mode": "live", "key_type": "restricted", "status": "active", "api_key": api_key})
+    );
+}
+
+async fn fetching_needs_a_live_token_with_keys_read(backend: Backend) {
+    let (app, _) = connected_app(backend, &[]).await;
+    assert_error(fetch(&app, "ten_1", None).await, 401, "unauthenticated").await;
+    assert_error(
+        fetch(&app, "ten_1", Some("ast_nope")).await,
+        401,
+        "unauthenticated",
+    )
+    .await;
+    let tenant_token = app.tenant_token("ten_1");
+    assert_error(
+        fetch(&app, "ten_1", Some(&tenant_token)).await,
+        401,
+        "unauthenticated",
+    )
+    .await;
+    let ops = app
+        .service_token(&[Scope::OpsRead, Scope::TenantsWrite])
+        .await;
+    assert_error(
+        fetch(&app, "ten_1", Some(&ops)).await,
+        403,
+        "insufficient_scope",
+    )
+    .await;
+    // Right id, wrong secret part.
+    let real = app.service_token(&[Scope::KeysRead]).await;
+    let forged = format!(
+        "{}{}",
+        &real[..real.len() - 4],
+        if real.ends_with("AAAA") {
+            "BBBB"
+        } else {
+            "AAAA"
+        }
+    );
+    assert_error(
+        fetch(&app, "ten_1", Some(&forged)).await,
+        401,
+        "unauthenticated",
+    )
+    .await;
+    assert_eq!(fetch(&app, "ten_1", Some(&real)).await.status(), 200);
+    let id = real.split('_').nth(1).unwrap();
+    app.store
+        .revoke_service_token(id, &atlas_stripe::store::Actor::Cli)
+        .await
+        .unwrap();
+    assert_error(
+        fetch(&app, "ten_1", Some(&real)).await,
+        401,
+        "unauthenticated",
+    )
+    .await;
+}
+
+async fn not_connected_and_revoked_connections(backend: Backend) {
+    let (app, _) = connected_app(backend, &[]).await;
+    let token = app.service_token(&[Scope::KeysRead]).await;
+    app.create_tenant("ten_2", Mode::Test).await;
+    assert_error(
+        fetch(&app, "ten_2", Some(&token)).await,
+        404,
+        "not_connected",
+    )
+    .await;
+    assert_error(
+        fetch(&app, "ten_none", Some(&token)).await,
+        404,
+        "not_connected",
+    )
+    .await;
+    assert_error(
+        fetch(&app, "bad id", Some(&token)).await,
+        400,
+        "invalid_tenant_id",
+    )
+    .await;
+
+    // A permission removed: the key still works for the rest, so it is served.
+    app.stripe.reset().await;
+    grant_all_but(&app.stripe, &[Resource::Coupons]).await;
+    app.tenant_request(Method::POST, "ten_1", "/verify").await;
+    let body = json(fetch(&app, "ten_1", Some(&token)).await).await;
+    assert_eq!(body["status"], "needs_attention");
+
+    // Rolled on the dashboard: never served.
+    app.stripe.reset().await;
+    answer_all(&app.stripe, Answer::InvalidKey).await;
+    app.tenant_request(Method::POST, "ten_1", "/verify").await;
+    let body = assert_error(
+        fetch(&app, "ten_1", Some(&token)).await,
+        409,
+        "connection_not_active",
+    )
+    .await;
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("revoked"));
+}
+
+async fn wait_for_tallies(
+    app: &TestApp,
+    tenant: &str,
+    expected_total: i64,
+) -> Vec<atlas_stripe::store::KeyFetchTally> {
+    let tenant = TenantId::parse(tenant).unwrap();
+    for _ in 0..100 {
+        let tallies = app.store.key_fetches(&tenant).await.unwrap();
+        if tallies.iter().map(|t| t.fetch_count).sum::<i64>() >= expected_total {
+            return tallies;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("tallies never reached {expected_total}");
+}
+
+async fn every_fetch_is_tallied_per_token_and_tenant(backend: Backend) {
+    let (app, _) = connected_app(backend, &[("accounting.flush_interval_ms", "50")]).await;
+    let a = app.service_token(&[Scope::KeysRead]).await;
+    let b = app.service_token(&[Scope::KeysRead]).await;
+    for _ in 0..3 {
+        assert_eq!(fetch(&app, "ten_1", Some(&a)).await.status(), 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(fetch(&app, "ten_1", Some(&b)).await.status(), 200);
+    }
+    // A refused fetch is not a fetch.
+    app.service_token(&[Scope::OpsRead]).await;
+    let tallies = wait_for_tallies(&app, "ten_1", 5).await;
+    let id = |t: &str| t.split('_').nth(1).unwrap().to_owned();
+    let mut counts: Vec<(String, i64)> = tallies
+        .iter()
+        .map(|t| (t.token_id.clone(), t.fetch_count))
+        .collect();
+    counts.sort();
+    let mut expected = vec![(id(&a), 3), (id(&b), 2)];
+    expected.sort();
+    // Both fit one minute unless the test straddles a minute boundary.
+    let mut merged: std::collections::BTreeMap<String, i64> = Default::default();
+    for (token, count) in counts {
+        *merged.entry(token).or_default() += count;
+    }
+    assert_eq!(merged.into_iter().collect::<Vec<_>>(), expected);
+    for tally in &tallies {
+        assert_eq!(tally.window_start.second(), 0);
+        assert!(tally.last_fetched_at >= tally.window_start);
+    }
+}
+
+async fn a_graceful_shutdown_flushes_the_tallies(backend: Backend) {
+    // A flush interval far longer than the test: only the shutdown flush can write.
+    let (app, _) = connected_app(backend, &[("accounting.flush_interval_ms", "3600000")]).await;
+    let token = app.service_token(&[Scope::KeysRead]).await;
+    for _ in 0..4 {
+        assert_eq!(fetch(&app, "ten_1", Some(&token)).await.status(), 200);
+    }
+    let store = app.store.clone();
+    app.shut_down().await;
+    let tallies = store
+        .key_fetches(&TenantId::parse("ten_1").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(tallies.iter().map(|t| t.fetch_count).sum::<i64>(), 4);
+}
+
+async fn every_change_is_audited_without_a_secret(backend: Backend) {
+    let (app, first_key) = connected_app(backend, &[]).await;
+    let second_key = key("rk_live_", "Scnd");
+    assert_eq!(app.connect("ten_1", &second_key).await.status(), 200);
+    assert_eq!(
+        app.tenant_request(Method::POST, "ten_1", "/verify")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.tenant_request(Method::DELETE, "ten_1", "")
+            .await
+            .status(),
+        204
+    );
+    let trail = app.store.audit_trail(None).await.unwrap();
+    let rows: Vec<(String, String, Option<String>)> = trail
+        .iter()
+        .map(|a| (a.actor.clone(), a.action.clone(), a.tenant_id.clone()))
+        .collect();
+    let tenant = Some("ten_1".to_owned());
+    assert_eq!(
+        rows,
+        [
+            ("cli".into(), "tenant.created".into(), tenant.clone()),
+            (
+                "tenant:ten_1".into(),
+                "connection.created".into(),
+                tenant.clone()
+            ),
+            (
+                "tenant:ten_1".into(),
+                "connection.replaced".into(),
+                tenant.clone()
+            ),
+            (
+                "tenant:ten_1".into(),
+                "connection.verified".into(),
+                tenant.clone()
+            ),
+            (
+                "tenant:ten_1".into(),
+                "connection.deleted".into(),
+                tenant.clone()
+            ),
+        ]
+    );
+    assert_eq!(trail[2].detail["same_key"], false);
+    let text = format!("{trail:?}");
+    for secret in [&first_key, &second_key] {
+        assert!(!text.contains(secret.as_str()) && !text.contains(&secret[8..]));
+    }
+}
+
+async fn ops_list_connections_by_status(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for tenant in ["ten_a", "ten_b", "ten_c"] {
+        app.create_tenant(tenant, Mode::Test).await;
+    }
+    answer_all(&app.stripe, Answer::Granted).await;
+    for tenant in ["ten_a", "ten_b", "ten_c"] {
+        assert_eq!(
+            app.connect(tenant, &key("rk_test_", "Aaaa")).await.status(),
+            201
+        );
+    }
+    app.stripe.reset().await;
+    grant_all_but(&app.stripe, &[Resource::WebhookEndpoints]).await;
+    app.tenant_request(Method::POST, "ten_b", "/verify").await;
+
+    let ops = app.service_token(&[Scope::OpsRead]).await;
+    let list = |query: &'static str, token: String| {
+        let url = app.url(&format!("/internal/v1/connections{query}"));
+        let http = app.http.clone();
+        async move { http.get(url).bearer_auth(token).send().await.unwrap() }
+    };
+    let attention = json(list("?status=needs_attention", ops.clone()).await).await;
+    let tenants: Vec<&str> = attention
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["tenant_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(tenants, ["ten_b"]);
+    assert_eq!(attention[0]["permissions"]["webhook_endpoints"], "missing");
+    assert!(attention[0].get("api_key").is_none());
+    assert_eq!(
+        json(list("", ops.clone()).await)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_error(list("?status=broken", ops).await, 400, "invalid_request").await;
+    let keys_only = app.service_token(&[Scope::KeysRead]).await;
+    assert_error(list("", keys_only).await, 403, "insufficient_scope").await;
+}
+
+/// Two servers on one PostgreSQL: a change committed through one is what the other serves
+/// next, with no window of staleness.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_never_serves_a_replaced_or_disconnected_key() {
+    let (first, old_key) = connected_app(Backend::Postgres, &[]).await;
+    let second = first.twin().await;
+    let token = first.service_token(&[Scope::KeysRead]).await;
+    assert_eq!(
+        json(fetch(&second, "ten_1", Some(&token)).await).await["api_key"],
+        old_key
+    );
+
+    let new_key = key("rk_live_", "Nnew");
+    assert_eq!(first.connect("ten_1", &new_key).await.status(), 200);
+    assert_eq!(
+        json(fetch(&second, "ten_1", Some(&token)).await).await["api_key"],
+        new_key
+    );
+
+    assert_eq!(
+        first
+            .tenant_request(Method::DELETE, "ten_1", "")
+            .await
+            .status(),
+        204
+    );
+    assert_error(
+        fetch(&second, "ten_1", Some(&token)).await,
+        404,
+        "not_connected",
+    )
+    .await;
+}
