@@ -1,7 +1,7 @@
 use serde::Serialize;
 
 /// The health of a tenant's Stripe connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ConnectionStatus {
     /// Verified with every required permission.
@@ -32,7 +32,7 @@ impl ConnectionStatus {
 }
 
 /// Something the tenant should know about a working connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Warning {
     /// A secret key can do everything on the account; a restricted key is least privilege.

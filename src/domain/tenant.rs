@@ -41,7 +41,7 @@ impl fmt::Debug for TenantId {
 }
 
 /// Whether a tenant charges with test or live Stripe keys.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Test,

@@ -5,7 +5,8 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::domain::{KeyFormatError, Mode, Resource};
 
@@ -117,31 +118,55 @@ impl ApiError {
             Self::Internal(_) => "internal_error",
         }
     }
+}
 
-    /// Fields beside `code`, `message` and `request_id`.
-    fn extra(&self) -> Map<String, Value> {
-        let mut extra = Map::new();
-        match self {
-            Self::MissingPermissions {
-                missing, fix_url, ..
-            } => {
-                extra.insert("missing".into(), json!(missing));
-                extra.insert("fix_url".into(), json!(fix_url));
-            }
-            Self::ModeMismatch { tenant, key } => {
-                extra.insert("tenant_mode".into(), json!(tenant));
-                extra.insert("key_mode".into(), json!(key));
-            }
-            Self::StripeUnavailable => {
-                extra.insert("retryable".into(), json!(true));
-            }
-            Self::RateLimited { retry_after_secs } => {
-                extra.insert("retryable".into(), json!(true));
-                extra.insert("retry_after".into(), json!(retry_after_secs));
-            }
-            _ => {}
+/// The error body every failure answers with.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// `code` is stable and machine-readable; `message` is a sentence a person can act on.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    #[schema(example = "mode_mismatch")]
+    pub code: String,
+    #[schema(example = "This tenant is in live mode; the pasted key is a test key.")]
+    pub message: String,
+    pub request_id: String,
+    /// `missing_permissions`: the resources the key may not write.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub missing: Option<Vec<Resource>>,
+    /// `missing_permissions`: a Stripe dashboard link pre-filling a key with the needed permissions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix_url: Option<String>,
+    /// `stripe_unavailable`, `rate_limited`: trying again later may succeed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retryable: Option<bool>,
+    /// `rate_limited`: seconds until an attempt is allowed (also the `Retry-After` header).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+    /// `mode_mismatch`: the tenant's mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant_mode: Option<Mode>,
+    /// `mode_mismatch`: the pasted key's mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_mode: Option<Mode>,
+    /// `not_ready`: each readiness check and its verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub checks: Option<serde_json::Value>,
+}
+
+impl ErrorDetail {
+    pub fn new(code: &str, message: String) -> Self {
+        Self {
+            code: code.to_owned(),
+            message,
+            request_id: current_request_id(),
+            ..Self::default()
         }
-        extra
     }
 }
 
@@ -152,16 +177,32 @@ impl IntoResponse for ApiError {
             // `{:#}` prints the whole chain; causes are built so that none holds a secret.
             tracing::error!(error = format!("{cause:#}"), "request failed");
         }
-        let mut error = Map::new();
-        error.insert("code".into(), json!(self.code()));
-        error.insert("message".into(), json!(self.to_string()));
-        error.insert("request_id".into(), json!(current_request_id()));
-        error.extend(self.extra());
-        let mut response = (status, axum::Json(json!({ "error": error }))).into_response();
-        if let Self::RateLimited { retry_after_secs } = self {
+        let mut detail = ErrorDetail::new(self.code(), self.to_string());
+        let mut retry_after_header = None;
+        match self {
+            Self::MissingPermissions {
+                missing, fix_url, ..
+            } => {
+                detail.missing = Some(missing);
+                detail.fix_url = Some(fix_url);
+            }
+            Self::ModeMismatch { tenant, key } => {
+                detail.tenant_mode = Some(tenant);
+                detail.key_mode = Some(key);
+            }
+            Self::StripeUnavailable => detail.retryable = Some(true),
+            Self::RateLimited { retry_after_secs } => {
+                detail.retryable = Some(true);
+                detail.retry_after = Some(retry_after_secs);
+                retry_after_header = Some(retry_after_secs);
+            }
+            _ => {}
+        }
+        let mut response = (status, axum::Json(ErrorBody { error: detail })).into_response();
+        if let Some(secs) = retry_after_header {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

@@ -7,7 +7,7 @@ use axum::{Json, Router};
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::extract::{AppJson, AuthorizedTenant};
 use super::state::AppState;
 use super::summary::ConnectionSummary;
@@ -25,12 +25,29 @@ pub fn router() -> Router<AppState> {
         )
 }
 
-#[derive(Deserialize)]
-struct ConnectBody {
+/// The modal's Activate.
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct ConnectBody {
+    /// A restricted (`rk_test_`, `rk_live_`) or secret (`sk_test_`, `sk_live_`) key.
+    #[schema(value_type = String, example = "rk_test_…")]
     api_key: SecretString,
 }
 
-async fn connect(
+#[utoipa::path(post, path = "/v1/tenants/{tenant_id}/stripe/connection", tag = "integrations",
+    security(("tenant_token" = [])),
+    params(("tenant_id" = String, Path, description = "The tenant the token speaks for")),
+    request_body = ConnectBody,
+    responses(
+        (status = 201, description = "Connected", body = ConnectionSummary),
+        (status = 200, description = "Replaced the previous key", body = ConnectionSummary),
+        (status = 400, description = "invalid_api_key_format, publishable_key_not_accepted, webhook_secret_not_accepted, organization_key_not_supported, invalid_json", body = ErrorBody),
+        (status = 401, description = "unauthenticated", body = ErrorBody),
+        (status = 404, description = "not_connected (unknown tenant, or a token for another tenant)", body = ErrorBody),
+        (status = 422, description = "mode_mismatch, key_rejected, missing_permissions (with missing and fix_url)", body = ErrorBody),
+        (status = 429, description = "rate_limited, with Retry-After", body = ErrorBody),
+        (status = 502, description = "stripe_unavailable (retryable); nothing was stored", body = ErrorBody),
+    ))]
+pub async fn connect(
     State(state): State<AppState>,
     AuthorizedTenant(tenant): AuthorizedTenant,
     AppJson(body): AppJson<ConnectBody>,
@@ -46,7 +63,15 @@ async fn connect(
     })
 }
 
-async fn show(
+#[utoipa::path(get, path = "/v1/tenants/{tenant_id}/stripe/connection", tag = "integrations",
+    security(("tenant_token" = [])),
+    params(("tenant_id" = String, Path)),
+    responses(
+        (status = 200, body = ConnectionSummary),
+        (status = 401, description = "unauthenticated", body = ErrorBody),
+        (status = 404, description = "not_connected", body = ErrorBody),
+    ))]
+pub async fn show(
     State(state): State<AppState>,
     AuthorizedTenant(tenant): AuthorizedTenant,
 ) -> Result<Json<ConnectionSummary>, ApiError> {
@@ -59,7 +84,16 @@ async fn show(
     Ok(Json((&record).into()))
 }
 
-async fn verify(
+#[utoipa::path(post, path = "/v1/tenants/{tenant_id}/stripe/connection/verify", tag = "integrations",
+    security(("tenant_token" = [])),
+    params(("tenant_id" = String, Path)),
+    responses(
+        (status = 200, description = "Re-probed; the status may have changed", body = ConnectionSummary),
+        (status = 401, description = "unauthenticated", body = ErrorBody),
+        (status = 404, description = "not_connected", body = ErrorBody),
+        (status = 502, description = "stripe_unavailable; nothing changed", body = ErrorBody),
+    ))]
+pub async fn verify(
     State(state): State<AppState>,
     AuthorizedTenant(tenant): AuthorizedTenant,
 ) -> Result<Json<ConnectionSummary>, ApiError> {
@@ -68,7 +102,15 @@ async fn verify(
     Ok(Json((&record).into()))
 }
 
-async fn disconnect(
+#[utoipa::path(delete, path = "/v1/tenants/{tenant_id}/stripe/connection", tag = "integrations",
+    security(("tenant_token" = [])),
+    params(("tenant_id" = String, Path)),
+    responses(
+        (status = 204, description = "Disconnected; the sealed key is deleted"),
+        (status = 401, description = "unauthenticated", body = ErrorBody),
+        (status = 404, description = "not_connected", body = ErrorBody),
+    ))]
+pub async fn disconnect(
     State(state): State<AppState>,
     AuthorizedTenant(tenant): AuthorizedTenant,
 ) -> Result<StatusCode, ApiError> {

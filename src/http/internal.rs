@@ -6,9 +6,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::extract::{AppJson, ServiceCaller, TenantPath};
 use super::state::AppState;
 use super::summary::ConnectionSummary;
@@ -27,18 +26,33 @@ pub fn router() -> Router<AppState> {
         .route("/internal/v1/connections", get(list_connections))
 }
 
-#[derive(Serialize)]
-struct KeyBody<'a> {
+/// A tenant's decrypted key, for charging services.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct KeyBody<'a> {
+    #[schema(value_type = String)]
     tenant_id: &'a TenantId,
     mode: Mode,
+    #[schema(value_type = String, example = "restricted")]
     key_type: &'static str,
+    /// `active` or `needs_attention` (a revoked key is never served).
     status: ConnectionStatus,
+    #[schema(value_type = String)]
     api_key: &'a str,
 }
 
 /// The charging services' hot path: one database round trip (token and sealed key
 /// together), two AES-GCM opens, and accounting handed to a background writer.
-async fn fetch_key(
+#[utoipa::path(get, path = "/internal/v1/tenants/{tenant_id}/stripe/key", tag = "internal",
+    security(("service_token" = ["keys:read"])),
+    params(("tenant_id" = String, Path)),
+    responses(
+        (status = 200, description = "The key, with Cache-Control: no-store", body = KeyBody),
+        (status = 401, description = "unauthenticated", body = ErrorBody),
+        (status = 403, description = "insufficient_scope", body = ErrorBody),
+        (status = 404, description = "not_connected", body = ErrorBody),
+        (status = 409, description = "connection_not_active (revoked)", body = ErrorBody),
+    ))]
+pub async fn fetch_key(
     State(state): State<AppState>,
     presented: PresentedServiceToken,
     TenantPath(tenant): TenantPath,
@@ -93,17 +107,37 @@ async fn fetch_key(
         .into_response())
 }
 
-#[derive(Deserialize)]
-struct TenantBody {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct TenantBody {
+    #[schema(example = "test")]
     mode: String,
 }
 
-async fn upsert_tenant(
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TenantView {
+    #[schema(value_type = String)]
+    tenant_id: TenantId,
+    mode: Mode,
+}
+
+#[utoipa::path(put, path = "/internal/v1/tenants/{tenant_id}", tag = "internal",
+    security(("service_token" = ["tenants:write"])),
+    params(("tenant_id" = String, Path, description = "1 to 64 of [A-Za-z0-9_.-], starting with a letter or digit")),
+    request_body = TenantBody,
+    responses(
+        (status = 201, description = "Created", body = TenantView),
+        (status = 200, description = "Updated or unchanged", body = TenantView),
+        (status = 400, description = "invalid_tenant_id, invalid_request, invalid_json", body = ErrorBody),
+        (status = 401, description = "unauthenticated", body = ErrorBody),
+        (status = 403, description = "insufficient_scope", body = ErrorBody),
+        (status = 409, description = "tenant_has_connection", body = ErrorBody),
+    ))]
+pub async fn upsert_tenant(
     State(state): State<AppState>,
     caller: ServiceCaller,
     TenantPath(tenant): TenantPath,
     AppJson(body): AppJson<TenantBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<TenantView>), ApiError> {
     caller.require(Scope::TenantsWrite)?;
     let mode = Mode::parse(&body.mode).map_err(|e| ApiError::InvalidRequest(format!("{e}.")))?;
     let actor = Actor::ServiceToken(caller.token_id);
@@ -113,15 +147,31 @@ async fn upsert_tenant(
         Err(StoreError::TenantHasConnection) => return Err(ApiError::TenantHasConnection),
         Err(e) => return Err(ApiError::internal(e)),
     };
-    Ok((status, Json(json!({"tenant_id": tenant, "mode": mode}))))
+    Ok((
+        status,
+        Json(TenantView {
+            tenant_id: tenant,
+            mode,
+        }),
+    ))
 }
 
-#[derive(Deserialize)]
-struct ConnectionsQuery {
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct ConnectionsQuery {
+    /// Only connections with this status.
     status: Option<String>,
 }
 
-async fn list_connections(
+#[utoipa::path(get, path = "/internal/v1/connections", tag = "internal",
+    security(("service_token" = ["ops:read"])),
+    params(ConnectionsQuery),
+    responses(
+        (status = 200, body = Vec<ConnectionSummary>),
+        (status = 400, description = "invalid_request (unknown status)", body = ErrorBody),
+        (status = 401, description = "unauthenticated", body = ErrorBody),
+        (status = 403, description = "insufficient_scope", body = ErrorBody),
+    ))]
+pub async fn list_connections(
     State(state): State<AppState>,
     caller: ServiceCaller,
     Query(query): Query<ConnectionsQuery>,

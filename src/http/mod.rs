@@ -1,9 +1,12 @@
 //! The HTTP boundary: one module per audience, merged into one router.
 
+#[cfg(feature = "bench")]
+mod bench;
 pub mod error;
 pub mod extract;
 mod integrations;
 mod internal;
+mod openapi;
 mod ops;
 pub mod state;
 mod summary;
@@ -25,8 +28,12 @@ pub use state::AppState;
 pub use summary::ConnectionSummary;
 
 pub fn router(state: AppState, body_limit: usize) -> Router {
-    Router::new()
+    let router = Router::new();
+    #[cfg(feature = "bench")]
+    let router = router.merge(bench::router());
+    router
         .merge(ops::router())
+        .merge(openapi::router())
         .merge(integrations::router())
         .merge(internal::router())
         .fallback(|| async { ApiError::RouteNotFound })

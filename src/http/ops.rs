@@ -6,7 +6,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::error::current_request_id;
+use super::error::{ErrorBody, ErrorDetail};
 use super::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -15,13 +15,18 @@ pub fn router() -> Router<AppState> {
         .route("/readyz", get(readyz))
 }
 
-async fn healthz() -> Json<Value> {
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "The process serves")))]
+pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// Ready when the database answers with every migration applied and the keyring opens
 /// what it seals. The failing check is named; its detail goes to the log only.
-async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+#[utoipa::path(get, path = "/readyz", tag = "ops", responses(
+    (status = 200, description = "Database and keyring ready"),
+    (status = 503, description = "not_ready, naming the failed check in `checks`", body = ErrorBody),
+))]
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let database = state.store.check_ready().await;
     let keyring = state.keyring.self_test().map_err(|e| e.to_string());
     let mut failed = Vec::new();
@@ -43,11 +48,11 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             Json(json!({"status": "ready", "checks": checks})),
         );
     }
-    let body = json!({"error": {
-        "code": "not_ready",
-        "message": format!("Not ready: the {} check failed.", failed.join(" and ")),
-        "request_id": current_request_id(),
-        "checks": checks,
-    }});
+    let mut detail = ErrorDetail::new(
+        "not_ready",
+        format!("Not ready: the {} check failed.", failed.join(" and ")),
+    );
+    detail.checks = Some(Value::Object(checks));
+    let body = serde_json::to_value(ErrorBody { error: detail }).unwrap_or_default();
     (StatusCode::SERVICE_UNAVAILABLE, Json(body))
 }

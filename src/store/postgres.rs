@@ -24,6 +24,9 @@ impl PgStore {
     ) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)?.application_name("atlas-stripe");
         let pool = PgPoolOptions::new()
+            // A ping before every checkout doubles the key fetch's round trips; a broken
+            // connection fails its query instead and the pool replaces it.
+            .test_before_acquire(false)
             .max_connections(max_connections)
             .acquire_timeout(acquire_timeout)
             .connect_with(options)

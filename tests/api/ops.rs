@@ -73,3 +73,63 @@ async fn readiness_fails_naming_the_database_when_postgres_is_gone() {
         "no detail leaks to the caller: {body}"
     );
 }
+
+/// The served description lists every route the contract names, and every path it lists
+/// is routed (so the two cannot drift apart).
+#[tokio::test]
+async fn the_openapi_description_matches_the_routes() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let doc = json(app.http.get(app.url("/openapi.json")).send().await.unwrap()).await;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    let mut documented: Vec<String> = Vec::new();
+    for (path, operations) in paths {
+        for method in operations.as_object().unwrap().keys() {
+            documented.push(format!("{} {path}", method.to_uppercase()));
+        }
+    }
+    documented.sort();
+    assert_eq!(
+        documented,
+        [
+            "DELETE /v1/tenants/{tenant_id}/stripe/connection",
+            "GET /healthz",
+            "GET /internal/v1/connections",
+            "GET /internal/v1/tenants/{tenant_id}/stripe/key",
+            "GET /openapi.json",
+            "GET /readyz",
+            "GET /v1/tenants/{tenant_id}/stripe/connection",
+            "POST /v1/tenants/{tenant_id}/stripe/connection",
+            "POST /v1/tenants/{tenant_id}/stripe/connection/verify",
+            "PUT /internal/v1/tenants/{tenant_id}",
+        ]
+    );
+    for operation in &documented {
+        let (method, path) = operation.split_once(' ').unwrap();
+        let response = app
+            .http
+            .request(
+                method.parse().unwrap(),
+                app.url(&path.replace("{tenant_id}", "ten_1")),
+            )
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let code = if status >= 400 {
+            json(response).await["error"]["code"].clone()
+        } else {
+            serde_json::Value::Null
+        };
+        assert!(
+            code != "not_found" && code != "method_not_allowed",
+            "{operation} is not routed: {code}"
+        );
+    }
+    let schemes = &doc["components"]["securitySchemes"];
+    assert_eq!(schemes["tenant_token"]["scheme"], "bearer");
+    assert_eq!(schemes["service_token"]["scheme"], "bearer");
+    assert!(
+        doc["components"]["schemas"]["ConnectionSummary"]["properties"]["key_last4"].is_object()
+    );
+}

@@ -56,7 +56,12 @@ fn files_under(dir: &Path, found: &mut Vec<std::path::PathBuf>) {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    let (first, rest) = needle.split_first().unwrap();
+    haystack
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| *b == first)
+        .any(|(i, _)| haystack.get(i + 1..i + needle.len()) == Some(rest))
 }
 
 /// The database's own files, after a checkpoint, so nothing hides in memory.
@@ -74,9 +79,20 @@ async fn database_files(app: &TestApp) -> Vec<std::path::PathBuf> {
             .await
             .unwrap();
             sqlx::query("CHECKPOINT").execute(&mut admin).await.unwrap();
+            let name = app.db.url.rsplit('/').next().unwrap();
+            let oid: sqlx::postgres::types::Oid =
+                sqlx::query_scalar("SELECT oid FROM pg_database WHERE datname = $1")
+                    .bind(name)
+                    .fetch_one(&mut admin)
+                    .await
+                    .unwrap();
             let dir = std::env::var("ATLAS_TEST_POSTGRES_DATA_DIR")
                 .expect("ATLAS_TEST_POSTGRES_DATA_DIR is set by scripts/test");
-            files_under(Path::new(&dir), &mut files);
+            // This test's database, the write-ahead log every change passes through, and the
+            // shared catalogues.
+            for sub in [format!("base/{}", oid.0), "pg_wal".into(), "global".into()] {
+                files_under(&Path::new(&dir).join(sub), &mut files);
+            }
         }
     }
     assert!(!files.is_empty());

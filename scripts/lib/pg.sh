@@ -1,0 +1,60 @@
+# Sourced by scripts/test and the benchmarks: starts a throwaway PostgreSQL cluster from the
+# initdb/pg_ctl on the PATH (or Debian's /usr/lib/postgresql/*/bin), as `nobody` when run
+# as root (initdb refuses root), installing Debian's postgresql package when missing.
+# Sets PGPORT, PGTMP, ATLAS_TEST_POSTGRES_URL, ATLAS_TEST_POSTGRES_DATA_DIR; stops and
+# removes the cluster on exit. Extra server settings: PG_EXTRA_OPTS.
+
+find_initdb() {
+  command -v initdb 2>/dev/null && return 0
+  ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1
+}
+
+free_port() {
+  local port
+  for _ in $(seq 1 50); do
+    port=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$port"
+      return 0
+    fi
+  done
+  return 1
+}
+
+start_throwaway_postgres() {
+  local initdb
+  initdb=$(find_initdb || true)
+  if [ -z "$initdb" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "==> installing PostgreSQL server binaries" >&2
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+      initdb=$(find_initdb)
+    else
+      echo "PostgreSQL server binaries (initdb, pg_ctl) are needed: apt-get install postgresql" >&2
+      return 1
+    fi
+  fi
+  PGBIN=$(dirname "$initdb")
+  PGTMP=$(mktemp -d "${TMPDIR:-/tmp}/atlas-stripe-pg.XXXXXX")
+  AS_PG=()
+  if [ "$(id -u)" = 0 ]; then
+    chown nobody "$PGTMP"
+    AS_PG=(setpriv --reuid=nobody --regid="$(id -g nobody)" --clear-groups --)
+  fi
+  PGPORT=$(free_port)
+  trap stop_throwaway_postgres EXIT
+  echo "==> starting a throwaway PostgreSQL on 127.0.0.1:$PGPORT ($PGBIN)" >&2
+  "${AS_PG[@]}" "$PGBIN/initdb" -D "$PGTMP/data" -U postgres --auth=trust -E UTF8 --no-sync >"$PGTMP/initdb.log"
+  "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$PGTMP/data" -l "$PGTMP/data/server.log" -w -t 60 \
+    -o "-p $PGPORT -k $PGTMP -h 127.0.0.1 -c max_connections=400 ${PG_EXTRA_OPTS:-}" \
+    start >/dev/null
+  export PGPORT PGTMP
+  export ATLAS_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$PGPORT/postgres"
+  export ATLAS_TEST_POSTGRES_DATA_DIR="$PGTMP/data"
+}
+
+stop_throwaway_postgres() {
+  "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$PGTMP/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$PGTMP"
+}

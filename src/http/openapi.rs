@@ -1,0 +1,70 @@
+//! The served OpenAPI description of this API (`GET /openapi.json`), generated from the
+//! handlers' annotations so it cannot drift from the routes.
+
+use axum::routing::get;
+use axum::{Json, Router};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::error::{ErrorBody, ErrorDetail};
+use super::state::AppState;
+use super::summary::ConnectionSummary;
+use super::{integrations, internal, ops};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "atlas-stripe",
+        description = "Connects an Atlas tenant's Stripe account: verifies a pasted key without side effects, seals it, and serves it to charging services. Beyond ../shared/API.md: extra error codes (not_found, method_not_allowed, unsupported_media_type, payload_too_large, invalid_tenant_id, invalid_request, not_ready, internal_error) in the same error shape; the key fetch also returns `status`; an unknown tenant on connect is 404 not_connected, like a token for another tenant."
+    ),
+    paths(
+        integrations::connect,
+        integrations::show,
+        integrations::verify,
+        integrations::disconnect,
+        internal::upsert_tenant,
+        internal::fetch_key,
+        internal::list_connections,
+        ops::healthz,
+        ops::readyz,
+        openapi_json,
+    ),
+    components(schemas(ConnectionSummary, ErrorBody, ErrorDetail)),
+    modifiers(&BearerSchemes),
+    tags(
+        (name = "integrations", description = "The integrations modal; tenant tokens (HS256 JWT with tenant_id and exp)"),
+        (name = "internal", description = "Atlas's internal services; scoped service tokens"),
+        (name = "ops", description = "Probes; open and revealing nothing secret"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerSchemes;
+
+impl Modify for BearerSchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "tenant_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "service_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/openapi.json", get(openapi_json))
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "ops", responses((status = 200, description = "This document")))]
+pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
