@@ -19,24 +19,16 @@ CREATE TABLE service_tokens (
     revoked_at   TEXT
 );
 
--- Envelope-encrypted secrets: no column holds plaintext.
-CREATE TABLE sealed_secrets (
-    secret_id      TEXT PRIMARY KEY,
-    tenant_id      TEXT NOT NULL REFERENCES tenants (tenant_id),
-    purpose        TEXT NOT NULL,
-    mode           TEXT NOT NULL,
-    master_key_id  TEXT NOT NULL,
-    wrapped_key    BLOB NOT NULL,
-    ciphertext     BLOB NOT NULL,
-    created_at     TEXT NOT NULL,
-    updated_at     TEXT NOT NULL
-);
-CREATE INDEX sealed_secrets_master_key_id ON sealed_secrets (master_key_id);
-
+-- One row per connected tenant, holding its sealed API key (envelope-encrypted: no column
+-- holds plaintext), so the key fetch is one primary-key lookup.
 CREATE TABLE stripe_connections (
     tenant_id          TEXT PRIMARY KEY REFERENCES tenants (tenant_id),
     connection_id      TEXT NOT NULL UNIQUE,
-    api_key_secret_id  TEXT NOT NULL UNIQUE REFERENCES sealed_secrets (secret_id),
+    -- Names this key in its sealed form's associated data; a new key gets a new id.
+    api_key_secret_id  TEXT NOT NULL UNIQUE,
+    master_key_id      TEXT NOT NULL,
+    wrapped_key        BLOB NOT NULL,
+    ciphertext         BLOB NOT NULL,
     status             TEXT NOT NULL CHECK (status IN ('active', 'needs_attention', 'revoked')),
     mode               TEXT NOT NULL CHECK (mode IN ('test', 'live')),
     key_type           TEXT NOT NULL CHECK (key_type IN ('secret', 'restricted')),
@@ -49,6 +41,7 @@ CREATE TABLE stripe_connections (
     updated_at         TEXT NOT NULL
 );
 CREATE INDEX stripe_connections_status ON stripe_connections (status);
+CREATE INDEX stripe_connections_master_key_id ON stripe_connections (master_key_id);
 
 CREATE TABLE audit_events (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -10,8 +10,8 @@
 //! changes to one tenant serialise instead of deadlocking.
 
 pub(super) const CONNECTION_COLUMNS: &str = "c.tenant_id, c.connection_id, c.status, c.mode, \
-    c.key_type, c.key_last4, c.key_fingerprint, c.api_key_secret_id, s.master_key_id, \
-    s.wrapped_key, s.ciphertext, c.permissions, c.warnings, c.verified_at, c.connected_at";
+    c.key_type, c.key_last4, c.key_fingerprint, c.api_key_secret_id, c.master_key_id, \
+    c.wrapped_key, c.ciphertext, c.permissions, c.warnings, c.verified_at, c.connected_at";
 
 pub(super) const LOCK_TENANT: &str =
     "UPDATE tenants SET updated_at = updated_at WHERE tenant_id = $1 RETURNING mode";
@@ -20,13 +20,12 @@ pub(super) const INSERT_AUDIT: &str = "INSERT INTO audit_events \
     (occurred_at, actor, action, tenant_id, detail) VALUES ($1, $2, $3, $4, $5)";
 
 /// The token and, when connected, the tenant's sealed key: the whole key fetch in one
-/// primary-key round trip.
+/// round trip of two primary-key lookups.
 pub(super) const FETCH_KEY: &str = "SELECT t.secret_hash, t.scopes, t.revoked_at, \
-    c.status, c.mode, c.key_type, c.api_key_secret_id, s.master_key_id, s.wrapped_key, \
-    s.ciphertext \
+    c.status, c.mode, c.key_type, c.api_key_secret_id, c.master_key_id, c.wrapped_key, \
+    c.ciphertext \
     FROM service_tokens t \
     LEFT JOIN stripe_connections c ON c.tenant_id = $2 \
-    LEFT JOIN sealed_secrets s ON s.secret_id = c.api_key_secret_id \
     WHERE t.token_id = $1";
 
 /// Adds a tally; `CASE` rather than `GREATEST`/`MAX` keeps it in both dialects.
@@ -242,42 +241,27 @@ macro_rules! impl_store {
                     Some(Ok(mode)) => return Err(StoreError::ModeChanged(mode)),
                     Some(Err(_)) => return Err(StoreError::Corrupt("tenant mode".into())),
                 }
-                let previous: Option<(String, String, Vec<u8>)> = sqlx::query_as(
-                    "SELECT connection_id, api_key_secret_id, key_fingerprint \
-                     FROM stripe_connections WHERE tenant_id = $1",
+                let previous: Option<(String, Vec<u8>)> = sqlx::query_as(
+                    "SELECT connection_id, key_fingerprint FROM stripe_connections WHERE tenant_id = $1",
                 )
                 .bind(tenant)
                 .fetch_optional(&mut *tx)
                 .await?;
-                sqlx::query(
-                    "INSERT INTO sealed_secrets (secret_id, tenant_id, purpose, mode, master_key_id, \
-                     wrapped_key, ciphertext, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
-                )
-                .bind(&new.secret_id)
-                .bind(tenant)
-                .bind($crate::crypto::Purpose::StripeApiKey.as_str())
-                .bind(new.mode.as_str())
-                .bind(&new.sealed.master_key_id)
-                .bind(&new.sealed.wrapped_key)
-                .bind(&new.sealed.ciphertext)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
                 let connection_id = match &previous {
-                    Some((connection_id, _, _)) => connection_id.clone(),
+                    Some((connection_id, _)) => connection_id.clone(),
                     None => $crate::domain::random_id("con_", 20),
                 };
                 let statement = if previous.is_some() {
                     "UPDATE stripe_connections SET api_key_secret_id = $3, status = $4, mode = $5, \
                      key_type = $6, key_last4 = $7, key_fingerprint = $8, permissions = $9, \
-                     warnings = $10, verified_at = $11, connected_at = $12, updated_at = $12 \
+                     warnings = $10, verified_at = $11, connected_at = $12, updated_at = $12, \
+                     master_key_id = $13, wrapped_key = $14, ciphertext = $15 \
                      WHERE tenant_id = $1 AND connection_id = $2"
                 } else {
                     "INSERT INTO stripe_connections (tenant_id, connection_id, api_key_secret_id, \
                      status, mode, key_type, key_last4, key_fingerprint, permissions, warnings, \
-                     verified_at, connected_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)"
+                     verified_at, connected_at, updated_at, master_key_id, wrapped_key, ciphertext) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15)"
                 };
                 sqlx::query(statement)
                     .bind(tenant)
@@ -292,15 +276,12 @@ macro_rules! impl_store {
                     .bind(warnings_to_text(&new.warnings))
                     .bind(new.verified_at)
                     .bind(now)
+                    .bind(&new.sealed.master_key_id)
+                    .bind(&new.sealed.wrapped_key)
+                    .bind(&new.sealed.ciphertext)
                     .execute(&mut *tx)
                     .await?;
-                if let Some((_, old_secret_id, _)) = &previous {
-                    sqlx::query("DELETE FROM sealed_secrets WHERE secret_id = $1")
-                        .bind(old_secret_id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                let same_key = previous.as_ref().map(|(_, _, fp)| *fp == new.key_fingerprint);
+                let same_key = previous.as_ref().map(|(_, fp)| *fp == new.key_fingerprint);
                 let detail = serde_json::json!({
                     "connection_id": connection_id,
                     "key_type": new.key_type.as_str(),
@@ -374,20 +355,16 @@ macro_rules! impl_store {
             ) -> Result<bool, $crate::store::StoreError> {
                 let now = $crate::store::records::now();
                 let mut tx = self.pool.begin().await?;
-                let deleted: Option<(String, String, String)> = sqlx::query_as(
+                let deleted: Option<(String, String)> = sqlx::query_as(
                     "DELETE FROM stripe_connections WHERE tenant_id = $1 \
-                     RETURNING connection_id, api_key_secret_id, key_last4",
+                     RETURNING connection_id, key_last4",
                 )
                 .bind(tenant.as_str())
                 .fetch_optional(&mut *tx)
                 .await?;
-                let Some((connection_id, secret_id, key_last4)) = deleted else {
+                let Some((connection_id, key_last4)) = deleted else {
                     return Ok(false);
                 };
-                sqlx::query("DELETE FROM sealed_secrets WHERE secret_id = $1")
-                    .bind(&secret_id)
-                    .execute(&mut *tx)
-                    .await?;
                 let detail = serde_json::json!({"connection_id": connection_id, "key_last4": key_last4});
                 audit(&mut *tx, now, actor, "connection.deleted", Some(tenant.as_str()), detail).await?;
                 tx.commit().await?;
@@ -400,7 +377,6 @@ macro_rules! impl_store {
             ) -> Result<Vec<$crate::store::ConnectionRecord>, $crate::store::StoreError> {
                 let sql = format!(
                     "SELECT {} FROM stripe_connections c \
-                     JOIN sealed_secrets s ON s.secret_id = c.api_key_secret_id \
                      WHERE ($1 IS NULL OR c.status = $1) ORDER BY c.tenant_id",
                     $crate::store::sql::CONNECTION_COLUMNS
                 );
@@ -480,8 +456,7 @@ macro_rules! impl_store {
             E: sqlx::Executor<'e, Database = <$store as $crate::store::sql::HasDatabase>::Db>,
         {
             let sql = format!(
-                "SELECT {} FROM stripe_connections c \
-                 JOIN sealed_secrets s ON s.secret_id = c.api_key_secret_id WHERE c.tenant_id = $1",
+                "SELECT {} FROM stripe_connections c WHERE c.tenant_id = $1",
                 $crate::store::sql::CONNECTION_COLUMNS
             );
             let row: Option<$crate::store::records::ConnectionRow> = sqlx::query_as(&sql)

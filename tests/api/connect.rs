@@ -48,13 +48,15 @@ async fn app_with_tenant(backend: Backend, mode: Mode) -> TestApp {
     app
 }
 
-async fn sealed_rows(app: &TestApp) -> i64 {
-    app.db.scalar("SELECT COUNT(*) FROM sealed_secrets").await
+async fn stored_keys(app: &TestApp) -> i64 {
+    app.db
+        .scalar("SELECT COUNT(*) FROM stripe_connections")
+        .await
 }
 
 /// Nothing was stored and the tenant still has no connection.
 async fn assert_nothing_stored(app: &TestApp) {
-    assert_eq!(sealed_rows(app).await, 0);
+    assert_eq!(stored_keys(app).await, 0);
     let get = app.tenant_request(Method::GET, "ten_1", "").await;
     assert_error(get, 404, "not_connected").await;
 }
@@ -501,7 +503,7 @@ async fn replacing_keeps_the_old_key_until_the_new_one_is_verified(backend: Back
     let replaced = json(replaced).await;
     assert_eq!(replaced["key_last4"], "New3");
     assert_eq!(replaced["warnings"], json!(["secret_key_full_access"]));
-    assert_eq!(sealed_rows(&app).await, 1);
+    assert_eq!(stored_keys(&app).await, 1);
     let actions: Vec<String> = app
         .store
         .audit_trail(Some(&TenantId::parse("ten_1").unwrap()))
@@ -538,7 +540,7 @@ async fn concurrent_connects_leave_one_consistent_connection(backend: Backend) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(sealed_rows(&app).await, 1);
+    assert_eq!(stored_keys(&app).await, 1);
     assert_eq!(
         app.db
             .scalar("SELECT COUNT(*) FROM stripe_connections")
