@@ -81,6 +81,14 @@ pub enum KeysCommand {
         #[arg(long)]
         id: String,
     },
+    /// Re-wrap every data key under crypto.active_key_id, in batches, while the service runs.
+    /// Safe to interrupt and rerun.
+    Rewrap {
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+    },
+    /// Count stored keys per master-key id.
+    Status,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -107,6 +115,45 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(KeysCommand::Generate { id }) => {
             let id = MasterKeyId::parse(&id)?;
             println!("{}", Keyring::generate_entry(&id).expose_secret());
+        }
+        Command::Keys(KeysCommand::Rewrap { batch }) => {
+            if !(1..=10_000).contains(&batch) {
+                bail!("--batch must be 1 to 10000");
+            }
+            let store = open_store(&settings).await?;
+            let secrets = settings.secrets()?;
+            let report =
+                crate::rotation::rewrap_all(&*store, &secrets.keyring, batch, None).await?;
+            println!(
+                "rewrapped {} keys under {} in {} batches",
+                report.rewrapped,
+                secrets.keyring.active_id().as_str(),
+                report.batches
+            );
+            for (secret_id, reason) in &report.failed {
+                eprintln!("not rewrapped: {secret_id}: {reason}");
+            }
+            if !report.failed.is_empty() {
+                bail!("{} keys could not be rewrapped", report.failed.len());
+            }
+        }
+        Command::Keys(KeysCommand::Status) => {
+            let store = open_store(&settings).await?;
+            let secrets = settings.secrets()?;
+            println!("{:<34} {:>10}  configured", "master_key_id", "keys");
+            for (id, count) in store.count_secrets_by_master_key().await? {
+                let configured = if secrets.keyring.contains(&id) {
+                    "yes"
+                } else {
+                    "NO"
+                };
+                let active = if id == secrets.keyring.active_id().as_str() {
+                    " (active)"
+                } else {
+                    ""
+                };
+                println!("{id:<34} {count:>10}  {configured}{active}");
+            }
         }
         #[cfg(feature = "bench")]
         Command::BenchSeed { tenants } => bench_seed(&settings, tenants).await?,
@@ -161,6 +208,7 @@ async fn bench_seed(settings: &Settings, tenants: usize) -> anyhow::Result<()> {
                     permissions,
                     warnings: Vec::new(),
                     verified_at: crate::store::now(),
+                    next_verify_at: crate::store::now() + time::Duration::hours(6),
                 };
                 store.save_connection(&connection, &Actor::Cli).await?;
                 anyhow::Ok(())

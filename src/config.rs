@@ -26,6 +26,7 @@ pub struct Settings {
     pub crypto: CryptoSettings,
     pub auth: AuthSettings,
     pub limits: LimitSettings,
+    pub reverify: ReverifySettings,
     pub accounting: AccountingSettings,
     pub dev: DevSettings,
     pub log: LogSettings,
@@ -103,6 +104,19 @@ pub struct AuthSettings {
 #[derive(Debug, Deserialize)]
 pub struct LimitSettings {
     pub connect_attempts_per_minute: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ReverifySettings {
+    pub enabled: bool,
+    pub interval_secs: u64,
+    pub jitter_secs: u64,
+    pub retry_secs: u64,
+    pub tick_ms: u64,
+    pub batch: u32,
+    pub concurrency: u32,
+    pub lease_secs: u64,
+    pub stripe_requests_per_second: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,6 +216,14 @@ impl Settings {
         }
         if self.limits.connect_attempts_per_minute == 0 {
             return invalid("limits.connect_attempts_per_minute must be at least 1");
+        }
+        let r = &self.reverify;
+        if r.batch == 0 || r.concurrency == 0 || r.stripe_requests_per_second == 0 || r.tick_ms == 0
+        {
+            return invalid("reverify.batch, concurrency, tick_ms and stripe_requests_per_second must be at least 1");
+        }
+        if r.stripe_requests_per_second < self.stripe.required_resources.len() as u32 {
+            return invalid("reverify.stripe_requests_per_second must allow one verification (one request per required resource)");
         }
         Ok(())
     }

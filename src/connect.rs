@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
+use time::OffsetDateTime;
 
 use crate::crypto::{Fingerprinter, Keyring, Purpose, SecretContext};
 use crate::domain::{
@@ -59,7 +61,43 @@ pub struct ConnectionService {
     fingerprinter: Fingerprinter,
     required: Vec<Resource>,
     probe_deadline: Duration,
+    schedule: VerifySchedule,
     limiter: DefaultKeyedRateLimiter<TenantId>,
+}
+
+/// What a key must prove and how often, from configuration.
+#[derive(Clone, Debug)]
+pub struct ConnectPolicy {
+    pub required: Vec<Resource>,
+    pub probe_deadline: Duration,
+    pub schedule: VerifySchedule,
+    pub connect_attempts_per_minute: NonZeroU32,
+}
+
+/// When a verified connection is next looked at again.
+#[derive(Clone, Copy, Debug)]
+pub struct VerifySchedule {
+    pub interval: Duration,
+    pub jitter: Duration,
+    pub retry: Duration,
+}
+
+impl VerifySchedule {
+    /// `interval` plus up to `jitter` either way, so connections verified together drift
+    /// apart instead of hitting Stripe in waves.
+    pub fn next_due(&self) -> OffsetDateTime {
+        let jitter = self.jitter.as_secs() as i64;
+        let spread = if jitter > 0 {
+            rand::thread_rng().gen_range(-jitter..=jitter)
+        } else {
+            0
+        };
+        crate::store::now() + self.interval + time::Duration::seconds(spread)
+    }
+
+    pub fn retry_due(&self) -> OffsetDateTime {
+        crate::store::now() + self.retry
+    }
 }
 
 /// The Stripe dashboard link that pre-fills a restricted key with exactly `required`.
@@ -82,18 +120,17 @@ impl ConnectionService {
         keyring: Arc<Keyring>,
         stripe: StripeClient,
         fingerprinter: Fingerprinter,
-        required: Vec<Resource>,
-        probe_deadline: Duration,
-        connect_attempts_per_minute: NonZeroU32,
+        policy: ConnectPolicy,
     ) -> Self {
         Self {
             store,
             keyring,
             stripe,
             fingerprinter,
-            required,
-            probe_deadline,
-            limiter: RateLimiter::keyed(Quota::per_minute(connect_attempts_per_minute)),
+            required: policy.required,
+            probe_deadline: policy.probe_deadline,
+            schedule: policy.schedule,
+            limiter: RateLimiter::keyed(Quota::per_minute(policy.connect_attempts_per_minute)),
         }
     }
 
@@ -170,6 +207,7 @@ impl ConnectionService {
             permissions: report,
             warnings,
             verified_at: crate::store::now(),
+            next_verify_at: self.schedule.next_due(),
         };
         match self.store.save_connection(&connection, actor).await {
             Err(StoreError::ModeChanged(mode)) => Err(ConnectError::ModeMismatch {
@@ -215,11 +253,13 @@ impl ConnectionService {
                     },
                     permissions: report,
                     verified_at: crate::store::now(),
+                    next_verify_at: self.schedule.next_due(),
                 },
                 Err(ProbeError::KeyRejected { .. }) => Verification {
                     status: ConnectionStatus::Revoked,
                     permissions: record.permissions.clone(),
                     verified_at: crate::store::now(),
+                    next_verify_at: self.schedule.next_due(),
                 },
                 Err(ProbeError::Inconclusive { resource, reason }) => {
                     return Err(ConnectError::StripeUnavailable(format!(
@@ -239,6 +279,34 @@ impl ConnectionService {
                 .find_connection(tenant)
                 .await?
                 .ok_or(ConnectError::NotConnected),
+        }
+    }
+}
+
+impl ConnectionService {
+    /// Background re-verification of one leased connection. An inconclusive probe leaves
+    /// the status alone and gives the lease back with a retry time.
+    pub async fn reverify_leased(&self, tenant: &TenantId, owner: &str) {
+        let actor = Actor::Reverifier(owner.to_owned());
+        let outcome = self.verify(tenant, &actor).await;
+        let label = match &outcome {
+            Ok(record) => record.status.as_str(),
+            Err(ConnectError::NotConnected) => "gone",
+            Err(ConnectError::StripeUnavailable(_)) => "inconclusive",
+            Err(_) => "error",
+        };
+        metrics::counter!("atlas_reverify_runs_total", "outcome" => label).increment(1);
+        if let Err(e) = outcome {
+            if !matches!(e, ConnectError::NotConnected) {
+                tracing::warn!(tenant_id = %tenant, error = %e, "re-verification postponed");
+            }
+            if let Err(e) = self
+                .store
+                .release_connection(tenant, owner, self.schedule.retry_due())
+                .await
+            {
+                tracing::error!(tenant_id = %tenant, error = %e, "could not release a re-verification lease");
+            }
         }
     }
 }

@@ -10,6 +10,8 @@ pub mod connect;
 pub mod crypto;
 pub mod domain;
 pub mod http;
+pub mod reverify;
+pub mod rotation;
 pub mod startup;
 pub mod store;
 pub mod stripe;

@@ -12,10 +12,11 @@ use tokio::task::JoinHandle;
 use crate::accounting::KeyFetchRecorder;
 use crate::auth::TenantTokens;
 use crate::config::{redact_url, Settings};
-use crate::connect::ConnectionService;
+use crate::connect::{ConnectPolicy, ConnectionService, VerifySchedule};
 use crate::crypto::Fingerprinter;
 use crate::domain::Resource;
 use crate::http::{self, AppState};
+use crate::reverify::Reverifier;
 use crate::store::{self, Store};
 use crate::stripe::{StripeClient, StripeClientConfig};
 
@@ -24,6 +25,7 @@ pub struct Application {
     router: axum::Router,
     shutdown_grace: Duration,
     background: Vec<JoinHandle<()>>,
+    stop_background: tokio::sync::watch::Sender<bool>,
 }
 
 /// Opens the configured store and applies its migrations.
@@ -68,14 +70,49 @@ impl Application {
             keyring.clone(),
             stripe,
             Fingerprinter::new(secrets.fingerprint_key),
-            required,
-            settings.stripe.probe_deadline(),
-            attempts,
+            ConnectPolicy {
+                required,
+                probe_deadline: settings.stripe.probe_deadline(),
+                schedule: VerifySchedule {
+                    interval: Duration::from_secs(settings.reverify.interval_secs),
+                    jitter: Duration::from_secs(settings.reverify.jitter_secs),
+                    retry: Duration::from_secs(settings.reverify.retry_secs),
+                },
+                connect_attempts_per_minute: attempts,
+            },
         );
+        let connections = Arc::new(connections);
+        // Connections verified before a resource became required are due now.
+        let marked = store
+            .mark_due_lacking(connections.required(), crate::store::now())
+            .await?;
+        if marked > 0 {
+            tracing::info!(
+                connections = marked,
+                "the required resources grew: re-verifying connections that lack one"
+            );
+        }
+        let listener = TcpListener::bind(&settings.server.bind)
+            .await
+            .with_context(|| format!("binding {}", settings.server.bind))?;
+
+        // Background work starts only once nothing else can fail.
+        crate::telemetry::metrics();
         let (key_fetches, accounting) = KeyFetchRecorder::spawn(
             store.clone(),
             Duration::from_millis(settings.accounting.flush_interval_ms),
         );
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut background = vec![accounting];
+        if settings.reverify.enabled {
+            let reverifier = Reverifier::new(
+                store.clone(),
+                connections.clone(),
+                settings.reverify.clone(),
+            );
+            tracing::info!(owner = reverifier.owner(), "background re-verification on");
+            background.push(reverifier.spawn(stop_rx));
+        }
         let state = AppState {
             key_fetches,
             store,
@@ -84,16 +121,14 @@ impl Application {
                 &secrets.tenant_token_secret,
                 settings.auth.tenant_token_leeway_secs,
             )),
-            connections: Arc::new(connections),
+            connections,
         };
-        let listener = TcpListener::bind(&settings.server.bind)
-            .await
-            .with_context(|| format!("binding {}", settings.server.bind))?;
         Ok(Self {
             listener,
             router: http::router(state, settings.server.body_limit_bytes),
             shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
-            background: vec![accounting],
+            background,
+            stop_background: stop_tx,
         })
     }
 
@@ -124,7 +159,9 @@ impl Application {
                 Ok(())
             }
         };
-        // The router (and with it every sender) is gone: background writers flush and end.
+        // The router (and with it every sender) is gone: background writers flush and end,
+        // and the re-verifier stops after the connection it is on.
+        let _ = self.stop_background.send(true);
         for task in self.background {
             if tokio::time::timeout(Duration::from_secs(10), task)
                 .await

@@ -73,10 +73,11 @@ async fn request_context(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().as_str().to_owned();
     let span = tracing::info_span!(
         "request",
         request_id = %id,
-        method = %req.method(),
+        method = %method,
         route = %route,
         tenant_id = tracing::field::Empty,
     );
@@ -87,10 +88,14 @@ async fn request_context(req: Request, next: Next) -> Response {
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    metrics::counter!("atlas_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status.to_string()).increment(1);
+    metrics::histogram!("atlas_http_request_duration_seconds", "route" => route, "method" => method).record(elapsed.as_secs_f64());
     span.in_scope(|| {
         tracing::info!(
-            status = response.status().as_u16(),
-            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
             "request finished"
         )
     });

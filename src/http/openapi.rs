@@ -27,6 +27,7 @@ use super::{integrations, internal, ops};
         internal::list_connections,
         ops::healthz,
         ops::readyz,
+        ops::metrics,
         openapi_json,
     ),
     components(schemas(ConnectionSummary, ErrorBody, ErrorDetail)),

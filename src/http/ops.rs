@@ -1,7 +1,8 @@
 //! Probes for orchestrators: open, and revealing nothing secret.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
@@ -13,6 +14,38 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+/// Prometheus text format. Gauges that live in the database (connections by status, sealed
+/// keys by master key: rewrap progress) are read at scrape time.
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    match state.store.count_connections_by_status().await {
+        Ok(counts) => {
+            for status in ["active", "needs_attention", "revoked"] {
+                let n = counts
+                    .iter()
+                    .find(|(s, _)| s == status)
+                    .map_or(0, |(_, n)| *n);
+                metrics::gauge!("atlas_connections", "status" => status).set(n as f64);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "metrics: could not count connections"),
+    }
+    match state.store.count_secrets_by_master_key().await {
+        Ok(counts) => {
+            for (master_key_id, n) in counts {
+                metrics::gauge!("atlas_sealed_keys", "master_key_id" => master_key_id)
+                    .set(n as f64);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "metrics: could not count sealed keys"),
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::metrics().render(),
+    )
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "The process serves")))]
@@ -28,16 +61,32 @@ pub async fn healthz() -> Json<Value> {
 ))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let database = state.store.check_ready().await;
-    let keyring = state.keyring.self_test().map_err(|e| e.to_string());
+    let keyring = match state.keyring.self_test() {
+        Err(e) => Err(e.to_string()),
+        Ok(()) => match crate::rotation::unknown_master_keys(&*state.store, &state.keyring).await {
+            Ok(unknown) if unknown.is_empty() => Ok(()),
+            Ok(unknown) => Err(format!(
+                "stored keys are sealed under master key {}, which the configuration lacks",
+                unknown.join(", ")
+            )),
+            // The database check reports an unreachable database.
+            Err(_) => Ok(()),
+        },
+    };
     let mut failed = Vec::new();
     let mut checks = serde_json::Map::new();
     for (name, result) in [("database", &database), ("keyring", &keyring)] {
         let verdict = match result {
-            Ok(()) => "ok",
+            Ok(()) => "ok".to_owned(),
             Err(detail) => {
                 tracing::warn!(check = name, detail = %detail, "readiness check failed");
                 failed.push(name);
-                "failed"
+                // Master-key ids are not secret and tell ops what to add back; database
+                // errors stay in the log.
+                match (name, detail.contains("master key")) {
+                    ("keyring", true) => format!("failed: {detail}"),
+                    _ => "failed".to_owned(),
+                }
             }
         };
         checks.insert(name.to_owned(), json!(verdict));

@@ -13,11 +13,14 @@ use async_trait::async_trait;
 pub use postgres::PgStore;
 pub use records::{
     now, Actor, AuditRecord, ConnectionRecord, FetchedKey, KeyFetch, KeyFetchTally, NewConnection,
-    NewServiceToken, SaveOutcome, ServiceTokenRecord, TenantRecord, TenantWrite, Verification,
+    NewServiceToken, RewrappedRow, SaveOutcome, SealedRow, ServiceTokenRecord, TenantRecord,
+    TenantWrite, Verification,
 };
 pub use sqlite::SqliteStore;
 
-use crate::domain::{ConnectionStatus, Mode, TenantId};
+use time::OffsetDateTime;
+
+use crate::domain::{ConnectionStatus, Mode, Resource, TenantId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -93,8 +96,9 @@ pub trait Store: Send + Sync + 'static {
         actor: &Actor,
     ) -> Result<SaveOutcome, StoreError>;
 
-    /// Records a re-verification of the key with `secret_id`; `None` when that key is no
-    /// longer the tenant's (replaced or disconnected meanwhile), so a stale result is dropped.
+    /// Records a re-verification of the key with `secret_id`, sets when it is next due and
+    /// releases any lease; `None` when that key is no longer the tenant's (replaced or
+    /// disconnected meanwhile), so a stale result is dropped.
     async fn record_verification(
         &self,
         tenant: &TenantId,
@@ -102,6 +106,50 @@ pub trait Store: Send + Sync + 'static {
         verification: &Verification,
         actor: &Actor,
     ) -> Result<Option<ConnectionRecord>, StoreError>;
+
+    /// Leases up to `limit` connections due for re-verification to `owner` until
+    /// `lease_until`; a connection leased by another live process is skipped.
+    async fn claim_due_connections(
+        &self,
+        owner: &str,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<TenantId>, StoreError>;
+
+    /// Gives a lease back, with the connection next due at `next_verify_at`.
+    async fn release_connection(
+        &self,
+        tenant: &TenantId,
+        owner: &str,
+        next_verify_at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Makes every connection whose report lacks one of `required` due now (the required
+    /// set grew). Returns how many.
+    async fn mark_due_lacking(
+        &self,
+        required: &[Resource],
+        now: OffsetDateTime,
+    ) -> Result<u64, StoreError>;
+
+    /// Connections per status, for metrics.
+    async fn count_connections_by_status(&self) -> Result<Vec<(String, i64)>, StoreError>;
+
+    /// Sealed secrets per master-key id (`keys status`, readiness, rewrap progress).
+    async fn count_secrets_by_master_key(&self) -> Result<Vec<(String, i64)>, StoreError>;
+
+    /// Up to `limit` sealed keys not under `active`, after `after` in secret-id order.
+    async fn secrets_to_rewrap(
+        &self,
+        active: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<SealedRow>, StoreError>;
+
+    /// Replaces wrapped data keys in one transaction; a row whose master key changed
+    /// meanwhile is left alone. Returns how many rows were rewritten.
+    async fn replace_wrapped_keys(&self, rows: &[RewrappedRow]) -> Result<u64, StoreError>;
 
     /// Deletes the connection and its sealed key; false when there was none.
     async fn delete_connection(&self, tenant: &TenantId, actor: &Actor)

@@ -43,4 +43,9 @@ impl HasDatabase for PgStore {
     type Db = sqlx::Postgres;
 }
 
-impl_store!(PgStore, Backend::Postgres, MIGRATOR);
+impl_store!(
+    PgStore,
+    Backend::Postgres,
+    MIGRATOR,
+    " FOR UPDATE SKIP LOCKED"
+);

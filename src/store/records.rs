@@ -17,6 +17,8 @@ use crate::domain::{
 pub enum Actor {
     Tenant(TenantId),
     ServiceToken(String),
+    /// Background re-verification in the process with this id.
+    Reverifier(String),
     Cli,
 }
 
@@ -25,6 +27,7 @@ impl Actor {
         match self {
             Self::Tenant(id) => format!("tenant:{id}"),
             Self::ServiceToken(id) => format!("service_token:{id}"),
+            Self::Reverifier(process) => format!("reverifier:{process}"),
             Self::Cli => "cli".to_owned(),
         }
     }
@@ -76,6 +79,8 @@ pub struct NewConnection {
     pub permissions: PermissionReport,
     pub warnings: Vec<Warning>,
     pub verified_at: OffsetDateTime,
+    /// When background re-verification should next look at it.
+    pub next_verify_at: OffsetDateTime,
 }
 
 #[derive(Clone, Debug)]
@@ -119,6 +124,51 @@ pub struct Verification {
     pub status: ConnectionStatus,
     pub permissions: PermissionReport,
     pub verified_at: OffsetDateTime,
+    pub next_verify_at: OffsetDateTime,
+}
+
+/// A sealed key with what its associated data names, for rewrapping.
+#[derive(Clone, Debug)]
+pub struct SealedRow {
+    pub context: SecretContext,
+    pub sealed: SealedSecret,
+}
+
+/// A rewrapped data key, replacing the one sealed under `previous_master_key_id`.
+#[derive(Clone, Debug)]
+pub struct RewrappedRow {
+    pub secret_id: String,
+    pub previous_master_key_id: String,
+    pub sealed: SealedSecret,
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct SealedRowRaw {
+    tenant_id: String,
+    mode: String,
+    api_key_secret_id: String,
+    master_key_id: String,
+    wrapped_key: Vec<u8>,
+    ciphertext: Vec<u8>,
+}
+
+impl TryFrom<SealedRowRaw> for SealedRow {
+    type Error = StoreError;
+    fn try_from(row: SealedRowRaw) -> Result<Self, StoreError> {
+        Ok(Self {
+            context: SecretContext {
+                secret_id: row.api_key_secret_id,
+                tenant_id: TenantId::parse(&row.tenant_id).map_err(|_| corrupt("tenant_id"))?,
+                mode: Mode::parse(&row.mode).map_err(|_| corrupt("mode"))?,
+                purpose: Purpose::StripeApiKey,
+            },
+            sealed: SealedSecret {
+                master_key_id: row.master_key_id,
+                wrapped_key: row.wrapped_key,
+                ciphertext: row.ciphertext,
+            },
+        })
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -37,7 +37,7 @@ pub(super) const ADD_KEY_FETCHES: &str = "INSERT INTO key_fetches \
     THEN excluded.last_fetched_at ELSE key_fetches.last_fetched_at END";
 
 macro_rules! impl_store {
-    ($store:ty, $backend:expr, $migrator:expr) => {
+    ($store:ty, $backend:expr, $migrator:expr, $skip_locked:literal) => {
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             fn backend(&self) -> $crate::store::Backend {
@@ -255,13 +255,15 @@ macro_rules! impl_store {
                     "UPDATE stripe_connections SET api_key_secret_id = $3, status = $4, mode = $5, \
                      key_type = $6, key_last4 = $7, key_fingerprint = $8, permissions = $9, \
                      warnings = $10, verified_at = $11, connected_at = $12, updated_at = $12, \
-                     master_key_id = $13, wrapped_key = $14, ciphertext = $15 \
+                     master_key_id = $13, wrapped_key = $14, ciphertext = $15, next_verify_at = $16, \
+                     lease_owner = NULL, lease_until = NULL \
                      WHERE tenant_id = $1 AND connection_id = $2"
                 } else {
                     "INSERT INTO stripe_connections (tenant_id, connection_id, api_key_secret_id, \
                      status, mode, key_type, key_last4, key_fingerprint, permissions, warnings, \
-                     verified_at, connected_at, updated_at, master_key_id, wrapped_key, ciphertext) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15)"
+                     verified_at, connected_at, updated_at, master_key_id, wrapped_key, ciphertext, \
+                     next_verify_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15, $16)"
                 };
                 sqlx::query(statement)
                     .bind(tenant)
@@ -279,6 +281,7 @@ macro_rules! impl_store {
                     .bind(&new.sealed.master_key_id)
                     .bind(&new.sealed.wrapped_key)
                     .bind(&new.sealed.ciphertext)
+                    .bind(new.next_verify_at)
                     .execute(&mut *tx)
                     .await?;
                 let same_key = previous.as_ref().map(|(_, fp)| *fp == new.key_fingerprint);
@@ -323,7 +326,8 @@ macro_rules! impl_store {
                 let mut tx = self.pool.begin().await?;
                 let previous: Option<String> = sqlx::query_scalar(
                     "UPDATE stripe_connections SET status = $3, permissions = $4, verified_at = $5, \
-                     updated_at = $6 WHERE tenant_id = $1 AND api_key_secret_id = $2 \
+                     updated_at = $6, next_verify_at = $7, lease_owner = NULL, lease_until = NULL \
+                     WHERE tenant_id = $1 AND api_key_secret_id = $2 \
                      RETURNING connection_id",
                 )
                 .bind(tenant.as_str())
@@ -332,6 +336,7 @@ macro_rules! impl_store {
                 .bind($crate::store::records::permissions_to_text(&verification.permissions))
                 .bind(verification.verified_at)
                 .bind(now)
+                .bind(verification.next_verify_at)
                 .fetch_optional(&mut *tx)
                 .await?;
                 let Some(connection_id) = previous else {
@@ -385,6 +390,130 @@ macro_rules! impl_store {
                     .fetch_all(&self.pool)
                     .await?;
                 rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn claim_due_connections(
+                &self,
+                owner: &str,
+                now: time::OffsetDateTime,
+                lease_until: time::OffsetDateTime,
+                limit: i64,
+            ) -> Result<Vec<$crate::domain::TenantId>, $crate::store::StoreError> {
+                let claimed: Vec<String> = sqlx::query_scalar(concat!(
+                    "UPDATE stripe_connections SET lease_owner = $1, lease_until = $2 \
+                     WHERE tenant_id IN (SELECT tenant_id FROM stripe_connections \
+                     WHERE status <> 'revoked' AND next_verify_at <= $3 \
+                     AND (lease_until IS NULL OR lease_until < $3) \
+                     ORDER BY next_verify_at LIMIT $4",
+                    $skip_locked,
+                    ") RETURNING tenant_id"
+                ))
+                .bind(owner)
+                .bind(lease_until)
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                claimed
+                    .iter()
+                    .map(|t| $crate::domain::TenantId::parse(t).map_err(|_| $crate::store::StoreError::Corrupt("tenant_id".into())))
+                    .collect()
+            }
+
+            async fn release_connection(
+                &self,
+                tenant: &$crate::domain::TenantId,
+                owner: &str,
+                next_verify_at: time::OffsetDateTime,
+            ) -> Result<(), $crate::store::StoreError> {
+                sqlx::query(
+                    "UPDATE stripe_connections SET lease_owner = NULL, lease_until = NULL, \
+                     next_verify_at = $3 WHERE tenant_id = $1 AND lease_owner = $2",
+                )
+                .bind(tenant.as_str())
+                .bind(owner)
+                .bind(next_verify_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn mark_due_lacking(
+                &self,
+                required: &[$crate::domain::Resource],
+                now: time::OffsetDateTime,
+            ) -> Result<u64, $crate::store::StoreError> {
+                // The report is JSON text in both dialects; a required name absent from it
+                // means that resource was never probed for this key.
+                let mut marked = 0;
+                for resource in required {
+                    marked += sqlx::query(
+                        "UPDATE stripe_connections SET next_verify_at = $1 \
+                         WHERE status <> 'revoked' AND next_verify_at > $1 AND permissions NOT LIKE $2",
+                    )
+                    .bind(now)
+                    .bind(format!("%\"{}\"%", resource.as_str()))
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                }
+                Ok(marked)
+            }
+
+            async fn count_connections_by_status(&self) -> Result<Vec<(String, i64)>, $crate::store::StoreError> {
+                Ok(sqlx::query_as("SELECT status, COUNT(*) FROM stripe_connections GROUP BY status ORDER BY status")
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            async fn count_secrets_by_master_key(&self) -> Result<Vec<(String, i64)>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(
+                    "SELECT master_key_id, COUNT(*) FROM stripe_connections GROUP BY master_key_id ORDER BY master_key_id",
+                )
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn secrets_to_rewrap(
+                &self,
+                active: &str,
+                after: &str,
+                limit: i64,
+            ) -> Result<Vec<$crate::store::SealedRow>, $crate::store::StoreError> {
+                let rows: Vec<$crate::store::records::SealedRowRaw> = sqlx::query_as(
+                    "SELECT tenant_id, mode, api_key_secret_id, master_key_id, wrapped_key, ciphertext \
+                     FROM stripe_connections WHERE master_key_id <> $1 AND api_key_secret_id > $2 \
+                     ORDER BY api_key_secret_id LIMIT $3",
+                )
+                .bind(active)
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn replace_wrapped_keys(
+                &self,
+                rows: &[$crate::store::RewrappedRow],
+            ) -> Result<u64, $crate::store::StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let mut replaced = 0;
+                for row in rows {
+                    replaced += sqlx::query(
+                        "UPDATE stripe_connections SET master_key_id = $3, wrapped_key = $4 \
+                         WHERE api_key_secret_id = $1 AND master_key_id = $2",
+                    )
+                    .bind(&row.secret_id)
+                    .bind(&row.previous_master_key_id)
+                    .bind(&row.sealed.master_key_id)
+                    .bind(&row.sealed.wrapped_key)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                }
+                tx.commit().await?;
+                Ok(replaced)
             }
 
             async fn fetch_key(

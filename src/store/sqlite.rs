@@ -51,4 +51,5 @@ impl HasDatabase for SqliteStore {
     type Db = sqlx::Sqlite;
 }
 
-impl_store!(SqliteStore, Backend::Sqlite, MIGRATOR);
+// SQLite runs one writer at a time, so the claim needs no row locks to be exclusive.
+impl_store!(SqliteStore, Backend::Sqlite, MIGRATOR, "");

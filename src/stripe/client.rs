@@ -28,6 +28,8 @@ impl StripeMethod {
 #[derive(Clone, Debug)]
 pub struct StripeRequest {
     pub method: StripeMethod,
+    /// The path template, for metrics and logs (`/v1/customers/{id}`).
+    pub endpoint: &'static str,
     pub path: String,
     pub form: Vec<(String, String)>,
     /// Required on every creating POST, so a retry never creates a second object.
@@ -186,6 +188,24 @@ impl StripeClient {
             _ if encoded.is_empty() => builder,
             _ => builder.query(&request.form),
         };
+        let started = std::time::Instant::now();
+        let attempt = self.send_once(builder).await;
+        let outcome = match &attempt {
+            Attempt::Done(reply) => reply.status.to_string(),
+            Attempt::Retry(f) | Attempt::Final(f) => match f {
+                StripeFailure::Timeout => "timeout".into(),
+                StripeFailure::Transport => "transport".into(),
+                StripeFailure::Status(s) => s.to_string(),
+                StripeFailure::UnexpectedBody(s) => format!("{s}_unexpected_body"),
+            },
+        };
+        metrics::counter!("atlas_stripe_requests_total", "endpoint" => request.endpoint, "outcome" => outcome.clone()).increment(1);
+        metrics::histogram!("atlas_stripe_request_duration_seconds", "endpoint" => request.endpoint).record(started.elapsed().as_secs_f64());
+        tracing::debug!(method = request.method.as_str(), endpoint = request.endpoint, %outcome, "Stripe answered");
+        attempt
+    }
+
+    async fn send_once(&self, builder: reqwest::RequestBuilder) -> Attempt {
         let response = match builder.send().await {
             Ok(response) => response,
             Err(e) if e.is_timeout() => return Attempt::Retry(StripeFailure::Timeout),
@@ -208,7 +228,6 @@ impl StripeClient {
             Err(e) if e.is_timeout() => return Attempt::Retry(StripeFailure::Timeout),
             Err(_) => return Attempt::Retry(StripeFailure::Transport),
         };
-        tracing::debug!(method = request.method.as_str(), status, "Stripe answered");
         classify(status, should_retry, &bytes)
     }
 }

@@ -25,6 +25,13 @@ pub enum ProbeError {
 
 /// The side-effect-free request that proves write access to `resource`.
 pub fn probe_request(resource: Resource) -> StripeRequest {
+    let endpoint = match resource {
+        Resource::Customers => "/v1/customers/{customer}",
+        Resource::CheckoutSessions => "/v1/checkout/sessions/{session}/expire",
+        Resource::Coupons => "/v1/coupons/{coupon}",
+        Resource::Invoices => "/v1/invoices/{invoice}",
+        Resource::WebhookEndpoints => "/v1/webhook_endpoints/{webhook_endpoint}",
+    };
     let path = match resource {
         Resource::Customers => format!("/v1/customers/{}", random_id("cus_atlasprobe", 16)),
         Resource::CheckoutSessions => {
@@ -41,6 +48,7 @@ pub fn probe_request(resource: Resource) -> StripeRequest {
     };
     StripeRequest {
         method: StripeMethod::Post,
+        endpoint,
         path,
         form: Vec::new(),
         idempotency_key: None,
@@ -78,6 +86,13 @@ pub async fn probe_write_access(
             Ok(reply) => judge(&reply),
             Err(failure) => Verdict::Inconclusive(failure.to_string()),
         };
+        let result = match &verdict {
+            Verdict::Access(Access::Granted) => "granted",
+            Verdict::Access(Access::Missing) => "missing",
+            Verdict::Rejected { .. } => "key_rejected",
+            Verdict::Inconclusive(_) => "inconclusive",
+        };
+        metrics::counter!("atlas_probe_results_total", "resource" => resource.as_str(), "result" => result).increment(1);
         (resource, verdict)
     });
     let Ok(verdicts) = tokio::time::timeout(deadline, join_all(probes)).await else {

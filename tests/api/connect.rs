@@ -548,11 +548,7 @@ async fn concurrent_connects_leave_one_consistent_connection(backend: Backend) {
         1
     );
     // The stored last4 and the sealed key belong to the same paste.
-    let keyring = atlas_stripe::crypto::Keyring::from_config(
-        &secrecy::SecretString::from(app.secrets.master_keys.clone()),
-        &app.secrets.active_key_id,
-    )
-    .unwrap();
+    let keyring = app.keyring();
     let plaintext = keyring
         .open(&record.secret_context(), &record.sealed)
         .unwrap();

@@ -181,6 +181,8 @@ pub fn test_overrides<'a>(
             secrets.tenant_token_secret.as_str(),
         ),
         ("dev.generate_secrets", "false"),
+        // Background re-verification probes Stripe on its own; tests that want it turn it on.
+        ("reverify.enabled", "false"),
     ]
 }
 
@@ -240,7 +242,24 @@ impl TestApp {
     /// A second server on the same database and secrets, as a second process would be:
     /// nothing in memory is shared.
     pub async fn twin(&self) -> TestApp {
-        start(self.db.clone(), self.secrets.clone(), self.extra.clone()).await
+        self.twin_with(&[]).await
+    }
+
+    /// A second server on the same database with some settings changed (a restart with a
+    /// new configuration, or another process configured differently).
+    pub async fn twin_with(&self, changes: &[(&str, &str)]) -> TestApp {
+        let mut extra = self.extra.clone();
+        extra.extend(changes.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        start(self.db.clone(), self.secrets.clone(), extra).await
+    }
+
+    /// The keyring the app seals with.
+    pub fn keyring(&self) -> atlas_stripe::crypto::Keyring {
+        atlas_stripe::crypto::Keyring::from_config(
+            &SecretString::from(self.secrets.master_keys.clone()),
+            &self.secrets.active_key_id,
+        )
+        .expect("test keyring")
     }
 
     /// Stops the server gracefully and waits until it has finished (flushes included).

@@ -8,6 +8,7 @@ mod stripe_mock;
 mod auth;
 mod connect;
 mod keys;
+mod lifecycle;
 mod ops;
 mod secrets;
 mod store;

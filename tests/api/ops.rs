@@ -96,6 +96,7 @@ async fn the_openapi_description_matches_the_routes() {
             "GET /healthz",
             "GET /internal/v1/connections",
             "GET /internal/v1/tenants/{tenant_id}/stripe/key",
+            "GET /metrics",
             "GET /openapi.json",
             "GET /readyz",
             "GET /v1/tenants/{tenant_id}/stripe/connection",

@@ -155,6 +155,37 @@ async fn a_canary_key_leaks_nowhere(backend: Backend) {
         assert!(response.status().is_success(), "{}", response.status());
         bodies.push(response.text().await.unwrap());
     }
+    // A charging service fetches it (the one place it leaves in the clear, by design)...
+    let token = app
+        .service_token(&[atlas_stripe::auth::Scope::KeysRead])
+        .await;
+    let fetched = app
+        .http
+        .get(app.url(&format!("/internal/v1/tenants/{tenant}/stripe/key")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fetched.status(), 200);
+    assert!(fetched.text().await.unwrap().contains(&canary));
+    // ...and a master-key rotation re-wraps it.
+    let k2 = atlas_stripe::crypto::Keyring::generate_entry(
+        &atlas_stripe::crypto::MasterKeyId::parse("k2").unwrap(),
+    );
+    let rotated = atlas_stripe::crypto::Keyring::from_config(
+        &secrecy::SecretString::from(format!(
+            "{},{}",
+            app.secrets.master_keys,
+            secrecy::ExposeSecret::expose_secret(&k2)
+        )),
+        "k2",
+    )
+    .unwrap();
+    let report = atlas_stripe::rotation::rewrap_all(&*app.store, &rotated, 10, None)
+        .await
+        .unwrap();
+    assert_eq!(report.rewrapped, 1);
+
     // The key did travel: Stripe saw it.
     let sent = app.stripe_requests().await;
     assert!(sent.iter().any(|r| r.headers["authorization"]

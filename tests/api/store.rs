@@ -15,7 +15,12 @@ use atlas_stripe::store::{
 use crate::backend_tests;
 use crate::helpers::{Backend, TestDatabase};
 
-backend_tests!(tenant_story, service_token_story, connection_story);
+backend_tests!(
+    tenant_story,
+    service_token_story,
+    connection_story,
+    leases_story
+);
 
 async fn store(backend: Backend) -> (TestDatabase, std::sync::Arc<dyn Store>) {
     let db = TestDatabase::new(backend).await;
@@ -161,6 +166,7 @@ fn new_connection(tenant_id: &str, mode: Mode, secret_id: &str) -> NewConnection
         permissions: report(&[]),
         warnings: vec![Warning::SecretKeyFullAccess],
         verified_at: time::OffsetDateTime::now_utc(),
+        next_verify_at: time::OffsetDateTime::now_utc(),
     }
 }
 
@@ -219,6 +225,7 @@ async fn connection_story(backend: Backend) {
         status: ConnectionStatus::NeedsAttention,
         permissions: report(&[Resource::Coupons]),
         verified_at: time::OffsetDateTime::now_utc(),
+        next_verify_at: time::OffsetDateTime::now_utc(),
     };
     assert!(store
         .record_verification(&t, "sec_1", &verification, &Actor::Cli)
@@ -269,4 +276,77 @@ async fn connection_story(backend: Backend) {
             "connection.deleted"
         ]
     );
+}
+
+/// Due connections are leased to one claimer at a time; a lease expires; a release
+/// reschedules; revoked connections are never claimed.
+async fn leases_story(backend: Backend) {
+    let (_db, store) = store(backend).await;
+    let now = time::OffsetDateTime::now_utc();
+    for i in 0..10 {
+        let id = format!("ten_{i}");
+        store
+            .upsert_tenant(&tenant(&id), Mode::Test, &Actor::Cli)
+            .await
+            .unwrap();
+        let mut connection = new_connection(&id, Mode::Test, &format!("sec_{i}"));
+        connection.next_verify_at = now - time::Duration::minutes(1);
+        if i == 9 {
+            connection.status = ConnectionStatus::Revoked;
+        }
+        store
+            .save_connection(&connection, &Actor::Cli)
+            .await
+            .unwrap();
+    }
+    let lease = now + time::Duration::minutes(2);
+    // Two claimers at once, each asking for everything: disjoint, together all nine.
+    let (a, b) = tokio::join!(
+        store.claim_due_connections("proc_a", now, lease, 10),
+        store.claim_due_connections("proc_b", now, lease, 10),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let mut all: Vec<TenantId> = a.iter().chain(b.iter()).cloned().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        a.len() + b.len(),
+        "a connection was claimed twice: {a:?} {b:?}"
+    );
+    assert_eq!(
+        all.len(),
+        9,
+        "every due, unrevoked connection is claimed once"
+    );
+    // Leased: nobody else gets them until the lease expires.
+    assert!(store
+        .claim_due_connections("proc_c", now, lease, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let later = lease + time::Duration::seconds(1);
+    let c = store
+        .claim_due_connections("proc_c", later, later + time::Duration::minutes(2), 3)
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 3, "expired leases are claimable again");
+    // Only the holder can release: proc_a's release of proc_c's lease changes nothing.
+    store
+        .release_connection(&c[1], "proc_a", later + time::Duration::hours(6))
+        .await
+        .unwrap();
+    // The holder's release reschedules it six hours out.
+    store
+        .release_connection(&c[0], "proc_c", later + time::Duration::hours(6))
+        .await
+        .unwrap();
+    let far = later + time::Duration::minutes(5);
+    let claimed = store
+        .claim_due_connections("proc_d", far, far + time::Duration::minutes(2), 10)
+        .await
+        .unwrap();
+    assert!(!claimed.contains(&c[0]));
+    assert!(claimed.contains(&c[1]));
+    assert_eq!(claimed.len(), 8);
 }

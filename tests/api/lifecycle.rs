@@ -1,0 +1,293 @@
+//! Keeping connections healthy: background re-verification, growth of the required set,
+//! master-key rotation, readiness and metrics.
+
+use std::time::Duration;
+
+use atlas_stripe::auth::Scope;
+use atlas_stripe::crypto::{Keyring, MasterKeyId};
+use atlas_stripe::domain::{Mode, Resource, TenantId};
+use reqwest::Method;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::backend_tests;
+use crate::helpers::{assert_error, json, spawn_app_with, Backend, TestApp};
+use crate::stripe_mock::{answer_all, grant_all_but, key, Answer};
+
+backend_tests!(
+    background_reverification_moves_every_status,
+    a_grown_required_set_flags_connections_at_their_next_verification,
+    rewrap_survives_a_crash_and_loses_nothing,
+    readiness_names_a_missing_master_key,
+    metrics_expose_the_named_series,
+);
+
+/// Re-verification that considers everything due all the time.
+const EAGER: [(&str, &str); 5] = [
+    ("reverify.enabled", "true"),
+    ("reverify.interval_secs", "0"),
+    ("reverify.jitter_secs", "0"),
+    ("reverify.retry_secs", "0"),
+    ("reverify.tick_ms", "30"),
+];
+
+async fn status(app: &TestApp) -> serde_json::Value {
+    json(app.tenant_request(Method::GET, "ten_1", "").await).await
+}
+
+async fn wait_for_status(app: &TestApp, wanted: &str) -> serde_json::Value {
+    for _ in 0..200 {
+        let summary = status(app).await;
+        if summary["status"] == wanted {
+            return summary;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("status never became {wanted}: {}", status(app).await);
+}
+
+async fn background_reverification_moves_every_status(backend: Backend) {
+    let app = spawn_app_with(backend, &EAGER).await;
+    app.create_tenant("ten_1", Mode::Test).await;
+    answer_all(&app.stripe, Answer::Granted).await;
+    assert_eq!(
+        app.connect("ten_1", &key("rk_test_", "Bgv1"))
+            .await
+            .status(),
+        201
+    );
+
+    app.stripe.reset().await;
+    grant_all_but(&app.stripe, &[Resource::Coupons]).await;
+    let summary = wait_for_status(&app, "needs_attention").await;
+    assert_eq!(summary["permissions"]["coupons"], "missing");
+
+    // Stripe down: nothing changes, however often it is tried.
+    app.stripe.reset().await;
+    answer_all(&app.stripe, Answer::ServerError { should_retry: None }).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        app.stripe.received_requests().await.unwrap().len() >= 5,
+        "it did try"
+    );
+    assert_eq!(status(&app).await["status"], "needs_attention");
+
+    app.stripe.reset().await;
+    answer_all(&app.stripe, Answer::Granted).await;
+    wait_for_status(&app, "active").await;
+
+    app.stripe.reset().await;
+    answer_all(&app.stripe, Answer::ExpiredKey).await;
+    wait_for_status(&app, "revoked").await;
+    // A revoked key is not probed again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.stripe.reset().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(app.stripe.received_requests().await.unwrap().is_empty());
+
+    let trail = app
+        .store
+        .audit_trail(Some(&TenantId::parse("ten_1").unwrap()))
+        .await
+        .unwrap();
+    let reverifications: Vec<&str> = trail
+        .iter()
+        .filter(|a| a.action == "connection.verified" && a.actor.starts_with("reverifier:proc_"))
+        .map(|a| a.detail["status"].as_str().unwrap())
+        .collect();
+    assert!(
+        reverifications.contains(&"needs_attention") && reverifications.contains(&"revoked"),
+        "{reverifications:?}"
+    );
+    app.stripe_requests().await;
+}
+
+async fn a_grown_required_set_flags_connections_at_their_next_verification(backend: Backend) {
+    let app = spawn_app_with(
+        backend,
+        &[("stripe.required_resources", "customers,coupons")],
+    )
+    .await;
+    app.create_tenant("ten_1", Mode::Test).await;
+    grant_all_but(&app.stripe, &[Resource::Invoices]).await;
+    assert_eq!(
+        app.connect("ten_1", &key("rk_test_", "Grow"))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(status(&app).await["status"], "active");
+
+    // A restart that requires every resource, with the usual six-hour interval: the
+    // connection is due at once because its report lacks the new resources.
+    let restarted = app
+        .twin_with(&[
+            (
+                "stripe.required_resources",
+                "customers,checkout_sessions,coupons,invoices,webhook_endpoints",
+            ),
+            ("reverify.enabled", "true"),
+            ("reverify.tick_ms", "30"),
+        ])
+        .await;
+    grant_all_but(&restarted.stripe, &[Resource::Invoices]).await;
+    let summary = wait_for_status(&restarted, "needs_attention").await;
+    assert_eq!(summary["permissions"]["invoices"], "missing");
+    assert_eq!(summary["permissions"]["webhook_endpoints"], "granted");
+}
+
+fn rotated(app: &TestApp) -> (String, Keyring) {
+    let k2 = Keyring::generate_entry(&MasterKeyId::parse("k2").unwrap());
+    let both = format!("{},{}", app.secrets.master_keys, k2.expose_secret());
+    let keyring = Keyring::from_config(&SecretString::from(both.clone()), "k2").unwrap();
+    (both, keyring)
+}
+
+async fn rewrap_survives_a_crash_and_loses_nothing(backend: Backend) {
+    let app = spawn_app_with(backend, &[("limits.connect_attempts_per_minute", "1000")]).await;
+    answer_all(&app.stripe, Answer::Granted).await;
+    let mut keys = Vec::new();
+    for i in 0..10 {
+        let tenant = format!("ten_{i}");
+        app.create_tenant(&tenant, Mode::Test).await;
+        let api_key = key("rk_test_", &format!("Rw{i:02}"));
+        assert_eq!(app.connect(&tenant, &api_key).await.status(), 201);
+        keys.push((tenant, api_key));
+    }
+    let (both, keyring) = rotated(&app);
+    // "Crash" after two batches of three: committed batches stay, the rest is untouched.
+    let partial = atlas_stripe::rotation::rewrap_all(&*app.store, &keyring, 3, Some(2))
+        .await
+        .unwrap();
+    assert_eq!((partial.rewrapped, partial.batches), (6, 2));
+    let mut counts = app.store.count_secrets_by_master_key().await.unwrap();
+    counts.sort();
+    assert_eq!(counts, [("k2".to_owned(), 6), ("test1".to_owned(), 4)]);
+    // The service keeps serving every key meanwhile, with both master keys configured.
+    let serving = app
+        .twin_with(&[
+            ("crypto.master_keys", &both),
+            ("crypto.active_key_id", "k2"),
+        ])
+        .await;
+    let token = serving.service_token(&[Scope::KeysRead]).await;
+    for (tenant, api_key) in &keys {
+        let body = json(
+            serving
+                .http
+                .get(serving.url(&format!("/internal/v1/tenants/{tenant}/stripe/key")))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(&body["api_key"], api_key.as_str());
+    }
+    // The rerun finishes the job.
+    let rest = atlas_stripe::rotation::rewrap_all(&*app.store, &keyring, 3, None)
+        .await
+        .unwrap();
+    assert_eq!(rest.rewrapped, 4);
+    assert!(rest.failed.is_empty());
+    assert_eq!(
+        app.store.count_secrets_by_master_key().await.unwrap(),
+        [("k2".to_owned(), 10)]
+    );
+    // The old master key can now be dropped: every key opens with k2 alone.
+    let k2_only = both
+        .split(',')
+        .find(|e| e.starts_with("k2:"))
+        .unwrap()
+        .to_owned();
+    let after = app
+        .twin_with(&[
+            ("crypto.master_keys", &k2_only),
+            ("crypto.active_key_id", "k2"),
+        ])
+        .await;
+    assert_eq!(
+        after
+            .http
+            .get(after.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let token = after.service_token(&[Scope::KeysRead]).await;
+    for (tenant, api_key) in &keys {
+        let body = json(
+            after
+                .http
+                .get(after.url(&format!("/internal/v1/tenants/{tenant}/stripe/key")))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(&body["api_key"], api_key.as_str());
+    }
+}
+
+async fn readiness_names_a_missing_master_key(backend: Backend) {
+    let app = spawn_app_with(backend, &[]).await;
+    app.create_tenant("ten_1", Mode::Test).await;
+    answer_all(&app.stripe, Answer::Granted).await;
+    assert_eq!(
+        app.connect("ten_1", &key("rk_test_", "Mkey"))
+            .await
+            .status(),
+        201
+    );
+    let other = Keyring::generate_entry(&MasterKeyId::parse("k9").unwrap());
+    let misconfigured = app
+        .twin_with(&[
+            ("crypto.master_keys", other.expose_secret()),
+            ("crypto.active_key_id", "k9"),
+        ])
+        .await;
+    let body = assert_error(
+        misconfigured
+            .http
+            .get(misconfigured.url("/readyz"))
+            .send()
+            .await
+            .unwrap(),
+        503,
+        "not_ready",
+    )
+    .await;
+    let keyring_check = body["error"]["checks"]["keyring"].as_str().unwrap();
+    assert!(keyring_check.contains("test1"), "{keyring_check}");
+    assert_eq!(body["error"]["checks"]["database"], "ok");
+}
+
+async fn metrics_expose_the_named_series(backend: Backend) {
+    let app = spawn_app_with(backend, &[]).await;
+    app.create_tenant("ten_1", Mode::Test).await;
+    grant_all_but(&app.stripe, &[Resource::Coupons]).await;
+    app.connect("ten_1", &key("rk_test_", "Met1")).await;
+    app.stripe.reset().await;
+    answer_all(&app.stripe, Answer::Granted).await;
+    app.connect("ten_1", &key("rk_test_", "Met2")).await;
+    let response = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    for series in [
+        r#"atlas_http_requests_total{route="/v1/tenants/{tenant_id}/stripe/connection",method="POST",status="201"}"#,
+        r#"atlas_http_request_duration_seconds_bucket{route="/v1/tenants/{tenant_id}/stripe/connection",method="POST",le="0.1"}"#,
+        r#"atlas_stripe_requests_total{endpoint="/v1/coupons/{coupon}",outcome="403"}"#,
+        r#"atlas_probe_results_total{resource="coupons",result="missing"}"#,
+        r#"atlas_probe_results_total{resource="invoices",result="granted"}"#,
+        r#"atlas_connections{status="active"} 1"#,
+        r#"atlas_sealed_keys{master_key_id="test1"} 1"#,
+    ] {
+        assert!(text.contains(series), "missing {series} in:\n{text}");
+    }
+    assert!(
+        !text.contains("ten_1"),
+        "tenant ids stay out of metric labels"
+    );
+}
