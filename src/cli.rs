@@ -197,6 +197,8 @@ async fn bench_seed(settings: &Settings, tenants: usize) -> anyhow::Result<()> {
                     purpose: Purpose::StripeApiKey,
                 };
                 let connection = NewConnection {
+                    connection_id: random_id("con_", 20),
+                    webhook: crate::store::WebhookChange::Keep,
                     tenant_id: tenant,
                     mode: Mode::Test,
                     key_type: KeyKind::Restricted,

@@ -16,7 +16,7 @@ use crate::crypto::{Keyring, MasterKeyId};
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 const ENV_PREFIX: &str = "ATLAS_STRIPE";
 /// Settings that are lists; given as one string (variable or override) they split on ','.
-const LIST_KEYS: [&str; 1] = ["stripe.required_resources"];
+const LIST_KEYS: [&str; 2] = ["stripe.required_resources", "webhooks.enabled_events"];
 
 #[derive(Debug, Deserialize)]
 pub struct Settings {
@@ -27,6 +27,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub limits: LimitSettings,
     pub reverify: ReverifySettings,
+    pub webhooks: WebhookSettings,
     pub accounting: AccountingSettings,
     pub dev: DevSettings,
     pub log: LogSettings,
@@ -119,6 +120,14 @@ pub struct ReverifySettings {
     pub stripe_requests_per_second: u32,
 }
 
+#[derive(Clone, Debug, Deserialize)]
+pub struct WebhookSettings {
+    pub public_base_url: String,
+    pub enabled_events: Vec<String>,
+    pub tolerance_secs: i64,
+    pub body_limit_bytes: usize,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct AccountingSettings {
     pub flush_interval_ms: u64,
@@ -186,7 +195,8 @@ impl Settings {
                 .prefix_separator("__")
                 .separator("__")
                 .list_separator(",")
-                .with_list_parse_key(LIST_KEYS[0]),
+                .with_list_parse_key(LIST_KEYS[0])
+                .with_list_parse_key(LIST_KEYS[1]),
         );
         for (key, value) in overrides {
             builder = if LIST_KEYS.contains(key) {
@@ -216,6 +226,17 @@ impl Settings {
         }
         if self.limits.connect_attempts_per_minute == 0 {
             return invalid("limits.connect_attempts_per_minute must be at least 1");
+        }
+        let base = self.webhooks.public_base_url.trim_end_matches('/');
+        if !(base.starts_with("https://") || base.starts_with("http://"))
+            || base.contains(['?', '#'])
+        {
+            return invalid(
+                "webhooks.public_base_url must be an http(s) URL without query or fragment",
+            );
+        }
+        if self.webhooks.enabled_events.is_empty() {
+            return invalid("webhooks.enabled_events lists no event");
         }
         let r = &self.reverify;
         if r.batch == 0 || r.concurrency == 0 || r.stripe_requests_per_second == 0 || r.tick_ms == 0

@@ -10,15 +10,17 @@ use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 use time::OffsetDateTime;
 
+use crate::config::WebhookSettings;
 use crate::crypto::{Fingerprinter, Keyring, Purpose, SecretContext};
 use crate::domain::{
     random_id, ConnectionStatus, KeyFormatError, KeyKind, Mode, Resource, StripeKey, TenantId,
     Warning,
 };
 use crate::store::{
-    Actor, ConnectionRecord, NewConnection, SaveOutcome, Store, StoreError, Verification,
+    Actor, ConnectionRecord, NewConnection, SaveOutcome, Store, StoreError, StoredWebhook,
+    Verification, WebhookChange,
 };
-use crate::stripe::{probe_write_access, ProbeError, StripeClient};
+use crate::stripe::{probe_write_access, webhooks, ProbeError, StripeClient};
 
 /// Why a connect or verify did not succeed. Nothing here holds a key.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,8 @@ pub enum ConnectError {
     },
     #[error("Stripe inconclusive: {0}")]
     StripeUnavailable(String),
+    #[error("Stripe refused to register the webhook endpoint")]
+    WebhookRefused,
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -62,12 +66,37 @@ pub struct ConnectionService {
     required: Vec<Resource>,
     probe_deadline: Duration,
     schedule: VerifySchedule,
+    webhooks: WebhookSettings,
     limiter: DefaultKeyedRateLimiter<TenantId>,
+}
+
+/// What happened to our webhook endpoint on Stripe when a connection was deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StripeCleanup {
+    Deleted,
+    AlreadyGone,
+    /// The stored id now names an endpoint whose URL is not ours: left alone.
+    NotOurs,
+    NotNeeded,
+    Failed,
+}
+
+impl StripeCleanup {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deleted => "deleted",
+            Self::AlreadyGone => "already_gone",
+            Self::NotOurs => "not_ours",
+            Self::NotNeeded => "not_needed",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 /// What a key must prove and how often, from configuration.
 #[derive(Clone, Debug)]
 pub struct ConnectPolicy {
+    pub webhooks: WebhookSettings,
     pub required: Vec<Resource>,
     pub probe_deadline: Duration,
     pub schedule: VerifySchedule,
@@ -130,6 +159,7 @@ impl ConnectionService {
             required: policy.required,
             probe_deadline: policy.probe_deadline,
             schedule: policy.schedule,
+            webhooks: policy.webhooks,
             limiter: RateLimiter::keyed(Quota::per_minute(policy.connect_attempts_per_minute)),
         }
     }
@@ -180,42 +210,248 @@ impl ConnectionService {
                 fix_url: fix_url(tenant_record.mode, &self.required),
             });
         }
-        let secret_id = random_id("sec_", 20);
-        let context = SecretContext {
-            secret_id: secret_id.clone(),
-            tenant_id: tenant.clone(),
-            mode: key.mode(),
-            purpose: Purpose::StripeApiKey,
-        };
-        let sealed = self
-            .keyring
-            .seal(&context, key.expose_secret().as_bytes())
-            .map_err(anyhow::Error::from)?;
         let warnings = match key.kind() {
             KeyKind::Secret => vec![Warning::SecretKeyFullAccess],
             KeyKind::Restricted => Vec::new(),
         };
-        let connection = NewConnection {
+        // Two rounds at most: a concurrent first connect may commit while this one registers
+        // its endpoint; the second round sees it and proceeds as a replacement.
+        for round in 0..2 {
+            let existing = self.store.find_connection(tenant).await?;
+            let connection_id = existing
+                .as_ref()
+                .map(|c| c.connection_id.clone())
+                .unwrap_or_else(|| random_id("con_", 20));
+            let webhook = self
+                .webhook_for(&key, tenant, &connection_id, existing.as_ref())
+                .await?;
+            let registered = match &webhook {
+                WebhookChange::Set(w) => Some(w.endpoint_id.clone()),
+                WebhookChange::Keep => None,
+            };
+            let secret_id = random_id("sec_", 20);
+            let context = SecretContext {
+                secret_id: secret_id.clone(),
+                tenant_id: tenant.clone(),
+                mode: key.mode(),
+                purpose: Purpose::StripeApiKey,
+            };
+            let sealed = self
+                .keyring
+                .seal(&context, key.expose_secret().as_bytes())
+                .map_err(anyhow::Error::from)?;
+            let connection = NewConnection {
+                connection_id,
+                webhook,
+                tenant_id: tenant.clone(),
+                mode: key.mode(),
+                key_type: key.kind(),
+                key_last4: key.last4(),
+                key_fingerprint: self.fingerprinter.fingerprint(key.expose_secret()),
+                secret_id,
+                sealed,
+                status: ConnectionStatus::Active,
+                permissions: report.clone(),
+                warnings: warnings.clone(),
+                verified_at: crate::store::now(),
+                next_verify_at: self.schedule.next_due(),
+            };
+            let saved = self.store.save_connection(&connection, actor).await;
+            if saved.is_err() {
+                // Nothing half-stored here means no orphan there.
+                if let Some(endpoint_id) = &registered {
+                    self.delete_endpoint(&key, endpoint_id).await;
+                }
+            }
+            match saved {
+                Ok(outcome) => {
+                    // The old account's endpoint goes, with the old key, once the new one is in.
+                    if let (Some(old), Some(new_id)) = (&existing, &registered) {
+                        if let Some(old_webhook) =
+                            old.webhook.as_ref().filter(|w| &w.endpoint_id != new_id)
+                        {
+                            match self.open_key(old) {
+                                Ok(old_key) => {
+                                    self.delete_endpoint(&old_key, &old_webhook.endpoint_id)
+                                        .await;
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "could not open the replaced key to delete its endpoint")
+                                }
+                            };
+                        }
+                    }
+                    return Ok(outcome);
+                }
+                Err(StoreError::Conflict) if round == 0 => continue,
+                Err(StoreError::ModeChanged(mode)) => {
+                    return Err(ConnectError::ModeMismatch {
+                        tenant: mode,
+                        key: key.mode(),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ConnectError::Internal(anyhow::anyhow!(
+            "connect lost two races in a row"
+        )))
+    }
+
+    fn our_webhook_url(&self, connection_id: &str) -> String {
+        format!(
+            "{}/webhooks/stripe/{connection_id}",
+            self.webhooks.public_base_url.trim_end_matches('/')
+        )
+    }
+
+    /// Keeps the stored endpoint when the new key sees it (same account); otherwise
+    /// registers ours and seals its signing secret.
+    async fn webhook_for(
+        &self,
+        key: &StripeKey,
+        tenant: &TenantId,
+        connection_id: &str,
+        existing: Option<&ConnectionRecord>,
+    ) -> Result<WebhookChange, ConnectError> {
+        if let Some(stored) = existing.and_then(|c| c.webhook.as_ref()) {
+            let reply = self
+                .stripe
+                .send(key, &webhooks::retrieve_request(&stored.endpoint_id))
+                .await
+                .map_err(|f| {
+                    ConnectError::StripeUnavailable(format!("webhook endpoint lookup: {f}"))
+                })?;
+            match reply.status {
+                200 if webhooks::endpoint_url(&reply)
+                    == Some(self.our_webhook_url(connection_id).as_str()) =>
+                {
+                    return Ok(WebhookChange::Keep)
+                }
+                // Another account (or the endpoint was deleted): register ours there.
+                200 | 404 => {}
+                status => {
+                    return Err(ConnectError::StripeUnavailable(format!(
+                        "webhook endpoint lookup answered {status}"
+                    )))
+                }
+            }
+        }
+        let request = webhooks::register_request(
+            &self.our_webhook_url(connection_id),
+            &self.webhooks.enabled_events,
+            self.stripe.api_version(),
+            tenant,
+            connection_id,
+        );
+        let reply =
+            self.stripe.send(key, &request).await.map_err(|f| {
+                ConnectError::StripeUnavailable(format!("webhook registration: {f}"))
+            })?;
+        if reply.status != 200 {
+            return Err(ConnectError::WebhookRefused);
+        }
+        let registered = webhooks::parse_registration(&reply).ok_or_else(|| {
+            ConnectError::StripeUnavailable("webhook registration answer without an id".into())
+        })?;
+        let Some(secret) = registered.secret else {
+            self.delete_endpoint(key, &registered.id).await;
+            return Err(ConnectError::StripeUnavailable(
+                "webhook registration answer without its secret".into(),
+            ));
+        };
+        let secret_id = random_id("whs_", 20);
+        let context = SecretContext {
+            secret_id: secret_id.clone(),
             tenant_id: tenant.clone(),
             mode: key.mode(),
-            key_type: key.kind(),
-            key_last4: key.last4(),
-            key_fingerprint: self.fingerprinter.fingerprint(key.expose_secret()),
+            purpose: Purpose::WebhookSigningSecret,
+        };
+        let sealed = match self
+            .keyring
+            .seal(&context, secret.expose_secret().as_bytes())
+        {
+            Ok(sealed) => sealed,
+            Err(e) => {
+                self.delete_endpoint(key, &registered.id).await;
+                return Err(ConnectError::Internal(e.into()));
+            }
+        };
+        Ok(WebhookChange::Set(StoredWebhook {
+            endpoint_id: registered.id,
             secret_id,
             sealed,
-            status: ConnectionStatus::Active,
-            permissions: report,
-            warnings,
-            verified_at: crate::store::now(),
-            next_verify_at: self.schedule.next_due(),
-        };
-        match self.store.save_connection(&connection, actor).await {
-            Err(StoreError::ModeChanged(mode)) => Err(ConnectError::ModeMismatch {
-                tenant: mode,
-                key: key.mode(),
-            }),
-            other => Ok(other?),
+        }))
+    }
+
+    /// Deletes one of our endpoints, best effort; true when it is gone.
+    async fn delete_endpoint(&self, key: &StripeKey, endpoint_id: &str) -> bool {
+        match self
+            .stripe
+            .send(key, &webhooks::delete_request(endpoint_id))
+            .await
+        {
+            Ok(reply) if reply.status == 200 || reply.status == 404 => true,
+            Ok(reply) => {
+                tracing::warn!(
+                    endpoint_id,
+                    status = reply.status,
+                    "could not delete a webhook endpoint"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(endpoint_id, error = %e, "could not delete a webhook endpoint");
+                false
+            }
         }
+    }
+
+    /// Disconnects: deletes our endpoint on Stripe (only when its URL is ours), then the
+    /// connection and its sealed secrets.
+    pub async fn disconnect(
+        &self,
+        tenant: &TenantId,
+        actor: &Actor,
+    ) -> Result<StripeCleanup, ConnectError> {
+        let record = self
+            .store
+            .find_connection(tenant)
+            .await?
+            .ok_or(ConnectError::NotConnected)?;
+        let cleanup = match &record.webhook {
+            None => StripeCleanup::NotNeeded,
+            Some(webhook) => match self.open_key(&record) {
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not open the key to delete the webhook endpoint");
+                    StripeCleanup::Failed
+                }
+                Ok(key) => match self
+                    .stripe
+                    .send(&key, &webhooks::retrieve_request(&webhook.endpoint_id))
+                    .await
+                {
+                    Ok(reply) if reply.status == 404 => StripeCleanup::AlreadyGone,
+                    Ok(reply)
+                        if reply.status == 200
+                            && webhooks::endpoint_url(&reply)
+                                == Some(self.our_webhook_url(&record.connection_id).as_str()) =>
+                    {
+                        if self.delete_endpoint(&key, &webhook.endpoint_id).await {
+                            StripeCleanup::Deleted
+                        } else {
+                            StripeCleanup::Failed
+                        }
+                    }
+                    Ok(reply) if reply.status == 200 => StripeCleanup::NotOurs,
+                    _ => StripeCleanup::Failed,
+                },
+            },
+        };
+        if !self.store.delete_connection(tenant, actor).await? {
+            return Err(ConnectError::NotConnected);
+        }
+        Ok(cleanup)
     }
 
     /// Opens a stored key. Only the key-fetch route and re-verification call this.

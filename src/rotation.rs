@@ -2,7 +2,7 @@
 //! online. Each batch commits on its own and only rows still under their old master key are
 //! rewritten, so a crash loses nothing and a rerun resumes where the last commit left off.
 
-use crate::crypto::Keyring;
+use crate::crypto::{Keyring, Purpose};
 use crate::store::{RewrappedRow, Store, StoreError};
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -13,21 +13,38 @@ pub struct RewrapReport {
     pub failed: Vec<(String, String)>,
 }
 
-/// Re-wraps up to `max_batches` batches (all when `None`) of `batch` secrets each.
+/// Re-wraps up to `max_batches` batches (all when `None`) of `batch` secrets each: API
+/// keys first, then webhook signing secrets.
 pub async fn rewrap_all(
     store: &dyn Store,
     keyring: &Keyring,
     batch: i64,
     max_batches: Option<u64>,
 ) -> Result<RewrapReport, StoreError> {
-    let active = keyring.active_id().as_str();
     let mut report = RewrapReport::default();
+    for purpose in [Purpose::StripeApiKey, Purpose::WebhookSigningSecret] {
+        rewrap_purpose(store, keyring, purpose, batch, max_batches, &mut report).await?;
+    }
+    Ok(report)
+}
+
+async fn rewrap_purpose(
+    store: &dyn Store,
+    keyring: &Keyring,
+    purpose: Purpose,
+    batch: i64,
+    max_batches: Option<u64>,
+    report: &mut RewrapReport,
+) -> Result<(), StoreError> {
+    let active = keyring.active_id().as_str();
     let mut after = String::new();
     loop {
         if max_batches.is_some_and(|max| report.batches >= max) {
             break;
         }
-        let rows = store.secrets_to_rewrap(active, &after, batch).await?;
+        let rows = store
+            .secrets_to_rewrap(purpose, active, &after, batch)
+            .await?;
         let Some(last) = rows.last() else {
             break;
         };
@@ -47,7 +64,7 @@ pub async fn rewrap_all(
                 }
             }
         }
-        let written = store.replace_wrapped_keys(&rewrapped).await?;
+        let written = store.replace_wrapped_keys(purpose, &rewrapped).await?;
         metrics::counter!("atlas_rewrap_secrets_total", "result" => "rewrapped").increment(written);
         report.rewrapped += written;
         report.batches += 1;
@@ -58,7 +75,7 @@ pub async fn rewrap_all(
             "rewrap progress"
         );
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Master-key ids that stored secrets name but the keyring lacks.

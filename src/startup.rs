@@ -71,6 +71,7 @@ impl Application {
             stripe,
             Fingerprinter::new(secrets.fingerprint_key),
             ConnectPolicy {
+                webhooks: settings.webhooks.clone(),
                 required,
                 probe_deadline: settings.stripe.probe_deadline(),
                 schedule: VerifySchedule {
@@ -114,6 +115,8 @@ impl Application {
             background.push(reverifier.spawn(stop_rx));
         }
         let state = AppState {
+            webhook_tolerance_secs: settings.webhooks.tolerance_secs,
+            webhook_body_limit: settings.webhooks.body_limit_bytes,
             key_fetches,
             store,
             keyring,

@@ -16,16 +16,24 @@ pub enum Scope {
     KeysRead,
     /// List connections and their health (ops).
     OpsRead,
+    /// Read the events Stripe delivered for a tenant (charging services).
+    EventsRead,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 3] = [Self::TenantsWrite, Self::KeysRead, Self::OpsRead];
+    pub const ALL: [Scope; 4] = [
+        Self::TenantsWrite,
+        Self::KeysRead,
+        Self::OpsRead,
+        Self::EventsRead,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::TenantsWrite => "tenants:write",
             Self::KeysRead => "keys:read",
             Self::OpsRead => "ops:read",
+            Self::EventsRead => "events:read",
         }
     }
 

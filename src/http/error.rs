@@ -61,6 +61,12 @@ pub enum ApiError {
     ConnectionNotActive(&'static str),
     #[error("Stripe could not be reached or gave no clear answer; nothing was stored. Try again shortly.")]
     StripeUnavailable,
+    #[error("Stripe refused to register Atlas's webhook endpoint on this account; nothing was stored. An account holds at most 16 webhook endpoints: delete an unused one in the Stripe dashboard and try again.")]
+    WebhookRegistrationFailed,
+    #[error("The webhook delivery was rejected.")]
+    WebhookRejected,
+    #[error("No connection has this webhook URL.")]
+    UnknownWebhookConnection,
     /// Anything that is our fault: logged with its cause, sent opaque.
     #[error(
         "Something went wrong on our side; try again, and quote the request id if it persists."
@@ -77,7 +83,9 @@ impl ApiError {
         match self {
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::InsufficientScope(_) => StatusCode::FORBIDDEN,
-            Self::NotConnected | Self::RouteNotFound => StatusCode::NOT_FOUND,
+            Self::NotConnected | Self::RouteNotFound | Self::UnknownWebhookConnection => {
+                StatusCode::NOT_FOUND
+            }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::InvalidJson(_)
             | Self::InvalidTenantId(_)
@@ -85,9 +93,11 @@ impl ApiError {
             | Self::KeyFormat(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::ModeMismatch { .. } | Self::KeyRejected(_) | Self::MissingPermissions { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::WebhookRejected => StatusCode::BAD_REQUEST,
+            Self::ModeMismatch { .. }
+            | Self::KeyRejected(_)
+            | Self::MissingPermissions { .. }
+            | Self::WebhookRegistrationFailed => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::TenantHasConnection | Self::ConnectionNotActive(_) => StatusCode::CONFLICT,
             Self::StripeUnavailable => StatusCode::BAD_GATEWAY,
@@ -115,6 +125,9 @@ impl ApiError {
             Self::TenantHasConnection => "tenant_has_connection",
             Self::ConnectionNotActive(_) => "connection_not_active",
             Self::StripeUnavailable => "stripe_unavailable",
+            Self::WebhookRegistrationFailed => "webhook_registration_failed",
+            Self::WebhookRejected => "webhook_rejected",
+            Self::UnknownWebhookConnection => "unknown_connection",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -247,6 +260,7 @@ impl From<crate::connect::ConnectError> for ApiError {
                 tracing::warn!(%reason, "Stripe gave no conclusive answer");
                 Self::StripeUnavailable
             }
+            E::WebhookRefused => Self::WebhookRegistrationFailed,
             E::Internal(cause) => Self::Internal(cause),
         }
     }

@@ -2,6 +2,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use secrecy::SecretString;
@@ -106,23 +107,20 @@ pub async fn verify(
     security(("tenant_token" = [])),
     params(("tenant_id" = String, Path)),
     responses(
-        (status = 204, description = "Disconnected; the sealed key is deleted"),
+        (status = 204, description = "Disconnected; the sealed key is deleted. Header atlas-stripe-cleanup says what became of our webhook endpoint on Stripe: deleted, already_gone, not_ours (left alone), not_needed or failed"),
         (status = 401, description = "unauthenticated", body = ErrorBody),
         (status = 404, description = "not_connected", body = ErrorBody),
     ))]
 pub async fn disconnect(
     State(state): State<AppState>,
     AuthorizedTenant(tenant): AuthorizedTenant,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Response, ApiError> {
     let actor = Actor::Tenant(tenant.clone());
-    if state
-        .store
-        .delete_connection(&tenant, &actor)
-        .await
-        .map_err(ApiError::internal)?
-    {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::NotConnected)
-    }
+    let cleanup = state.connections.disconnect(&tenant, &actor).await?;
+    // 204 has no body: whether our endpoint on Stripe is gone travels in a header.
+    Ok((
+        StatusCode::NO_CONTENT,
+        [("atlas-stripe-cleanup", cleanup.as_str())],
+    )
+        .into_response())
 }

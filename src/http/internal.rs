@@ -24,6 +24,101 @@ pub fn router() -> Router<AppState> {
             get(fetch_key),
         )
         .route("/internal/v1/connections", get(list_connections))
+        .route(
+            "/internal/v1/tenants/{tenant_id}/stripe/events",
+            get(list_events),
+        )
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct EventsQuery {
+    /// The `next_cursor` of the previous page; omit to start at the beginning.
+    after: Option<String>,
+    /// 1 to 500; 100 by default.
+    limit: Option<String>,
+}
+
+/// One delivered event, in the tenant's feed order.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EventView {
+    cursor: String,
+    id: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    created: i64,
+    livemode: bool,
+    connection_id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    received_at: time::OffsetDateTime,
+    /// The event exactly as Stripe sent it.
+    #[schema(value_type = Object)]
+    payload: Box<serde_json::value::RawValue>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EventPage {
+    events: Vec<EventView>,
+    /// Pass as `after` for the next page; unchanged when there was nothing new.
+    next_cursor: String,
+}
+
+#[utoipa::path(get, path = "/internal/v1/tenants/{tenant_id}/stripe/events", tag = "internal",
+    security(("service_token" = ["events:read"])),
+    params(("tenant_id" = String, Path), EventsQuery),
+    responses(
+        (status = 200, description = "Events after the cursor, oldest first", body = EventPage),
+        (status = 400, description = "invalid_request (bad cursor or limit)", body = ErrorBody),
+        (status = 401, description = "unauthenticated", body = ErrorBody),
+        (status = 403, description = "insufficient_scope", body = ErrorBody),
+    ))]
+pub async fn list_events(
+    State(state): State<AppState>,
+    caller: ServiceCaller,
+    TenantPath(tenant): TenantPath,
+    Query(query): Query<EventsQuery>,
+) -> Result<Json<EventPage>, ApiError> {
+    caller.require(Scope::EventsRead)?;
+    let after = match query.after.as_deref() {
+        None | Some("") => 0,
+        Some(raw) => raw.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+            ApiError::InvalidRequest("after must be a cursor from a previous page.".into())
+        })?,
+    };
+    let limit = match query.limit.as_deref() {
+        None => 100,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=500).contains(n))
+            .ok_or_else(|| ApiError::InvalidRequest("limit must be 1 to 500.".into()))?,
+    };
+    let events = state
+        .store
+        .list_events(&tenant, after, limit)
+        .await
+        .map_err(ApiError::internal)?;
+    let next_cursor = events.last().map_or(after, |e| e.seq).to_string();
+    let events = events
+        .into_iter()
+        .map(|e| {
+            Ok(EventView {
+                cursor: e.seq.to_string(),
+                payload: serde_json::value::RawValue::from_string(e.payload)
+                    .map_err(ApiError::internal)?,
+                id: e.event_id,
+                event_type: e.event_type,
+                created: e.created,
+                livemode: e.livemode,
+                connection_id: e.connection_id,
+                received_at: e.received_at,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(Json(EventPage {
+        events,
+        next_cursor,
+    }))
 }
 
 /// A tenant's decrypted key, for charging services.

@@ -10,6 +10,7 @@ mod openapi;
 mod ops;
 pub mod state;
 mod summary;
+mod webhooks;
 
 use std::time::Instant;
 
@@ -36,9 +37,11 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .merge(openapi::router())
         .merge(integrations::router())
         .merge(internal::router())
+        .layer(DefaultBodyLimit::max(body_limit))
+        // Stripe's events can be larger than any API body; the receiver applies its own limit.
+        .merge(webhooks::router())
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(body_limit))
         .layer(Extension(BodyLimit(body_limit)))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()

@@ -9,7 +9,7 @@ use utoipa::{Modify, OpenApi};
 use super::error::{ErrorBody, ErrorDetail};
 use super::state::AppState;
 use super::summary::ConnectionSummary;
-use super::{integrations, internal, ops};
+use super::{integrations, internal, ops, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -28,6 +28,8 @@ use super::{integrations, internal, ops};
         ops::healthz,
         ops::readyz,
         ops::metrics,
+        webhooks::receive,
+        internal::list_events,
         openapi_json,
     ),
     components(schemas(ConnectionSummary, ErrorBody, ErrorDetail)),
@@ -36,6 +38,7 @@ use super::{integrations, internal, ops};
         (name = "integrations", description = "The integrations modal; tenant tokens (HS256 JWT with tenant_id and exp)"),
         (name = "internal", description = "Atlas's internal services; scoped service tokens"),
         (name = "ops", description = "Probes; open and revealing nothing secret"),
+        (name = "webhooks", description = "Stripe's deliveries to the endpoint registered on each connected account"),
     )
 )]
 pub struct ApiDoc;

@@ -14,4 +14,6 @@ pub struct AppState {
     pub tenant_tokens: Arc<TenantTokens>,
     pub connections: Arc<ConnectionService>,
     pub key_fetches: KeyFetchRecorder,
+    pub webhook_tolerance_secs: i64,
+    pub webhook_body_limit: usize,
 }

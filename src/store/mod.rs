@@ -13,13 +13,15 @@ use async_trait::async_trait;
 pub use postgres::PgStore;
 pub use records::{
     now, Actor, AuditRecord, ConnectionRecord, FetchedKey, KeyFetch, KeyFetchTally, NewConnection,
-    NewServiceToken, RewrappedRow, SaveOutcome, SealedRow, ServiceTokenRecord, TenantRecord,
-    TenantWrite, Verification,
+    NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow, ServiceTokenRecord,
+    StoredEvent, StoredWebhook, TenantRecord, TenantWrite, Verification, WebhookChange,
+    WebhookTarget,
 };
 pub use sqlite::SqliteStore;
 
 use time::OffsetDateTime;
 
+use crate::crypto::Purpose;
 use crate::domain::{ConnectionStatus, Mode, Resource, TenantId};
 
 #[derive(Debug, thiserror::Error)]
@@ -139,9 +141,11 @@ pub trait Store: Send + Sync + 'static {
     /// Sealed secrets per master-key id (`keys status`, readiness, rewrap progress).
     async fn count_secrets_by_master_key(&self) -> Result<Vec<(String, i64)>, StoreError>;
 
-    /// Up to `limit` sealed keys not under `active`, after `after` in secret-id order.
+    /// Up to `limit` sealed secrets of `purpose` not under `active`, after `after` in
+    /// secret-id order.
     async fn secrets_to_rewrap(
         &self,
+        purpose: Purpose,
         active: &str,
         after: &str,
         limit: i64,
@@ -149,7 +153,34 @@ pub trait Store: Send + Sync + 'static {
 
     /// Replaces wrapped data keys in one transaction; a row whose master key changed
     /// meanwhile is left alone. Returns how many rows were rewritten.
-    async fn replace_wrapped_keys(&self, rows: &[RewrappedRow]) -> Result<u64, StoreError>;
+    async fn replace_wrapped_keys(
+        &self,
+        purpose: Purpose,
+        rows: &[RewrappedRow],
+    ) -> Result<u64, StoreError>;
+
+    /// The connection a webhook URL names, with its sealed signing secret.
+    async fn find_webhook_target(
+        &self,
+        connection_id: &str,
+    ) -> Result<Option<WebhookTarget>, StoreError>;
+
+    /// Stores a verified event once per (connection, Stripe event id); false for a
+    /// redelivery.
+    async fn insert_webhook_event(
+        &self,
+        tenant: &TenantId,
+        connection_id: &str,
+        event: &NewEvent,
+    ) -> Result<bool, StoreError>;
+
+    /// The tenant's events after `after` in feed order.
+    async fn list_events(
+        &self,
+        tenant: &TenantId,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
 
     /// Deletes the connection and its sealed key; false when there was none.
     async fn delete_connection(&self, tenant: &TenantId, actor: &Actor)

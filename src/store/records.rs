@@ -64,9 +64,30 @@ pub struct ServiceTokenRecord {
     pub revoked_at: Option<OffsetDateTime>,
 }
 
+/// Our webhook endpoint on the tenant's Stripe account and its sealed signing secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredWebhook {
+    pub endpoint_id: String,
+    pub secret_id: String,
+    pub sealed: SealedSecret,
+}
+
+/// What a save does to the stored webhook endpoint.
+#[derive(Clone, Debug)]
+pub enum WebhookChange {
+    /// The new key sees the endpoint already stored (same account): keep it.
+    Keep,
+    /// A newly registered endpoint replaces whatever was stored.
+    Set(StoredWebhook),
+}
+
 /// A verified key, sealed, ready to be stored as the tenant's connection.
 #[derive(Clone, Debug)]
 pub struct NewConnection {
+    /// Stable across key replacements: our webhook URL names it. A save whose id differs
+    /// from the stored connection's is a lost race and fails with `Conflict`.
+    pub connection_id: String,
+    pub webhook: WebhookChange,
     pub tenant_id: TenantId,
     pub mode: Mode,
     pub key_type: KeyKind,
@@ -98,6 +119,7 @@ pub struct ConnectionRecord {
     pub warnings: Vec<Warning>,
     pub verified_at: OffsetDateTime,
     pub connected_at: OffsetDateTime,
+    pub webhook: Option<StoredWebhook>,
 }
 
 impl ConnectionRecord {
@@ -109,6 +131,81 @@ impl ConnectionRecord {
             mode: self.mode,
             purpose: Purpose::StripeApiKey,
         }
+    }
+
+    /// The context the webhook signing secret was sealed in.
+    pub fn webhook_context(&self, webhook: &StoredWebhook) -> SecretContext {
+        SecretContext {
+            secret_id: webhook.secret_id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            mode: self.mode,
+            purpose: Purpose::WebhookSigningSecret,
+        }
+    }
+}
+
+/// Where a delivered event belongs, and the secret to check its signature with.
+#[derive(Clone, Debug)]
+pub struct WebhookTarget {
+    pub tenant_id: TenantId,
+    pub mode: Mode,
+    pub context: SecretContext,
+    pub sealed: SealedSecret,
+}
+
+/// An event as stored: `seq` is its place in the tenant's feed.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub connection_id: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub created: i64,
+    pub livemode: bool,
+    pub received_at: OffsetDateTime,
+    pub payload: String,
+}
+
+/// A verified delivery to store.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub event_id: String,
+    pub event_type: String,
+    pub created: i64,
+    pub livemode: bool,
+    pub payload: String,
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct WebhookTargetRow {
+    tenant_id: String,
+    mode: String,
+    webhook_secret_id: String,
+    webhook_master_key_id: String,
+    webhook_wrapped_key: Vec<u8>,
+    webhook_ciphertext: Vec<u8>,
+}
+
+impl TryFrom<WebhookTargetRow> for WebhookTarget {
+    type Error = StoreError;
+    fn try_from(row: WebhookTargetRow) -> Result<Self, StoreError> {
+        let tenant_id = TenantId::parse(&row.tenant_id).map_err(|_| corrupt("tenant_id"))?;
+        let mode = Mode::parse(&row.mode).map_err(|_| corrupt("mode"))?;
+        Ok(Self {
+            context: SecretContext {
+                secret_id: row.webhook_secret_id,
+                tenant_id: tenant_id.clone(),
+                mode,
+                purpose: Purpose::WebhookSigningSecret,
+            },
+            tenant_id,
+            mode,
+            sealed: SealedSecret {
+                master_key_id: row.webhook_master_key_id,
+                wrapped_key: row.webhook_wrapped_key,
+                ciphertext: row.webhook_ciphertext,
+            },
+        })
     }
 }
 
@@ -142,30 +239,30 @@ pub struct RewrappedRow {
     pub sealed: SealedSecret,
 }
 
+/// A sealed secret's columns, aliased alike for both purposes.
 #[derive(sqlx::FromRow)]
 pub(super) struct SealedRowRaw {
     tenant_id: String,
     mode: String,
-    api_key_secret_id: String,
+    secret_id: String,
     master_key_id: String,
     wrapped_key: Vec<u8>,
     ciphertext: Vec<u8>,
 }
 
-impl TryFrom<SealedRowRaw> for SealedRow {
-    type Error = StoreError;
-    fn try_from(row: SealedRowRaw) -> Result<Self, StoreError> {
-        Ok(Self {
+impl SealedRowRaw {
+    pub(super) fn into_row(self, purpose: Purpose) -> Result<SealedRow, StoreError> {
+        Ok(SealedRow {
             context: SecretContext {
-                secret_id: row.api_key_secret_id,
-                tenant_id: TenantId::parse(&row.tenant_id).map_err(|_| corrupt("tenant_id"))?,
-                mode: Mode::parse(&row.mode).map_err(|_| corrupt("mode"))?,
-                purpose: Purpose::StripeApiKey,
+                secret_id: self.secret_id,
+                tenant_id: TenantId::parse(&self.tenant_id).map_err(|_| corrupt("tenant_id"))?,
+                mode: Mode::parse(&self.mode).map_err(|_| corrupt("mode"))?,
+                purpose,
             },
             sealed: SealedSecret {
-                master_key_id: row.master_key_id,
-                wrapped_key: row.wrapped_key,
-                ciphertext: row.ciphertext,
+                master_key_id: self.master_key_id,
+                wrapped_key: self.wrapped_key,
+                ciphertext: self.ciphertext,
             },
         })
     }
@@ -281,6 +378,11 @@ pub(super) struct ConnectionRow {
     warnings: String,
     verified_at: OffsetDateTime,
     connected_at: OffsetDateTime,
+    webhook_endpoint_id: Option<String>,
+    webhook_secret_id: Option<String>,
+    webhook_master_key_id: Option<String>,
+    webhook_wrapped_key: Option<Vec<u8>>,
+    webhook_ciphertext: Option<Vec<u8>>,
 }
 
 impl TryFrom<ConnectionRow> for ConnectionRecord {
@@ -304,6 +406,30 @@ impl TryFrom<ConnectionRow> for ConnectionRecord {
             },
             verified_at: row.verified_at,
             connected_at: row.connected_at,
+            webhook: match (
+                row.webhook_endpoint_id,
+                row.webhook_secret_id,
+                row.webhook_master_key_id,
+                row.webhook_wrapped_key,
+                row.webhook_ciphertext,
+            ) {
+                (
+                    Some(endpoint_id),
+                    Some(secret_id),
+                    Some(master_key_id),
+                    Some(wrapped_key),
+                    Some(ciphertext),
+                ) => Some(StoredWebhook {
+                    endpoint_id,
+                    secret_id,
+                    sealed: SealedSecret {
+                        master_key_id,
+                        wrapped_key,
+                        ciphertext,
+                    },
+                }),
+                _ => None,
+            },
         })
     }
 }

@@ -11,7 +11,31 @@
 
 pub(super) const CONNECTION_COLUMNS: &str = "c.tenant_id, c.connection_id, c.status, c.mode, \
     c.key_type, c.key_last4, c.key_fingerprint, c.api_key_secret_id, c.master_key_id, \
-    c.wrapped_key, c.ciphertext, c.permissions, c.warnings, c.verified_at, c.connected_at";
+    c.wrapped_key, c.ciphertext, c.permissions, c.warnings, c.verified_at, c.connected_at, \
+    c.webhook_endpoint_id, c.webhook_secret_id, c.webhook_master_key_id, c.webhook_wrapped_key, \
+    c.webhook_ciphertext";
+
+/// Sealed-secret columns per purpose, aliased alike for `SealedRowRaw`.
+pub(super) fn sealed_columns(purpose: crate::crypto::Purpose) -> (&'static str, &'static str) {
+    match purpose {
+        crate::crypto::Purpose::StripeApiKey => (
+            "SELECT tenant_id, mode, api_key_secret_id AS secret_id, master_key_id, wrapped_key, \
+             ciphertext FROM stripe_connections WHERE master_key_id <> $1 AND api_key_secret_id > $2 \
+             ORDER BY api_key_secret_id LIMIT $3",
+            "UPDATE stripe_connections SET master_key_id = $3, wrapped_key = $4 \
+             WHERE api_key_secret_id = $1 AND master_key_id = $2",
+        ),
+        crate::crypto::Purpose::WebhookSigningSecret => (
+            "SELECT tenant_id, mode, webhook_secret_id AS secret_id, \
+             webhook_master_key_id AS master_key_id, webhook_wrapped_key AS wrapped_key, \
+             webhook_ciphertext AS ciphertext FROM stripe_connections \
+             WHERE webhook_master_key_id <> $1 AND webhook_secret_id > $2 \
+             ORDER BY webhook_secret_id LIMIT $3",
+            "UPDATE stripe_connections SET webhook_master_key_id = $3, webhook_wrapped_key = $4 \
+             WHERE webhook_secret_id = $1 AND webhook_master_key_id = $2",
+        ),
+    }
+}
 
 pub(super) const LOCK_TENANT: &str =
     "UPDATE tenants SET updated_at = updated_at WHERE tenant_id = $1 RETURNING mode";
@@ -247,10 +271,13 @@ macro_rules! impl_store {
                 .bind(tenant)
                 .fetch_optional(&mut *tx)
                 .await?;
-                let connection_id = match &previous {
-                    Some((connection_id, _)) => connection_id.clone(),
-                    None => $crate::domain::random_id("con_", 20),
-                };
+                if let Some((stored_id, _)) = &previous {
+                    if *stored_id != new.connection_id {
+                        // Another first connect committed while this one probed.
+                        return Err(StoreError::Conflict);
+                    }
+                }
+                let connection_id = new.connection_id.clone();
                 let statement = if previous.is_some() {
                     "UPDATE stripe_connections SET api_key_secret_id = $3, status = $4, mode = $5, \
                      key_type = $6, key_last4 = $7, key_fingerprint = $8, permissions = $9, \
@@ -284,6 +311,21 @@ macro_rules! impl_store {
                     .bind(new.next_verify_at)
                     .execute(&mut *tx)
                     .await?;
+                if let $crate::store::WebhookChange::Set(webhook) = &new.webhook {
+                    sqlx::query(
+                        "UPDATE stripe_connections SET webhook_endpoint_id = $2, webhook_secret_id = $3, \
+                         webhook_master_key_id = $4, webhook_wrapped_key = $5, webhook_ciphertext = $6 \
+                         WHERE tenant_id = $1",
+                    )
+                    .bind(tenant)
+                    .bind(&webhook.endpoint_id)
+                    .bind(&webhook.secret_id)
+                    .bind(&webhook.sealed.master_key_id)
+                    .bind(&webhook.sealed.wrapped_key)
+                    .bind(&webhook.sealed.ciphertext)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 let same_key = previous.as_ref().map(|(_, fp)| *fp == new.key_fingerprint);
                 let detail = serde_json::json!({
                     "connection_id": connection_id,
@@ -293,25 +335,17 @@ macro_rules! impl_store {
                     "status": new.status,
                     "permissions": new.permissions,
                     "master_key_id": new.sealed.master_key_id,
+                    "webhook_endpoint_id": match &new.webhook {
+                        $crate::store::WebhookChange::Set(w) => Some(w.endpoint_id.as_str()),
+                        $crate::store::WebhookChange::Keep => None,
+                    },
                 });
                 let action = if previous.is_some() { "connection.replaced" } else { "connection.created" };
                 audit(&mut *tx, now, actor, action, Some(tenant), detail).await?;
+                let record = find_connection(&mut *tx, &new.tenant_id)
+                    .await?
+                    .ok_or_else(|| StoreError::Corrupt("connection vanished in its own transaction".into()))?;
                 tx.commit().await?;
-                let record = $crate::store::ConnectionRecord {
-                    tenant_id: new.tenant_id.clone(),
-                    connection_id,
-                    status: new.status,
-                    mode: new.mode,
-                    key_type: new.key_type,
-                    key_last4: new.key_last4.clone(),
-                    key_fingerprint: new.key_fingerprint.clone(),
-                    secret_id: new.secret_id.clone(),
-                    sealed: new.sealed.clone(),
-                    permissions: new.permissions.clone(),
-                    warnings: new.warnings.clone(),
-                    verified_at: new.verified_at,
-                    connected_at: now,
-                };
                 Ok(if previous.is_some() { SaveOutcome::Replaced(record) } else { SaveOutcome::Created(record) })
             }
 
@@ -468,7 +502,9 @@ macro_rules! impl_store {
 
             async fn count_secrets_by_master_key(&self) -> Result<Vec<(String, i64)>, $crate::store::StoreError> {
                 Ok(sqlx::query_as(
-                    "SELECT master_key_id, COUNT(*) FROM stripe_connections GROUP BY master_key_id ORDER BY master_key_id",
+                    "SELECT id, COUNT(*) FROM (SELECT master_key_id AS id FROM stripe_connections \
+                     UNION ALL SELECT webhook_master_key_id FROM stripe_connections \
+                     WHERE webhook_master_key_id IS NOT NULL) sealed GROUP BY id ORDER BY id",
                 )
                 .fetch_all(&self.pool)
                 .await?)
@@ -476,44 +512,125 @@ macro_rules! impl_store {
 
             async fn secrets_to_rewrap(
                 &self,
+                purpose: $crate::crypto::Purpose,
                 active: &str,
                 after: &str,
                 limit: i64,
             ) -> Result<Vec<$crate::store::SealedRow>, $crate::store::StoreError> {
-                let rows: Vec<$crate::store::records::SealedRowRaw> = sqlx::query_as(
-                    "SELECT tenant_id, mode, api_key_secret_id, master_key_id, wrapped_key, ciphertext \
-                     FROM stripe_connections WHERE master_key_id <> $1 AND api_key_secret_id > $2 \
-                     ORDER BY api_key_secret_id LIMIT $3",
-                )
-                .bind(active)
-                .bind(after)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
-                rows.into_iter().map(TryInto::try_into).collect()
+                let rows: Vec<$crate::store::records::SealedRowRaw> =
+                    sqlx::query_as($crate::store::sql::sealed_columns(purpose).0)
+                        .bind(active)
+                        .bind(after)
+                        .bind(limit)
+                        .fetch_all(&self.pool)
+                        .await?;
+                rows.into_iter().map(|row| row.into_row(purpose)).collect()
             }
 
             async fn replace_wrapped_keys(
                 &self,
+                purpose: $crate::crypto::Purpose,
                 rows: &[$crate::store::RewrappedRow],
             ) -> Result<u64, $crate::store::StoreError> {
                 let mut tx = self.pool.begin().await?;
                 let mut replaced = 0;
                 for row in rows {
-                    replaced += sqlx::query(
-                        "UPDATE stripe_connections SET master_key_id = $3, wrapped_key = $4 \
-                         WHERE api_key_secret_id = $1 AND master_key_id = $2",
-                    )
-                    .bind(&row.secret_id)
-                    .bind(&row.previous_master_key_id)
-                    .bind(&row.sealed.master_key_id)
-                    .bind(&row.sealed.wrapped_key)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
+                    replaced += sqlx::query($crate::store::sql::sealed_columns(purpose).1)
+                        .bind(&row.secret_id)
+                        .bind(&row.previous_master_key_id)
+                        .bind(&row.sealed.master_key_id)
+                        .bind(&row.sealed.wrapped_key)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
                 }
                 tx.commit().await?;
                 Ok(replaced)
+            }
+
+            async fn find_webhook_target(
+                &self,
+                connection_id: &str,
+            ) -> Result<Option<$crate::store::WebhookTarget>, $crate::store::StoreError> {
+                let row: Option<$crate::store::records::WebhookTargetRow> = sqlx::query_as(
+                    "SELECT tenant_id, mode, webhook_secret_id, webhook_master_key_id, \
+                     webhook_wrapped_key, webhook_ciphertext FROM stripe_connections \
+                     WHERE connection_id = $1 AND webhook_secret_id IS NOT NULL",
+                )
+                .bind(connection_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn insert_webhook_event(
+                &self,
+                tenant: &$crate::domain::TenantId,
+                connection_id: &str,
+                event: &$crate::store::NewEvent,
+            ) -> Result<bool, $crate::store::StoreError> {
+                // Redeliveries are the common duplicate: answer them without the tenant lock.
+                let seen: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM webhook_events WHERE connection_id = $1 AND event_id = $2",
+                )
+                .bind(connection_id)
+                .bind(&event.event_id)
+                .fetch_one(&self.pool)
+                .await?;
+                if seen > 0 {
+                    return Ok(false);
+                }
+                let mut tx = self.pool.begin().await?;
+                // The tenant row's lock orders the sequence by commit.
+                let seq: Option<i64> = sqlx::query_scalar(
+                    "UPDATE tenants SET event_seq = event_seq + 1 WHERE tenant_id = $1 RETURNING event_seq",
+                )
+                .bind(tenant.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(seq) = seq else {
+                    return Err($crate::store::StoreError::TenantMissing);
+                };
+                let inserted = sqlx::query(
+                    "INSERT INTO webhook_events (tenant_id, seq, connection_id, event_id, event_type, \
+                     created, livemode, received_at, payload) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                     ON CONFLICT (connection_id, event_id) DO NOTHING",
+                )
+                .bind(tenant.as_str())
+                .bind(seq)
+                .bind(connection_id)
+                .bind(&event.event_id)
+                .bind(&event.event_type)
+                .bind(event.created)
+                .bind(event.livemode)
+                .bind($crate::store::records::now())
+                .bind(&event.payload)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    // A concurrent delivery of the same event won; give the sequence number back.
+                    return Ok(false);
+                }
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn list_events(
+                &self,
+                tenant: &$crate::domain::TenantId,
+                after: i64,
+                limit: i64,
+            ) -> Result<Vec<$crate::store::StoredEvent>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(
+                    "SELECT seq, connection_id, event_id, event_type, created, livemode, received_at, payload \
+                     FROM webhook_events WHERE tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                )
+                .bind(tenant.as_str())
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?)
             }
 
             async fn fetch_key(

@@ -3,6 +3,7 @@
 
 mod client;
 mod probe;
+pub mod webhooks;
 
 pub use client::{
     StripeClient, StripeClientConfig, StripeFailure, StripeMethod, StripeReply, StripeRequest,

@@ -9,7 +9,7 @@ use wiremock::Mock;
 use crate::backend_tests;
 use crate::helpers::{assert_error, json, spawn_app, spawn_app_with, Backend, TestApp};
 use crate::stripe_mock::{
-    answer_all, grant_all_but, key, probe, probe_delayed, probe_path, Answer, StripeAnswer,
+    answer_all, grant_all_but, key, probe, probe_delayed, probe_path, probes, Answer, StripeAnswer,
 };
 
 backend_tests!(
@@ -83,10 +83,13 @@ async fn a_restricted_key_with_every_permission_connects(backend: Backend) {
     }
     assert!(!body.to_string().contains(&api_key));
 
-    // Exactly five probes, each an update of a random id, none a create.
+    // Exactly five probes, each an update of a random id, none a create; then our webhook
+    // endpoint is registered.
     let requests = app.stripe_requests().await;
-    assert_eq!(requests.len(), 5);
-    for request in &requests {
+    let probe_requests = probes(&requests);
+    assert_eq!(probe_requests.len(), 5);
+    assert_eq!(requests.len(), 6);
+    for request in probe_requests {
         assert_eq!(request.method.as_str(), "POST");
         assert!(request.body.is_empty(), "a probe sends no parameters");
         assert_eq!(
@@ -314,7 +317,7 @@ async fn rate_limited_by_stripe_then_granted(backend: Backend) {
         .filter(|r| r.url.path().starts_with("/v1/coupons/"))
         .count();
     assert_eq!(
-        (requests.len(), coupon_calls),
+        (probes(&requests).len(), coupon_calls),
         (6, 2),
         "one retry of the 429"
     );
@@ -448,6 +451,9 @@ async fn probes_overlap_in_time(backend: Backend) {
             .mount(&app.stripe)
             .await;
     }
+    crate::stripe_mock::FakeEndpoints::default()
+        .mount(&app.stripe)
+        .await;
     let started = Instant::now();
     assert_eq!(
         app.connect("ten_1", &key("rk_test_", "Aaaa"))
@@ -694,5 +700,5 @@ async fn the_required_resources_are_configuration(backend: Backend) {
         body["permissions"],
         json!({"customers": "granted", "coupons": "granted"})
     );
-    assert_eq!(app.stripe_requests().await.len(), 2);
+    assert_eq!(probes(&app.stripe_requests().await).len(), 2);
 }

@@ -161,7 +161,7 @@ async fn rewrap_survives_a_crash_and_loses_nothing(backend: Backend) {
     assert_eq!((partial.rewrapped, partial.batches), (6, 2));
     let mut counts = app.store.count_secrets_by_master_key().await.unwrap();
     counts.sort();
-    assert_eq!(counts, [("k2".to_owned(), 6), ("test1".to_owned(), 4)]);
+    assert_eq!(counts, [("k2".to_owned(), 6), ("test1".to_owned(), 14)]);
     // The service keeps serving every key meanwhile, with both master keys configured.
     let serving = app
         .twin_with(&[
@@ -187,11 +187,14 @@ async fn rewrap_survives_a_crash_and_loses_nothing(backend: Backend) {
     let rest = atlas_stripe::rotation::rewrap_all(&*app.store, &keyring, 3, None)
         .await
         .unwrap();
-    assert_eq!(rest.rewrapped, 4);
+    assert_eq!(
+        rest.rewrapped, 14,
+        "the rest of the API keys and every webhook secret"
+    );
     assert!(rest.failed.is_empty());
     assert_eq!(
         app.store.count_secrets_by_master_key().await.unwrap(),
-        [("k2".to_owned(), 10)]
+        [("k2".to_owned(), 20)]
     );
     // The old master key can now be dropped: every key opens with k2 alone.
     let k2_only = both
@@ -282,7 +285,7 @@ async fn metrics_expose_the_named_series(backend: Backend) {
         r#"atlas_probe_results_total{resource="coupons",result="missing"}"#,
         r#"atlas_probe_results_total{resource="invoices",result="granted"}"#,
         r#"atlas_connections{status="active"} 1"#,
-        r#"atlas_sealed_keys{master_key_id="test1"} 1"#,
+        r#"atlas_sealed_keys{master_key_id="test1"} 2"#,
     ] {
         assert!(text.contains(series), "missing {series} in:\n{text}");
     }

@@ -13,3 +13,4 @@ mod ops;
 mod secrets;
 mod store;
 mod tenants;
+mod webhooks;

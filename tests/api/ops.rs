@@ -95,6 +95,7 @@ async fn the_openapi_description_matches_the_routes() {
             "DELETE /v1/tenants/{tenant_id}/stripe/connection",
             "GET /healthz",
             "GET /internal/v1/connections",
+            "GET /internal/v1/tenants/{tenant_id}/stripe/events",
             "GET /internal/v1/tenants/{tenant_id}/stripe/key",
             "GET /metrics",
             "GET /openapi.json",
@@ -102,6 +103,7 @@ async fn the_openapi_description_matches_the_routes() {
             "GET /v1/tenants/{tenant_id}/stripe/connection",
             "POST /v1/tenants/{tenant_id}/stripe/connection",
             "POST /v1/tenants/{tenant_id}/stripe/connection/verify",
+            "POST /webhooks/stripe/{connection_id}",
             "PUT /internal/v1/tenants/{tenant_id}",
         ]
     );

@@ -9,7 +9,7 @@ use atlas_stripe::domain::{
 };
 use atlas_stripe::store::{
     Actor, NewConnection, NewServiceToken, SaveOutcome, Store, StoreError, TenantWrite,
-    Verification,
+    Verification, WebhookChange,
 };
 
 use crate::backend_tests;
@@ -151,6 +151,8 @@ fn report(missing: &[Resource]) -> PermissionReport {
 
 fn new_connection(tenant_id: &str, mode: Mode, secret_id: &str) -> NewConnection {
     NewConnection {
+        connection_id: format!("con_{tenant_id}"),
+        webhook: WebhookChange::Keep,
         tenant_id: tenant(tenant_id),
         mode,
         key_type: KeyKind::Secret,

@@ -180,15 +180,18 @@ pub fn probe_delayed(resource: Resource, answer: Answer, delay: Duration) -> Moc
         })
 }
 
-/// Every probe answers `answer`.
-pub async fn answer_all(server: &MockServer, answer: Answer) {
+/// Every probe answers `answer`; webhook endpoints behave like Stripe's (a fresh set).
+pub async fn answer_all(server: &MockServer, answer: Answer) -> FakeEndpoints {
     for resource in Resource::ALL {
         probe(resource, answer).mount(server).await;
     }
+    let endpoints = FakeEndpoints::default();
+    endpoints.mount(server).await;
+    endpoints
 }
 
-/// Every probe is granted except those in `denied`.
-pub async fn grant_all_but(server: &MockServer, denied: &[Resource]) {
+/// Every probe is granted except those in `denied`; webhook endpoints as in `answer_all`.
+pub async fn grant_all_but(server: &MockServer, denied: &[Resource]) -> FakeEndpoints {
     for resource in Resource::ALL {
         let answer = if denied.contains(&resource) {
             Answer::Denied
@@ -197,6 +200,17 @@ pub async fn grant_all_but(server: &MockServer, denied: &[Resource]) {
         };
         probe(resource, answer).mount(server).await;
     }
+    let endpoints = FakeEndpoints::default();
+    endpoints.mount(server).await;
+    endpoints
+}
+
+/// The permission probes among recorded requests (not webhook registrations or lookups).
+pub fn probes(requests: &[Request]) -> Vec<&Request> {
+    requests
+        .iter()
+        .filter(|r| r.method.as_str() == "POST" && r.url.path() != "/v1/webhook_endpoints")
+        .collect()
 }
 
 /// A well-formed key of the given prefix (built at run time: no key-shaped literal is
@@ -205,4 +219,186 @@ pub fn key(prefix: &str, last4: &str) -> String {
     use rand::distributions::{Alphanumeric, DistString};
     let body = Alphanumeric.sample_string(&mut rand::thread_rng(), 95);
     format!("{prefix}{body}{last4}")
+}
+
+/// Stripe's webhook endpoints across accounts, kept in memory: create, retrieve and delete
+/// behave like Stripe's, scoped to the account of the key used. A key whose last four
+/// characters start with `X` belongs to another account than every other key.
+#[derive(Clone, Default)]
+pub struct FakeEndpoints {
+    inner: std::sync::Arc<std::sync::Mutex<FakeState>>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    endpoints: Vec<FakeEndpoint>,
+    next: u32,
+    refuse: bool,
+    omit_secret: bool,
+    delay: Option<Duration>,
+}
+
+#[derive(Clone, Debug)]
+pub struct FakeEndpoint {
+    pub id: String,
+    pub account: String,
+    pub url: String,
+    pub secret: String,
+}
+
+fn account_of(request: &Request) -> String {
+    let key = request
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if key.len() >= 4 && key[key.len() - 4..].starts_with('X') {
+        "acct_other".into()
+    } else {
+        "acct_main".into()
+    }
+}
+
+fn form_value(body: &[u8], name: &str) -> Option<String> {
+    url::form_urlencoded::parse(body)
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+impl FakeEndpoints {
+    /// Mounts create, retrieve and delete of webhook endpoints on `server`.
+    pub async fn mount(&self, server: &MockServer) {
+        Mock::given(method("POST"))
+            .and(path_regex(r"^/v1/webhook_endpoints$"))
+            .respond_with(self.clone())
+            .mount(server)
+            .await;
+        for verb in ["GET", "DELETE"] {
+            Mock::given(method(verb))
+                .and(path_regex(r"^/v1/webhook_endpoints/we_[A-Za-z0-9]+$"))
+                .respond_with(self.clone())
+                .mount(server)
+                .await;
+        }
+    }
+
+    pub fn endpoints(&self) -> Vec<FakeEndpoint> {
+        self.inner.lock().unwrap().endpoints.clone()
+    }
+
+    /// The signing secret of the endpoint whose URL ends with `/{connection_id}`.
+    pub fn secret_for(&self, connection_id: &str) -> String {
+        self.endpoints()
+            .into_iter()
+            .find(|e| e.url.ends_with(&format!("/{connection_id}")))
+            .map(|e| e.secret)
+            .expect("an endpoint for that connection")
+    }
+
+    /// Adds an endpoint the tenant made themselves (not ours).
+    pub fn add_foreign(&self, account: &str, url: &str) -> String {
+        let mut state = self.inner.lock().unwrap();
+        state.next += 1;
+        let id = format!("we_foreign{}", state.next);
+        state.endpoints.push(FakeEndpoint {
+            id: id.clone(),
+            account: account.into(),
+            url: url.into(),
+            secret: "whsec_theirs".into(),
+        });
+        id
+    }
+
+    /// Stripe refuses registrations (e.g. the account has 16 endpoints already).
+    pub fn refuse(&self, refuse: bool) {
+        self.inner.lock().unwrap().refuse = refuse;
+    }
+
+    /// Stripe answers a registration without its secret.
+    pub fn omit_secret(&self, omit: bool) {
+        self.inner.lock().unwrap().omit_secret = omit;
+    }
+
+    pub fn delay_registration(&self, delay: Duration) {
+        self.inner.lock().unwrap().delay = Some(delay);
+    }
+}
+
+fn not_found(id: &str) -> ResponseTemplate {
+    ResponseTemplate::new(404).set_body_json(json!({"error": {
+        "code": "resource_missing",
+        "message": format!("No such webhook endpoint: '{id}'"),
+        "param": "id",
+        "type": "invalid_request_error",
+    }}))
+}
+
+impl Respond for FakeEndpoints {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let account = account_of(request);
+        let mut state = self.inner.lock().unwrap();
+        let path = request.url.path().to_owned();
+        match request.method.as_str() {
+            "POST" => {
+                if state.refuse {
+                    return ResponseTemplate::new(400).set_body_json(json!({"error": {
+                        "message": "You have reached the maximum of 16 test webhook endpoints.",
+                        "type": "invalid_request_error",
+                    }}));
+                }
+                state.next += 1;
+                let id = format!("we_1Atlas{:06}", state.next);
+                let secret = format!(
+                    "whsec_{}",
+                    crate::stripe_mock::key("", &format!("{:04}", state.next))
+                );
+                let url = form_value(&request.body, "url").unwrap_or_default();
+                let events: Vec<String> = url::form_urlencoded::parse(&request.body)
+                    .filter(|(k, _)| k == "enabled_events[]")
+                    .map(|(_, v)| v.into_owned())
+                    .collect();
+                state.endpoints.push(FakeEndpoint {
+                    id: id.clone(),
+                    account,
+                    url: url.clone(),
+                    secret: secret.clone(),
+                });
+                let mut body = json!({
+                    "id": id, "object": "webhook_endpoint", "api_version": form_value(&request.body, "api_version"),
+                    "application": null, "created": 1_700_000_000, "description": form_value(&request.body, "description"),
+                    "enabled_events": events, "livemode": false, "metadata": {}, "secret": secret,
+                    "status": "enabled", "url": url,
+                });
+                if state.omit_secret {
+                    body.as_object_mut().unwrap().remove("secret");
+                }
+                let template = ResponseTemplate::new(200).set_body_json(body);
+                match state.delay {
+                    Some(delay) => template.set_delay(delay),
+                    None => template,
+                }
+            }
+            verb => {
+                let id = path.rsplit('/').next().unwrap_or_default().to_owned();
+                let Some(index) = state
+                    .endpoints
+                    .iter()
+                    .position(|e| e.id == id && e.account == account)
+                else {
+                    return not_found(&id);
+                };
+                if verb == "DELETE" {
+                    state.endpoints.remove(index);
+                    return ResponseTemplate::new(200).set_body_json(
+                        json!({"id": id, "object": "webhook_endpoint", "deleted": true}),
+                    );
+                }
+                let e = &state.endpoints[index];
+                ResponseTemplate::new(200).set_body_json(json!({
+                    "id": e.id, "object": "webhook_endpoint", "url": e.url, "status": "enabled",
+                    "enabled_events": ["invoice.paid"], "livemode": false, "metadata": {}, "created": 1_700_000_000,
+                }))
+            }
+        }
+    }
 }

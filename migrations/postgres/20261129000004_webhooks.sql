@@ -1,0 +1,25 @@
+-- Our webhook endpoint on the tenant's Stripe account, its sealed signing secret, and the
+-- events Stripe delivers to it.
+ALTER TABLE stripe_connections ADD COLUMN webhook_endpoint_id TEXT;
+ALTER TABLE stripe_connections ADD COLUMN webhook_secret_id TEXT;
+ALTER TABLE stripe_connections ADD COLUMN webhook_master_key_id TEXT;
+ALTER TABLE stripe_connections ADD COLUMN webhook_wrapped_key BYTEA;
+ALTER TABLE stripe_connections ADD COLUMN webhook_ciphertext BYTEA;
+
+-- Per-tenant event sequence: taken under the tenant row's lock, so sequence order is
+-- commit order and a feed cursor never skips an event committed late.
+ALTER TABLE tenants ADD COLUMN event_seq BIGINT NOT NULL DEFAULT 0;
+
+CREATE TABLE webhook_events (
+    tenant_id      TEXT NOT NULL,
+    seq            BIGINT NOT NULL,
+    connection_id  TEXT NOT NULL,
+    event_id       TEXT NOT NULL,
+    event_type     TEXT NOT NULL,
+    created        BIGINT NOT NULL,
+    livemode       BOOLEAN NOT NULL,
+    received_at    TIMESTAMPTZ NOT NULL,
+    payload        TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, seq),
+    UNIQUE (connection_id, event_id)
+);

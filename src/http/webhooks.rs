@@ -1,0 +1,113 @@
+//! Stripe's deliveries to our endpoint: verified, then stored durably before the 2xx.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{ApiError, ErrorBody};
+use super::state::AppState;
+use crate::domain::Mode;
+use crate::store::NewEvent;
+use crate::stripe::webhooks::verify_signature;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/webhooks/stripe/{connection_id}", post(receive))
+}
+
+/// The fields we index; the whole payload is stored as sent.
+#[derive(Deserialize)]
+struct EventEnvelope {
+    id: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    created: i64,
+    livemode: bool,
+}
+
+fn plain(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+#[utoipa::path(post, path = "/webhooks/stripe/{connection_id}", tag = "webhooks",
+    params(("connection_id" = String, Path, description = "The connection the endpoint was registered for")),
+    request_body(content = String, description = "A Stripe event, signed in the Stripe-Signature header", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Stored (or already stored: a redelivery)"),
+        (status = 400, description = "webhook_rejected: bad signature, stale timestamp, livemode contradicting the tenant's mode, or not an event", body = ErrorBody),
+        (status = 404, description = "unknown_connection", body = ErrorBody),
+    ))]
+pub async fn receive(
+    State(state): State<AppState>,
+    Path(connection_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if !plain(&connection_id, 64) {
+        return Err(ApiError::UnknownWebhookConnection);
+    }
+    // The raw bytes are what Stripe signed: read them as sent, within the limit.
+    let limit = state.webhook_body_limit;
+    let body = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+    let target = state
+        .store
+        .find_webhook_target(&connection_id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or(ApiError::UnknownWebhookConnection)?;
+    let secret = state
+        .keyring
+        .open(&target.context, &target.sealed)
+        .map_err(ApiError::internal)?;
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if let Err(reason) =
+        verify_signature(signature, &body, &secret, now, state.webhook_tolerance_secs)
+    {
+        metrics::counter!("atlas_webhook_deliveries_total", "outcome" => "bad_signature")
+            .increment(1);
+        tracing::info!(%reason, "webhook delivery rejected");
+        return Err(ApiError::WebhookRejected);
+    }
+    let envelope: EventEnvelope =
+        serde_json::from_slice(&body).map_err(|_| ApiError::WebhookRejected)?;
+    if !plain(&envelope.id, 255) || !plain(&envelope.event_type, 255) {
+        return Err(ApiError::WebhookRejected);
+    }
+    if envelope.livemode != (target.mode == Mode::Live) {
+        metrics::counter!("atlas_webhook_deliveries_total", "outcome" => "mode_mismatch")
+            .increment(1);
+        tracing::warn!(event_id = %envelope.id, "webhook livemode contradicts the tenant's mode");
+        return Err(ApiError::WebhookRejected);
+    }
+    let payload = String::from_utf8(body.to_vec()).map_err(|_| ApiError::WebhookRejected)?;
+    let event = NewEvent {
+        event_id: envelope.id,
+        event_type: envelope.event_type,
+        created: envelope.created,
+        livemode: envelope.livemode,
+        payload,
+    };
+    let stored = state
+        .store
+        .insert_webhook_event(&target.tenant_id, &connection_id, &event)
+        .await
+        .map_err(ApiError::internal)?;
+    let outcome = if stored { "stored" } else { "duplicate" };
+    metrics::counter!("atlas_webhook_deliveries_total", "outcome" => outcome).increment(1);
+    Ok((
+        StatusCode::OK,
+        Json(json!({"received": true, "duplicate": !stored})),
+    ))
+}

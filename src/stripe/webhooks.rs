@@ -1,0 +1,222 @@
+//! Our webhook endpoint on a tenant's Stripe account: registration, lookup, deletion, and
+//! the signature Stripe puts on every delivery.
+
+use hmac::{Hmac, Mac};
+use secrecy::SecretString;
+use serde_json::Value;
+use sha2::Sha256;
+
+use super::client::{StripeMethod, StripeReply, StripeRequest};
+use crate::domain::{random_id, TenantId};
+
+/// `POST /v1/webhook_endpoints`: the response carries the signing secret, once.
+pub fn register_request(
+    url: &str,
+    enabled_events: &[String],
+    api_version: &str,
+    tenant: &TenantId,
+    connection_id: &str,
+) -> StripeRequest {
+    let mut form = vec![("url".to_owned(), url.to_owned())];
+    for event in enabled_events {
+        form.push(("enabled_events[]".to_owned(), event.clone()));
+    }
+    form.extend([
+        ("api_version".to_owned(), api_version.to_owned()),
+        (
+            "description".to_owned(),
+            format!("Atlas billing for tenant {tenant}"),
+        ),
+        ("metadata[managed_by]".to_owned(), "atlas-stripe".to_owned()),
+        ("metadata[tenant_id]".to_owned(), tenant.as_str().to_owned()),
+        (
+            "metadata[connection_id]".to_owned(),
+            connection_id.to_owned(),
+        ),
+    ]);
+    StripeRequest {
+        method: StripeMethod::Post,
+        endpoint: "/v1/webhook_endpoints",
+        path: "/v1/webhook_endpoints".to_owned(),
+        form,
+        // One key per registration, reused by the client's retries: never two endpoints.
+        idempotency_key: Some(random_id("atlas-we-", 24)),
+    }
+}
+
+pub fn retrieve_request(endpoint_id: &str) -> StripeRequest {
+    StripeRequest {
+        method: StripeMethod::Get,
+        endpoint: "/v1/webhook_endpoints/{webhook_endpoint}",
+        path: format!("/v1/webhook_endpoints/{endpoint_id}"),
+        form: Vec::new(),
+        idempotency_key: None,
+    }
+}
+
+pub fn delete_request(endpoint_id: &str) -> StripeRequest {
+    StripeRequest {
+        method: StripeMethod::Delete,
+        endpoint: "/v1/webhook_endpoints/{webhook_endpoint}",
+        path: format!("/v1/webhook_endpoints/{endpoint_id}"),
+        form: Vec::new(),
+        idempotency_key: None,
+    }
+}
+
+/// A Stripe object id: a known prefix and letters and digits (never trusted blindly into a
+/// path).
+pub fn valid_endpoint_id(id: &str) -> bool {
+    id.strip_prefix("we_").is_some_and(|rest| {
+        !rest.is_empty() && rest.len() <= 64 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
+}
+
+/// What a successful registration gave us.
+pub struct RegisteredEndpoint {
+    pub id: String,
+    /// `None` when Stripe's answer lacked it: the endpoint must be deleted again.
+    pub secret: Option<SecretString>,
+}
+
+pub fn parse_registration(reply: &StripeReply) -> Option<RegisteredEndpoint> {
+    let id = reply
+        .body
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|id| valid_endpoint_id(id))?;
+    let secret = reply
+        .body
+        .get("secret")
+        .and_then(Value::as_str)
+        .filter(|s| s.starts_with("whsec_") && s.len() > 10)
+        .map(|s| SecretString::from(s.to_owned()));
+    Some(RegisteredEndpoint {
+        id: id.to_owned(),
+        secret,
+    })
+}
+
+/// The URL of an endpoint Stripe describes, to tell ours from a tenant's own.
+pub fn endpoint_url(reply: &StripeReply) -> Option<&str> {
+    reply.body.get("url").and_then(Value::as_str)
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("missing or malformed Stripe-Signature header")]
+    Malformed,
+    #[error("timestamp outside the tolerance")]
+    Stale,
+    #[error("no v1 signature matches")]
+    Mismatch,
+}
+
+/// Verifies `Stripe-Signature: t=<unix>,v1=<hex>[,v1=…][,v0=…]`: HMAC-SHA256 with the
+/// endpoint's secret over `"<t>.<raw body>"`; any matching `v1` passes (Stripe sends two
+/// while a secret is being rolled), compared in constant time.
+pub fn verify_signature(
+    header: &str,
+    body: &[u8],
+    secret: &[u8],
+    now_unix: i64,
+    tolerance_secs: i64,
+) -> Result<(), SignatureError> {
+    let mut timestamp = None;
+    let mut candidates = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", value)) => timestamp = value.parse::<i64>().ok(),
+            Some(("v1", value)) => {
+                if let Ok(bytes) = hex::decode(value) {
+                    candidates.push(bytes);
+                }
+            }
+            _ => {}
+        }
+    }
+    let timestamp = timestamp.ok_or(SignatureError::Malformed)?;
+    if candidates.is_empty() {
+        return Err(SignatureError::Malformed);
+    }
+    if (now_unix - timestamp).abs() > tolerance_secs {
+        return Err(SignatureError::Stale);
+    }
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| SignatureError::Malformed)?;
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let matched = candidates
+        .iter()
+        .any(|candidate| mac.clone().verify_slice(candidate).is_ok());
+    if matched {
+        Ok(())
+    } else {
+        Err(SignatureError::Mismatch)
+    }
+}
+
+/// Signs like Stripe does (tests and benchmarks).
+pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(format!("{timestamp}.").as_bytes());
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"whsec_test_secret_for_unit_tests";
+
+    #[test]
+    fn accepts_any_matching_v1_within_tolerance() {
+        let body = br#"{"id":"evt_1"}"#;
+        let good = sign(SECRET, 1_000, body);
+        let header = format!("t=1000,v1={good}");
+        assert_eq!(verify_signature(&header, body, SECRET, 1_100, 300), Ok(()));
+        let two = format!("t=1000,v1={},v1={good},v0=abc", "0".repeat(64));
+        assert_eq!(verify_signature(&two, body, SECRET, 1_000, 300), Ok(()));
+    }
+
+    #[test]
+    fn refuses_stale_tampered_wrong_secret_and_malformed() {
+        let body = br#"{"id":"evt_1"}"#;
+        let good = sign(SECRET, 1_000, body);
+        let header = format!("t=1000,v1={good}");
+        assert_eq!(
+            verify_signature(&header, body, SECRET, 1_301, 300),
+            Err(SignatureError::Stale)
+        );
+        assert_eq!(
+            verify_signature(&header, b"{\"id\":\"evt_2\"}", SECRET, 1_000, 300),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify_signature(&header, body, b"whsec_other", 1_000, 300),
+            Err(SignatureError::Mismatch)
+        );
+        for bad in [
+            "",
+            "t=1000",
+            &format!("v1={good}"),
+            "t=abc,v1=00",
+            &format!("t=1000,v0={good}"),
+        ] {
+            assert_eq!(
+                verify_signature(bad, body, SECRET, 1_000, 300),
+                Err(SignatureError::Malformed),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn endpoint_ids_are_checked() {
+        assert!(valid_endpoint_id("we_1NxAbc"));
+        assert!(!valid_endpoint_id("we_"));
+        assert!(!valid_endpoint_id("we_../x"));
+        assert!(!valid_endpoint_id("cus_1"));
+    }
+}

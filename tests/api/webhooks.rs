@@ -1,0 +1,486 @@
+//! Our webhook endpoint on the tenant's account, and Stripe's deliveries to it.
+
+use std::time::Duration;
+
+use atlas_stripe::auth::Scope;
+use atlas_stripe::domain::{Mode, TenantId};
+use atlas_stripe::stripe::webhooks::sign;
+use reqwest::Method;
+use serde_json::json;
+
+use crate::backend_tests;
+use crate::helpers::{assert_error, json, spawn_app, Backend, TestApp};
+use crate::stripe_mock::{answer_all, key, Answer, FakeEndpoints};
+
+backend_tests!(
+    connect_registers_our_endpoint_and_seals_its_secret,
+    a_registration_without_secret_leaves_no_orphan,
+    a_failed_commit_deletes_the_new_endpoint,
+    a_refused_registration_is_a_clear_422,
+    same_account_replacement_keeps_the_endpoint,
+    another_account_registers_anew_and_deletes_the_old,
+    disconnect_deletes_only_our_endpoint,
+    signatures_are_checked,
+    deliveries_are_stored_once,
+    the_feed_pages_with_a_stable_cursor,
+);
+
+async fn connected(backend: Backend, mode: Mode) -> (TestApp, FakeEndpoints, String) {
+    let app = spawn_app(backend).await;
+    app.create_tenant("ten_1", mode).await;
+    let endpoints = answer_all(&app.stripe, Answer::Granted).await;
+    let prefix = if mode == Mode::Live {
+        "rk_live_"
+    } else {
+        "rk_test_"
+    };
+    assert_eq!(
+        app.connect("ten_1", &key(prefix, "Main")).await.status(),
+        201
+    );
+    let connection_id = stored_connection_id(&app).await;
+    (app, endpoints, connection_id)
+}
+
+async fn stored_connection_id(app: &TestApp) -> String {
+    app.store
+        .find_connection(&TenantId::parse("ten_1").unwrap())
+        .await
+        .unwrap()
+        .expect("connected")
+        .connection_id
+}
+
+fn form(request: &wiremock::Request) -> Vec<(String, String)> {
+    url::form_urlencoded::parse(&request.body)
+        .into_owned()
+        .collect()
+}
+
+async fn connect_registers_our_endpoint_and_seals_its_secret(backend: Backend) {
+    let (app, endpoints, connection_id) = connected(backend, Mode::Test).await;
+    let requests = app.stripe_requests().await;
+    let registration = requests
+        .iter()
+        .find(|r| r.method.as_str() == "POST" && r.url.path() == "/v1/webhook_endpoints")
+        .expect("registered");
+    let fields = form(registration);
+    let value = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(
+        value("url"),
+        Some(format!("http://127.0.0.1:8080/webhooks/stripe/{connection_id}").as_str())
+    );
+    assert_eq!(value("api_version"), Some("2023-08-16"));
+    assert_eq!(value("metadata[tenant_id]"), Some("ten_1"));
+    assert_eq!(
+        value("metadata[connection_id]"),
+        Some(connection_id.as_str())
+    );
+    assert!(value("description").is_some());
+    let events: Vec<&str> = fields
+        .iter()
+        .filter(|(k, _)| k == "enabled_events[]")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    for needed in [
+        "checkout.session.completed",
+        "invoice.paid",
+        "invoice.payment_failed",
+        "payment_intent.succeeded",
+        "customer.subscription.updated",
+    ] {
+        assert!(events.contains(&needed), "{needed} not enabled: {events:?}");
+    }
+    assert!(
+        registration.headers.get("idempotency-key").is_some(),
+        "creating POST without Idempotency-Key"
+    );
+    // The signing secret is sealed: nowhere in the row in the clear.
+    let secret = endpoints.secret_for(&connection_id);
+    let record = app
+        .store
+        .find_connection(&TenantId::parse("ten_1").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let webhook = record.webhook.clone().expect("stored endpoint");
+    assert_eq!(webhook.endpoint_id, endpoints.endpoints()[0].id);
+    assert!(!webhook
+        .sealed
+        .ciphertext
+        .windows(secret.len())
+        .any(|w| w == secret.as_bytes()));
+    let opened = app
+        .keyring()
+        .open(&record.webhook_context(&webhook), &webhook.sealed)
+        .unwrap();
+    assert_eq!(opened.as_slice(), secret.as_bytes());
+}
+
+async fn a_registration_without_secret_leaves_no_orphan(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.create_tenant("ten_1", Mode::Test).await;
+    let endpoints = answer_all(&app.stripe, Answer::Granted).await;
+    endpoints.omit_secret(true);
+    assert_error(
+        app.connect("ten_1", &key("rk_test_", "Nsec")).await,
+        502,
+        "stripe_unavailable",
+    )
+    .await;
+    assert!(
+        endpoints.endpoints().is_empty(),
+        "the endpoint was deleted again"
+    );
+    assert_error(
+        app.tenant_request(Method::GET, "ten_1", "").await,
+        404,
+        "not_connected",
+    )
+    .await;
+}
+
+async fn a_failed_commit_deletes_the_new_endpoint(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.create_tenant("ten_1", Mode::Test).await;
+    let endpoints = answer_all(&app.stripe, Answer::Granted).await;
+    endpoints.delay_registration(Duration::from_millis(400));
+    let api_key = key("rk_test_", "Comm");
+    let connecting = app.connect("ten_1", &api_key);
+    let change_mode = async {
+        // While our endpoint is being registered, the tenant moves to live mode: the commit
+        // that follows must fail, and the endpoint must not stay behind.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        app.create_tenant("ten_1", Mode::Live).await;
+    };
+    let (response, ()) = tokio::join!(connecting, change_mode);
+    assert_error(response, 422, "mode_mismatch").await;
+    assert!(
+        endpoints.endpoints().is_empty(),
+        "orphan left on Stripe: {:?}",
+        endpoints.endpoints()
+    );
+    assert_eq!(
+        app.db
+            .scalar("SELECT COUNT(*) FROM stripe_connections")
+            .await,
+        0
+    );
+}
+
+async fn a_refused_registration_is_a_clear_422(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.create_tenant("ten_1", Mode::Test).await;
+    let endpoints = answer_all(&app.stripe, Answer::Granted).await;
+    endpoints.refuse(true);
+    let body = assert_error(
+        app.connect("ten_1", &key("rk_test_", "Full")).await,
+        422,
+        "webhook_registration_failed",
+    )
+    .await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("16"));
+    assert_error(
+        app.tenant_request(Method::GET, "ten_1", "").await,
+        404,
+        "not_connected",
+    )
+    .await;
+}
+
+async fn same_account_replacement_keeps_the_endpoint(backend: Backend) {
+    let (app, endpoints, connection_id) = connected(backend, Mode::Test).await;
+    let before = endpoints.endpoints();
+    assert_eq!(
+        app.connect("ten_1", &key("rk_test_", "Same"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(stored_connection_id(&app).await, connection_id);
+    let after = endpoints.endpoints();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].id, before[0].id, "kept, not re-registered");
+    let registrations = app
+        .stripe_requests()
+        .await
+        .iter()
+        .filter(|r| r.method.as_str() == "POST" && r.url.path() == "/v1/webhook_endpoints")
+        .count();
+    assert_eq!(registrations, 1);
+}
+
+async fn another_account_registers_anew_and_deletes_the_old(backend: Backend) {
+    let (app, endpoints, connection_id) = connected(backend, Mode::Test).await;
+    let old = endpoints.endpoints()[0].clone();
+    assert_eq!(old.account, "acct_main");
+    // A key of another Stripe account ("X…" last four in the fake).
+    assert_eq!(
+        app.connect("ten_1", &key("rk_test_", "Xoth"))
+            .await
+            .status(),
+        200
+    );
+    let now = endpoints.endpoints();
+    assert_eq!(
+        now.len(),
+        1,
+        "the old account's endpoint was deleted: {now:?}"
+    );
+    assert_eq!(now[0].account, "acct_other");
+    assert_ne!(now[0].id, old.id);
+    assert!(
+        now[0].url.ends_with(&connection_id),
+        "the URL (our connection) is stable"
+    );
+    let stored = app
+        .store
+        .find_connection(&TenantId::parse("ten_1").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.webhook.unwrap().endpoint_id, now[0].id);
+}
+
+async fn disconnect_deletes_only_our_endpoint(backend: Backend) {
+    let (app, endpoints, _) = connected(backend, Mode::Test).await;
+    let theirs = endpoints.add_foreign("acct_main", "https://tenant.example/stripe-hook");
+    let response = app.tenant_request(Method::DELETE, "ten_1", "").await;
+    assert_eq!(response.status(), 204);
+    assert_eq!(response.headers()["atlas-stripe-cleanup"], "deleted");
+    let left: Vec<String> = endpoints.endpoints().into_iter().map(|e| e.id).collect();
+    assert_eq!(left, [theirs]);
+    let deletes: Vec<String> = app
+        .stripe_requests()
+        .await
+        .iter()
+        .filter(|r| r.method.as_str() == "DELETE")
+        .map(|r| r.url.path().to_owned())
+        .collect();
+    assert_eq!(deletes.len(), 1, "{deletes:?}");
+}
+
+fn event(id: &str, livemode: bool) -> String {
+    json!({
+        "id": id, "object": "event", "api_version": "2023-08-16", "created": 1_700_000_000,
+        "type": "invoice.paid", "livemode": livemode, "pending_webhooks": 1,
+        "data": {"object": {"id": "in_1", "object": "invoice", "amount_paid": 4200, "currency": "eur"}},
+        "request": {"id": null, "idempotency_key": null},
+    })
+    .to_string()
+}
+
+async fn deliver(
+    app: &TestApp,
+    connection_id: &str,
+    body: &str,
+    signature: Option<String>,
+) -> reqwest::Response {
+    let mut request = app
+        .http
+        .post(app.url(&format!("/webhooks/stripe/{connection_id}")))
+        .header("content-type", "application/json; charset=utf-8")
+        .body(body.to_owned());
+    if let Some(signature) = signature {
+        request = request.header("stripe-signature", signature);
+    }
+    request.send().await.unwrap()
+}
+
+fn signed(secret: &str, body: &str, age_secs: i64) -> String {
+    let t = time::OffsetDateTime::now_utc().unix_timestamp() - age_secs;
+    format!("t={t},v1={}", sign(secret.as_bytes(), t, body.as_bytes()))
+}
+
+async fn signatures_are_checked(backend: Backend) {
+    let (app, endpoints, connection_id) = connected(backend, Mode::Test).await;
+    let secret = endpoints.secret_for(&connection_id);
+    let body = event("evt_1", false);
+    // Rejections first: none stores anything, none says why.
+    let stale = signed(&secret, &body, 301);
+    let t = time::OffsetDateTime::now_utc().unix_timestamp();
+    let cases = [
+        Some(signed("whsec_not_the_secret", &body, 0)),
+        Some(stale),
+        None,
+        Some("t=1,v1=zz".to_owned()),
+    ];
+    for signature in cases {
+        let rejected = assert_error(
+            deliver(&app, &connection_id, &body, signature).await,
+            400,
+            "webhook_rejected",
+        )
+        .await;
+        assert_eq!(
+            rejected["error"]["message"],
+            "The webhook delivery was rejected."
+        );
+    }
+    let tampered = body.replace("4200", "1");
+    assert_error(
+        deliver(
+            &app,
+            &connection_id,
+            &tampered,
+            Some(signed(&secret, &body, 0)),
+        )
+        .await,
+        400,
+        "webhook_rejected",
+    )
+    .await;
+    let live_event = event("evt_live", true);
+    assert_error(
+        deliver(
+            &app,
+            &connection_id,
+            &live_event,
+            Some(signed(&secret, &live_event, 0)),
+        )
+        .await,
+        400,
+        "webhook_rejected",
+    )
+    .await;
+    assert_eq!(
+        app.db.scalar("SELECT COUNT(*) FROM webhook_events").await,
+        0
+    );
+    // Two v1 candidates, one valid (Stripe does this while a secret is rolled).
+    let two = format!(
+        "t={t},v1={},v1={}",
+        "0".repeat(64),
+        sign(secret.as_bytes(), t, body.as_bytes())
+    );
+    assert_eq!(
+        deliver(&app, &connection_id, &body, Some(two))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.db.scalar("SELECT COUNT(*) FROM webhook_events").await,
+        1
+    );
+    // An unknown connection is a 404.
+    assert_error(
+        deliver(
+            &app,
+            "con_nosuchconnection",
+            &body,
+            Some(signed(&secret, &body, 0)),
+        )
+        .await,
+        404,
+        "unknown_connection",
+    )
+    .await;
+}
+
+async fn deliveries_are_stored_once(backend: Backend) {
+    let (app, endpoints, connection_id) = connected(backend, Mode::Live).await;
+    let secret = endpoints.secret_for(&connection_id);
+    let body = event("evt_dup", true);
+    let first =
+        json(deliver(&app, &connection_id, &body, Some(signed(&secret, &body, 0))).await).await;
+    assert_eq!(first, json!({"received": true, "duplicate": false}));
+    let again =
+        json(deliver(&app, &connection_id, &body, Some(signed(&secret, &body, 0))).await).await;
+    assert_eq!(again["duplicate"], true);
+    // Ten concurrent deliveries of one new event: exactly one row.
+    let concurrent = event("evt_race", true);
+    let sends = (0..10).map(|_| {
+        deliver(
+            &app,
+            &connection_id,
+            &concurrent,
+            Some(signed(&secret, &concurrent, 0)),
+        )
+    });
+    for response in futures_util::future::join_all(sends).await {
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(
+        app.db
+            .scalar("SELECT COUNT(*) FROM webhook_events WHERE event_id = 'evt_race'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.db.scalar("SELECT COUNT(*) FROM webhook_events").await,
+        2
+    );
+}
+
+async fn the_feed_pages_with_a_stable_cursor(backend: Backend) {
+    let (app, endpoints, connection_id) = connected(backend, Mode::Test).await;
+    let secret = endpoints.secret_for(&connection_id);
+    for i in 0..5 {
+        let body = event(&format!("evt_{i}"), false);
+        assert_eq!(
+            deliver(&app, &connection_id, &body, Some(signed(&secret, &body, 0)))
+                .await
+                .status(),
+            200
+        );
+    }
+    let token = app.service_token(&[Scope::EventsRead]).await;
+    let page = |after: String| {
+        let url = app.url(&format!(
+            "/internal/v1/tenants/ten_1/stripe/events?limit=2&after={after}"
+        ));
+        let http = app.http.clone();
+        let token = token.clone();
+        async move { json(http.get(url).bearer_auth(token).send().await.unwrap()).await }
+    };
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    for expected in [2, 2, 1, 0] {
+        let body = page(cursor.clone()).await;
+        let events = body["events"].as_array().unwrap();
+        assert_eq!(events.len(), expected, "{body}");
+        seen.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+        if let Some(last) = events.last() {
+            assert_eq!(
+                last["payload"]["data"]["object"]["amount_paid"], 4200,
+                "the payload as sent"
+            );
+            assert_eq!(last["type"], "invoice.paid");
+        }
+        cursor = body["next_cursor"].as_str().unwrap().to_owned();
+    }
+    assert_eq!(
+        seen,
+        ["evt_0", "evt_1", "evt_2", "evt_3", "evt_4"],
+        "arrival order, nothing missed or repeated"
+    );
+    // A consumer resuming from the last cursor sees only what arrives later.
+    let body = event("evt_5", false);
+    deliver(&app, &connection_id, &body, Some(signed(&secret, &body, 0))).await;
+    let next = page(cursor).await;
+    assert_eq!(next["events"][0]["id"], "evt_5");
+
+    let keys_only = app.service_token(&[Scope::KeysRead]).await;
+    let forbidden = app
+        .http
+        .get(app.url("/internal/v1/tenants/ten_1/stripe/events"))
+        .bearer_auth(keys_only)
+        .send()
+        .await
+        .unwrap();
+    assert_error(forbidden, 403, "insufficient_scope").await;
+    let bad = app
+        .http
+        .get(app.url("/internal/v1/tenants/ten_1/stripe/events?after=x"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_error(bad, 400, "invalid_request").await;
+}
