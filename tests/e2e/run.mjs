@@ -95,7 +95,10 @@ async function startService(stripeUrl, workDir) {
   child.stdout.pipe(log, { end: false });
   const logText = [];
   const port = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('the service did not start within 30 s; see artifacts/e2e/service.log')), 30_000);
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error('the service did not start within 30 s; see artifacts/e2e/service.log'));
+    }, 30_000);
     child.on('exit', (code) => reject(new Error(`the service exited with ${code}; see artifacts/e2e/service.log`)));
     readline.createInterface({ input: child.stderr }).on('line', (line) => {
       log.write(`${line}\n`);
