@@ -10,7 +10,7 @@ use secrecy::ExposeSecret;
 use crate::auth::{IssuedServiceToken, Scope, TenantTokens};
 use crate::config::Settings;
 use crate::crypto::{Keyring, MasterKeyId};
-use crate::domain::TenantId;
+use crate::domain::{Mode, TenantId};
 use crate::startup::{open_store, shutdown_signal, Application};
 use crate::store::{Actor, NewServiceToken};
 
@@ -42,6 +42,22 @@ pub enum Command {
         #[arg(long)]
         tenant: String,
         /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: i64,
+    },
+    /// Print a URL that opens the reference connect page (/connect/stripe) for a tenant, with
+    /// a development tenant token in its fragment (creating the tenant when it is missing).
+    DemoUrl {
+        #[arg(long, default_value = "ten_demo")]
+        tenant: String,
+        /// The mode of a tenant created now; an existing tenant keeps its own.
+        #[arg(long, default_value = "test")]
+        mode: String,
+        /// Where the service is reached; defaults to server.bind, on 127.0.0.1 when it binds
+        /// every address. The page accepts a token in its address on loopback hosts only.
+        #[arg(long)]
+        base_url: Option<String>,
+        /// Lifetime of the token in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl_secs: i64,
     },
@@ -112,6 +128,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let token = tokens.mint(&tenant, time::Duration::seconds(ttl_secs));
             println!("{}", token.expose_secret());
         }
+        Command::DemoUrl {
+            tenant,
+            mode,
+            base_url,
+            ttl_secs,
+        } => demo_url(&settings, &tenant, &mode, base_url, ttl_secs).await?,
         Command::Keys(KeysCommand::Generate { id }) => {
             let id = MasterKeyId::parse(&id)?;
             println!("{}", Keyring::generate_entry(&id).expose_secret());
@@ -158,6 +180,59 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         #[cfg(feature = "bench")]
         Command::BenchSeed { tenants } => bench_seed(&settings, tenants).await?,
     }
+    Ok(())
+}
+
+/// `atlas-stripe demo-url`: the connect page for one tenant, its token in the fragment (which
+/// browsers never send to a server).
+async fn demo_url(
+    settings: &Settings,
+    tenant: &str,
+    mode: &str,
+    base_url: Option<String>,
+    ttl_secs: i64,
+) -> anyhow::Result<()> {
+    let tenant = TenantId::parse(tenant)?;
+    let requested = Mode::parse(mode)?;
+    let secrets = settings.secrets()?;
+    let store = open_store(settings).await?;
+    let mode = match store.find_tenant(&tenant).await? {
+        Some(record) => {
+            if record.mode != requested {
+                eprintln!("tenant {tenant} exists in {} mode; using that", record.mode);
+            }
+            record.mode
+        }
+        None => {
+            store.upsert_tenant(&tenant, requested, &Actor::Cli).await?;
+            eprintln!("created tenant {tenant} in {requested} mode");
+            requested
+        }
+    };
+    let base = match base_url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => {
+            let bind: std::net::SocketAddr = settings.server.bind.parse().with_context(|| {
+                format!("server.bind {:?} is not host:port", settings.server.bind)
+            })?;
+            let host = match bind.ip() {
+                ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            };
+            format!("http://{host}:{}", bind.port())
+        }
+    };
+    let tokens = TenantTokens::new(&secrets.tenant_token_secret, 0);
+    let token = tokens.mint(&tenant, time::Duration::seconds(ttl_secs));
+    eprintln!(
+        "open this while `atlas-stripe serve` runs; the token expires in {} min:",
+        ttl_secs / 60
+    );
+    println!(
+        "{base}/connect/stripe#tenant={tenant}&mode={mode}&token={}",
+        token.expose_secret()
+    );
     Ok(())
 }
 

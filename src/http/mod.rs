@@ -2,6 +2,7 @@
 
 #[cfg(feature = "bench")]
 mod bench;
+mod connect_page;
 pub mod error;
 pub mod extract;
 mod integrations;
@@ -35,6 +36,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
     router
         .merge(ops::router())
         .merge(openapi::router())
+        .merge(connect_page::router())
         .merge(integrations::router())
         .merge(internal::router())
         .layer(DefaultBodyLimit::max(body_limit))

@@ -7,6 +7,7 @@ mod stripe_mock;
 
 mod auth;
 mod connect;
+mod connect_page;
 mod keys;
 mod lifecycle;
 mod ops;

@@ -1,0 +1,92 @@
+// A stand-in for api.stripe.com that answers the five permission probes the service sends
+// (DESIGN.md, "Probe write access") in Stripe's own shapes, deciding by the key's last four
+// characters:
+//
+//   …Good   every resource granted (404 resource_missing, as Stripe answers an update of a
+//           nonexistent object the key may write)
+//   …NoCp   Coupons denied (403 "does not have the required permissions"), the rest granted
+//   …Down   503 api_error while `down` is set (the service retries, then answers 502)
+//   …Revk   401 "Invalid API Key provided" on every probe
+//
+// Any other suffix is treated like …Good. Probes answer after `delayMs`, so a test can see
+// the page's busy state.
+
+import http from 'node:http';
+import crypto from 'node:crypto';
+
+const PROBES = [
+  { resource: 'customers', pattern: /^\/v1\/customers\/(cus_[A-Za-z0-9_]+)$/, noun: 'customer' },
+  { resource: 'checkout_sessions', pattern: /^\/v1\/checkout\/sessions\/(cs_[A-Za-z0-9_]+)\/expire$/, noun: 'checkout.session' },
+  { resource: 'coupons', pattern: /^\/v1\/coupons\/([A-Za-z0-9_]+)$/, noun: 'coupon' },
+  { resource: 'invoices', pattern: /^\/v1\/invoices\/(in_[A-Za-z0-9_]+)$/, noun: 'invoice' },
+  { resource: 'webhook_endpoints', pattern: /^\/v1\/webhook_endpoints\/(we_[A-Za-z0-9_]+)$/, noun: 'webhook_endpoint' },
+];
+
+const DENIED = { NoCp: new Set(['coupons']) };
+
+function masked(key) {
+  const prefix = key.match(/^(rk|sk)_(test|live)_/)?.[0] ?? '';
+  return `${prefix}${'*'.repeat(Math.max(0, key.length - prefix.length - 4))}${key.slice(-4)}`;
+}
+
+export async function startFakeStripe({ delayMs = 0 } = {}) {
+  const state = { down: true, delayMs, requests: [] };
+  const server = http.createServer((req, res) => {
+    req.resume();
+    req.on('end', () => {
+      const key = (req.headers.authorization ?? '').replace(/^Bearer /, '');
+      const last4 = key.slice(-4);
+      const path = new URL(req.url, 'http://stripe.invalid').pathname;
+      state.requests.push({ method: req.method, path, last4 });
+      const send = (status, body) => {
+        const text = JSON.stringify(body);
+        setTimeout(() => {
+          res.writeHead(status, {
+            'Content-Type': 'application/json',
+            'Content-Length': Buffer.byteLength(text),
+            'Request-Id': `req_${crypto.randomBytes(7).toString('hex')}`,
+            'Stripe-Version': req.headers['stripe-version'] ?? '2023-08-16',
+          });
+          res.end(text);
+        }, state.delayMs);
+      };
+      const probe = req.method === 'POST' ? PROBES.find((p) => p.pattern.test(path)) : undefined;
+      if (!probe) {
+        send(404, { error: { type: 'invalid_request_error', message: `Unrecognized request URL (${req.method}: ${path}).` } });
+        return;
+      }
+      if (last4 === 'Revk') {
+        send(401, { error: { type: 'invalid_request_error', message: `Invalid API Key provided: ${masked(key)}` } });
+        return;
+      }
+      if (last4 === 'Down' && state.down) {
+        send(503, { error: { type: 'api_error', message: 'Stripe is temporarily unavailable.' } });
+        return;
+      }
+      if (DENIED[last4]?.has(probe.resource)) {
+        send(403, {
+          error: {
+            type: 'invalid_request_error',
+            message: `The provided key '${masked(key)}' does not have the required permissions for this endpoint on account 'acct_1'.`,
+          },
+        });
+        return;
+      }
+      const id = path.match(probe.pattern)[1];
+      send(404, {
+        error: {
+          type: 'invalid_request_error',
+          code: 'resource_missing',
+          message: `No such ${probe.noun}: '${id}'`,
+          param: 'id',
+        },
+      });
+    });
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    state,
+    close: () => new Promise((resolve) => server.close(resolve)),
+  };
+}
