@@ -9,7 +9,8 @@
 //   …Revk   401 "Invalid API Key provided" on every probe
 //
 // Any other suffix is treated like …Good. Probes answer after `delayMs`, so a test can see
-// the page's busy state.
+// the page's busy state. Webhook endpoints (create, retrieve, delete) are kept in memory,
+// as Stripe keeps them on the account, with the signing secret returned once at creation.
 
 import http from 'node:http';
 import crypto from 'node:crypto';
@@ -30,10 +31,12 @@ function masked(key) {
 }
 
 export async function startFakeStripe({ delayMs = 0 } = {}) {
-  const state = { down: true, delayMs, requests: [] };
+  const state = { down: true, delayMs, requests: [], endpoints: new Map() };
   const server = http.createServer((req, res) => {
-    req.resume();
+    const chunks = [];
+    req.on('data', (chunk) => chunks.push(chunk));
     req.on('end', () => {
+      const form = new URLSearchParams(Buffer.concat(chunks).toString('utf8'));
       const key = (req.headers.authorization ?? '').replace(/^Bearer /, '');
       const last4 = key.slice(-4);
       const path = new URL(req.url, 'http://stripe.invalid').pathname;
@@ -50,6 +53,28 @@ export async function startFakeStripe({ delayMs = 0 } = {}) {
           res.end(text);
         }, state.delayMs);
       };
+      if (path === '/v1/webhook_endpoints' && req.method === 'POST') {
+        const id = `we_${crypto.randomBytes(8).toString('hex')}`;
+        const endpoint = { id, object: 'webhook_endpoint', url: form.get('url'), status: 'enabled',
+          enabled_events: form.getAll('enabled_events[]'), livemode: false, metadata: {} };
+        state.endpoints.set(id, endpoint);
+        send(200, { ...endpoint, secret: `whsec_${crypto.randomBytes(16).toString('hex')}` });
+        return;
+      }
+      const endpointPath = path.match(/^\/v1\/webhook_endpoints\/(we_[A-Za-z0-9_]+)$/);
+      if (endpointPath && (req.method === 'GET' || req.method === 'DELETE')) {
+        const endpoint = state.endpoints.get(endpointPath[1]);
+        if (!endpoint) {
+          send(404, { error: { type: 'invalid_request_error', code: 'resource_missing',
+            message: `No such webhook endpoint: '${endpointPath[1]}'`, param: 'id' } });
+        } else if (req.method === 'DELETE') {
+          state.endpoints.delete(endpoint.id);
+          send(200, { id: endpoint.id, object: 'webhook_endpoint', deleted: true });
+        } else {
+          send(200, endpoint);
+        }
+        return;
+      }
       const probe = req.method === 'POST' ? PROBES.find((p) => p.pattern.test(path)) : undefined;
       if (!probe) {
         send(404, { error: { type: 'invalid_request_error', message: `Unrecognized request URL (${req.method}: ${path}).` } });
