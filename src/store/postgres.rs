@@ -39,6 +39,54 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// The whole batch in one statement (arrays unnested into rows): one round trip per
+    /// batch instead of one per secret. A row whose master key changed meanwhile is skipped.
+    async fn replace_wrapped_keys_in_batch(
+        &self,
+        purpose: crate::crypto::Purpose,
+        rows: &[super::RewrappedRow],
+    ) -> Result<u64, StoreError> {
+        let (id_column, master_column, wrapped_column) = match purpose {
+            crate::crypto::Purpose::StripeApiKey => {
+                ("api_key_secret_id", "master_key_id", "wrapped_key")
+            }
+            crate::crypto::Purpose::WebhookSigningSecret => (
+                "webhook_secret_id",
+                "webhook_master_key_id",
+                "webhook_wrapped_key",
+            ),
+        };
+        let sql = format!(
+            "UPDATE stripe_connections c SET {master_column} = v.new_master, {wrapped_column} = v.wrapped \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[]) \
+             AS v(secret_id, old_master, new_master, wrapped) \
+             WHERE c.{id_column} = v.secret_id AND c.{master_column} = v.old_master"
+        );
+        let ids: Vec<&str> = rows.iter().map(|r| r.secret_id.as_str()).collect();
+        let old: Vec<&str> = rows
+            .iter()
+            .map(|r| r.previous_master_key_id.as_str())
+            .collect();
+        let new: Vec<&str> = rows
+            .iter()
+            .map(|r| r.sealed.master_key_id.as_str())
+            .collect();
+        let wrapped: Vec<&[u8]> = rows
+            .iter()
+            .map(|r| r.sealed.wrapped_key.as_slice())
+            .collect();
+        let result = sqlx::query(&sql)
+            .bind(&ids)
+            .bind(&old)
+            .bind(&new)
+            .bind(&wrapped)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected())
+    }
+}
+
 impl HasDatabase for PgStore {
     type Db = sqlx::Postgres;
 }

@@ -532,20 +532,8 @@ macro_rules! impl_store {
                 purpose: $crate::crypto::Purpose,
                 rows: &[$crate::store::RewrappedRow],
             ) -> Result<u64, $crate::store::StoreError> {
-                let mut tx = self.pool.begin().await?;
-                let mut replaced = 0;
-                for row in rows {
-                    replaced += sqlx::query($crate::store::sql::sealed_columns(purpose).1)
-                        .bind(&row.secret_id)
-                        .bind(&row.previous_master_key_id)
-                        .bind(&row.sealed.master_key_id)
-                        .bind(&row.sealed.wrapped_key)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                }
-                tx.commit().await?;
-                Ok(replaced)
+                // Dialect-specific: one statement per batch on PostgreSQL.
+                self.replace_wrapped_keys_in_batch(purpose, rows).await
             }
 
             async fn find_webhook_target(

@@ -47,6 +47,31 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// One UPDATE per row inside one transaction: SQLite is in-process, so a row costs no
+    /// round trip.
+    async fn replace_wrapped_keys_in_batch(
+        &self,
+        purpose: crate::crypto::Purpose,
+        rows: &[super::RewrappedRow],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut replaced = 0;
+        for row in rows {
+            replaced += sqlx::query(super::sql::sealed_columns(purpose).1)
+                .bind(&row.secret_id)
+                .bind(&row.previous_master_key_id)
+                .bind(&row.sealed.master_key_id)
+                .bind(&row.sealed.wrapped_key)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(replaced)
+    }
+}
+
 impl HasDatabase for SqliteStore {
     type Db = sqlx::Sqlite;
 }

@@ -142,6 +142,21 @@ fn rotated(app: &TestApp) -> (String, Keyring) {
     (both, keyring)
 }
 
+/// Every tenant's key is served, in the clear, by `app`.
+async fn assert_serves_every_key(app: &TestApp, keys: &[(String, String)]) {
+    let token = app.service_token(&[Scope::KeysRead]).await;
+    for (tenant, api_key) in keys {
+        let response = app
+            .http
+            .get(app.url(&format!("/internal/v1/tenants/{tenant}/stripe/key")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(&json(response).await["api_key"], api_key.as_str());
+    }
+}
+
 async fn rewrap_survives_a_crash_and_loses_nothing(backend: Backend) {
     let app = spawn_app_with(backend, &[("limits.connect_attempts_per_minute", "1000")]).await;
     answer_all(&app.stripe, Answer::Granted).await;
@@ -169,20 +184,7 @@ async fn rewrap_survives_a_crash_and_loses_nothing(backend: Backend) {
             ("crypto.active_key_id", "k2"),
         ])
         .await;
-    let token = serving.service_token(&[Scope::KeysRead]).await;
-    for (tenant, api_key) in &keys {
-        let body = json(
-            serving
-                .http
-                .get(serving.url(&format!("/internal/v1/tenants/{tenant}/stripe/key")))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(&body["api_key"], api_key.as_str());
-    }
+    assert_serves_every_key(&serving, &keys).await;
     // The rerun finishes the job.
     let rest = atlas_stripe::rotation::rewrap_all(&*app.store, &keyring, 3, None)
         .await
@@ -218,20 +220,7 @@ async fn rewrap_survives_a_crash_and_loses_nothing(backend: Backend) {
             .status(),
         200
     );
-    let token = after.service_token(&[Scope::KeysRead]).await;
-    for (tenant, api_key) in &keys {
-        let body = json(
-            after
-                .http
-                .get(after.url(&format!("/internal/v1/tenants/{tenant}/stripe/key")))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(&body["api_key"], api_key.as_str());
-    }
+    assert_serves_every_key(&after, &keys).await;
 }
 
 async fn readiness_names_a_missing_master_key(backend: Backend) {

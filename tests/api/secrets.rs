@@ -134,7 +134,7 @@ async fn a_canary_key_leaks_nowhere(backend: Backend) {
 
     // Then the whole happy path: connect, show, verify (the key is opened), replace.
     app.stripe.reset().await;
-    answer_all(&app.stripe, Answer::Granted).await;
+    let endpoints = answer_all(&app.stripe, Answer::Granted).await;
     for (method, suffix, body) in [
         (Method::POST, "", Some(&canary)),
         (Method::GET, "", None),
@@ -214,9 +214,34 @@ async fn a_canary_key_leaks_nowhere(backend: Backend) {
         "a log line holds the key's body"
     );
 
+    // The webhook signing secret Stripe returned is a secret too.
+    let connection_id = app
+        .store
+        .find_connection(&atlas_stripe::domain::TenantId::parse(&tenant).unwrap())
+        .await
+        .unwrap()
+        .unwrap()
+        .connection_id;
+    let webhook_secret = endpoints.secret_for(&connection_id);
+    assert!(
+        !logs.contains(&webhook_secret),
+        "a log line holds the webhook secret"
+    );
+    for body in &bodies {
+        assert!(
+            !body.contains(&webhook_secret),
+            "a response body holds the webhook secret"
+        );
+    }
+
     let files = database_files(&app).await;
     for file in &files {
         let bytes = std::fs::read(file).unwrap_or_default();
+        assert!(
+            !contains(&bytes, webhook_secret.as_bytes()),
+            "plaintext webhook secret in {}",
+            file.display()
+        );
         assert!(
             !contains(&bytes, canary.as_bytes()),
             "plaintext key in {}",

@@ -1,0 +1,185 @@
+//! Webhook intake on PostgreSQL: 32 concurrent senders deliver signed Stripe events (one in
+//! ten delivered twice), each stored durably before its 2xx.
+//!
+//! Run through `scripts/bench-webhooks`, which starts a throwaway PostgreSQL and sets
+//! `ATLAS_TEST_POSTGRES_URL`. `TENANTS` (default 1) spreads the events over that many
+//! connected tenants: events of one tenant are sequenced under its row lock.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use atlas_stripe::config::Settings;
+use atlas_stripe::crypto::{Keyring, MasterKeyId, Purpose, SecretContext};
+use atlas_stripe::domain::{
+    random_id, Access, ConnectionStatus, KeyKind, Mode, PermissionReport, Resource, TenantId,
+};
+use atlas_stripe::startup::Application;
+use atlas_stripe::store::{Actor, NewConnection, StoredWebhook, WebhookChange};
+use atlas_stripe::stripe::webhooks::sign;
+use secrecy::ExposeSecret;
+
+const SENDERS: usize = 32;
+const PER_SENDER: usize = 500;
+
+#[tokio::main]
+async fn main() {
+    let url = std::env::var("ATLAS_TEST_POSTGRES_URL").expect("run through scripts/bench-webhooks");
+    let tenants: usize = std::env::var("TENANTS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1);
+    let master = Keyring::generate_entry(&MasterKeyId::parse("bench").unwrap());
+    let settings = Settings::load(
+        None,
+        &[
+            ("server.bind", "127.0.0.1:0"),
+            ("database.url", &url),
+            ("database.max_connections", "32"),
+            ("crypto.master_keys", master.expose_secret()),
+            ("crypto.active_key_id", "bench"),
+            ("crypto.fingerprint_key", &random_id("", 48)),
+            ("auth.tenant_token_secret", &random_id("", 48)),
+            ("dev.generate_secrets", "false"),
+            ("reverify.enabled", "false"),
+            ("log.filter", "warn"),
+        ],
+    )
+    .expect("settings");
+    let app = Application::build(&settings).await.expect("app");
+    let base = format!("http://127.0.0.1:{}", app.port());
+    tokio::spawn(app.run_until(std::future::pending()));
+
+    let store = atlas_stripe::store::connect(&settings.database)
+        .await
+        .expect("store");
+    let keyring = Keyring::from_config(&master, "bench").unwrap();
+    let permissions: PermissionReport = Resource::ALL
+        .iter()
+        .map(|r| (*r, Access::Granted))
+        .collect();
+    let mut connections = Vec::new();
+    for t in 0..tenants {
+        let tenant = TenantId::parse(&format!("ten_wh{t}")).unwrap();
+        store
+            .upsert_tenant(&tenant, Mode::Test, &Actor::Cli)
+            .await
+            .unwrap();
+        let secret = random_id("whsec_", 32);
+        let (secret_id, webhook_secret_id) = (random_id("sec_", 20), random_id("whs_", 20));
+        let context = |id: &str, purpose| SecretContext {
+            secret_id: id.to_owned(),
+            tenant_id: tenant.clone(),
+            mode: Mode::Test,
+            purpose,
+        };
+        let connection_id = random_id("con_", 20);
+        let api_key = random_id("rk_test_", 99);
+        store
+            .save_connection(
+                &NewConnection {
+                    connection_id: connection_id.clone(),
+                    webhook: WebhookChange::Set(StoredWebhook {
+                        endpoint_id: random_id("we_", 16),
+                        sealed: keyring
+                            .seal(
+                                &context(&webhook_secret_id, Purpose::WebhookSigningSecret),
+                                secret.as_bytes(),
+                            )
+                            .unwrap(),
+                        secret_id: webhook_secret_id,
+                    }),
+                    tenant_id: tenant.clone(),
+                    mode: Mode::Test,
+                    key_type: KeyKind::Restricted,
+                    key_last4: api_key[api_key.len() - 4..].to_owned(),
+                    key_fingerprint: vec![0; 32],
+                    sealed: keyring
+                        .seal(
+                            &context(&secret_id, Purpose::StripeApiKey),
+                            api_key.as_bytes(),
+                        )
+                        .unwrap(),
+                    secret_id,
+                    status: ConnectionStatus::Active,
+                    permissions: permissions.clone(),
+                    warnings: Vec::new(),
+                    verified_at: atlas_stripe::store::now(),
+                    next_verify_at: atlas_stripe::store::now() + time::Duration::hours(6),
+                },
+                &Actor::Cli,
+            )
+            .await
+            .unwrap();
+        connections.push((connection_id, secret));
+    }
+    let connections = Arc::new(connections);
+
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let senders = (0..SENDERS).map(|s| {
+        let http = http.clone();
+        let base = base.clone();
+        let connections = connections.clone();
+        tokio::spawn(async move {
+            let (connection_id, secret) = &connections[s % connections.len()];
+            let url = format!("{base}/webhooks/stripe/{connection_id}");
+            let mut latencies = Vec::with_capacity(PER_SENDER + PER_SENDER / 10);
+            let mut failures = 0;
+            for i in 0..PER_SENDER {
+                let body = serde_json::json!({
+                    "id": format!("evt_s{s}_{i}"), "object": "event", "type": "invoice.paid",
+                    "created": 1_700_000_000, "livemode": false, "api_version": "2023-08-16",
+                    "data": {"object": {"id": format!("in_{s}_{i}"), "object": "invoice", "amount_paid": 4200}},
+                })
+                .to_string();
+                // One in ten is delivered twice, as Stripe redelivers.
+                let deliveries = if i % 10 == 0 { 2 } else { 1 };
+                for _ in 0..deliveries {
+                    let t = time::OffsetDateTime::now_utc().unix_timestamp();
+                    let signature = format!("t={t},v1={}", sign(secret.as_bytes(), t, body.as_bytes()));
+                    let sent = Instant::now();
+                    let response = http
+                        .post(&url)
+                        .header("stripe-signature", signature)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    latencies.push(sent.elapsed());
+                    if !response.map(|r| r.status().is_success()).unwrap_or(false) {
+                        failures += 1;
+                    }
+                }
+            }
+            (latencies, failures)
+        })
+    });
+    let mut latencies: Vec<Duration> = Vec::new();
+    let mut failures = 0;
+    for sender in futures_util::future::join_all(senders).await {
+        let (l, f) = sender.unwrap();
+        latencies.extend(l);
+        failures += f;
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1)];
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let unique = (SENDERS * PER_SENDER) as i64;
+    println!(
+        "webhook intake, {SENDERS} senders, {tenants} tenant(s): {} deliveries in {:.2} s = {:.0} deliveries/s; \
+         p50 {:.1} ms, p99 {:.1} ms; non-2xx {failures}; stored {stored} of {unique} unique events{}",
+        latencies.len(),
+        elapsed.as_secs_f64(),
+        latencies.len() as f64 / elapsed.as_secs_f64(),
+        at(0.5).as_secs_f64() * 1000.0,
+        at(0.99).as_secs_f64() * 1000.0,
+        if stored == unique { " (exact)" } else { " (MISMATCH)" }
+    );
+    assert_eq!(stored, unique, "every unique event stored exactly once");
+    assert_eq!(failures, 0);
+}
