@@ -6,12 +6,14 @@ ALTER TABLE stripe_connections ADD COLUMN webhook_master_key_id TEXT;
 ALTER TABLE stripe_connections ADD COLUMN webhook_wrapped_key BYTEA;
 ALTER TABLE stripe_connections ADD COLUMN webhook_ciphertext BYTEA;
 
--- Per-tenant event sequence: taken under the tenant row's lock, so sequence order is
--- commit order and a feed cursor never skips an event committed late.
-ALTER TABLE tenants ADD COLUMN event_seq BIGINT NOT NULL DEFAULT 0;
+-- Feed order is (txid, seq): the inserting transaction's id, then a sequence. The feed only
+-- returns rows whose transaction is older than every transaction still running, so a
+-- cursor never passes an event that commits later.
+CREATE SEQUENCE webhook_event_seq;
 
 CREATE TABLE webhook_events (
     tenant_id      TEXT NOT NULL,
+    txid           BIGINT NOT NULL,
     seq            BIGINT NOT NULL,
     connection_id  TEXT NOT NULL,
     event_id       TEXT NOT NULL,
@@ -20,6 +22,6 @@ CREATE TABLE webhook_events (
     livemode       BOOLEAN NOT NULL,
     received_at    TIMESTAMPTZ NOT NULL,
     payload        TEXT NOT NULL,
-    PRIMARY KEY (tenant_id, seq),
+    PRIMARY KEY (tenant_id, txid, seq),
     UNIQUE (connection_id, event_id)
 );

@@ -6,12 +6,13 @@ ALTER TABLE stripe_connections ADD COLUMN webhook_master_key_id TEXT;
 ALTER TABLE stripe_connections ADD COLUMN webhook_wrapped_key BLOB;
 ALTER TABLE stripe_connections ADD COLUMN webhook_ciphertext BLOB;
 
--- Per-tenant event sequence: taken under the tenant row's lock, so sequence order is
--- commit order and a feed cursor never skips an event committed late.
+-- Per-tenant event sequence, taken in the writing transaction: SQLite has one writer at a
+-- time, so sequence order is commit order. txid is always 0 here (see the PostgreSQL twin).
 ALTER TABLE tenants ADD COLUMN event_seq INTEGER NOT NULL DEFAULT 0;
 
 CREATE TABLE webhook_events (
     tenant_id      TEXT NOT NULL,
+    txid           INTEGER NOT NULL DEFAULT 0,
     seq            INTEGER NOT NULL,
     connection_id  TEXT NOT NULL,
     event_id       TEXT NOT NULL,
@@ -20,6 +21,6 @@ CREATE TABLE webhook_events (
     livemode       BOOLEAN NOT NULL,
     received_at    TEXT NOT NULL,
     payload        TEXT NOT NULL,
-    PRIMARY KEY (tenant_id, seq),
+    PRIMARY KEY (tenant_id, txid, seq),
     UNIQUE (connection_id, event_id)
 );

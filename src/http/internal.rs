@@ -14,7 +14,7 @@ use super::summary::ConnectionSummary;
 use crate::auth::{PresentedServiceToken, Scope};
 use crate::crypto::{Purpose, SecretContext};
 use crate::domain::{ConnectionStatus, Mode, TenantId};
-use crate::store::{Actor, StoreError, TenantWrite};
+use crate::store::{Actor, EventCursor, StoreError, TenantWrite};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -80,8 +80,8 @@ pub async fn list_events(
 ) -> Result<Json<EventPage>, ApiError> {
     caller.require(Scope::EventsRead)?;
     let after = match query.after.as_deref() {
-        None | Some("") => 0,
-        Some(raw) => raw.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+        None | Some("") => EventCursor::default(),
+        Some(raw) => EventCursor::parse(raw).ok_or_else(|| {
             ApiError::InvalidRequest("after must be a cursor from a previous page.".into())
         })?,
     };
@@ -98,12 +98,12 @@ pub async fn list_events(
         .list_events(&tenant, after, limit)
         .await
         .map_err(ApiError::internal)?;
-    let next_cursor = events.last().map_or(after, |e| e.seq).to_string();
+    let next_cursor = events.last().map_or(after, |e| e.cursor()).encode();
     let events = events
         .into_iter()
         .map(|e| {
             Ok(EventView {
-                cursor: e.seq.to_string(),
+                cursor: e.cursor().encode(),
                 payload: serde_json::value::RawValue::from_string(e.payload)
                     .map_err(ApiError::internal)?,
                 id: e.event_id,

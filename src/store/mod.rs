@@ -12,10 +12,10 @@ use async_trait::async_trait;
 
 pub use postgres::PgStore;
 pub use records::{
-    now, Actor, AuditRecord, ConnectionRecord, FetchedKey, KeyFetch, KeyFetchTally, NewConnection,
-    NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow, ServiceTokenRecord,
-    StoredEvent, StoredWebhook, TenantRecord, TenantWrite, Verification, WebhookChange,
-    WebhookTarget,
+    now, Actor, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch, KeyFetchTally,
+    NewConnection, NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow,
+    ServiceTokenRecord, StoredEvent, StoredWebhook, TenantRecord, TenantWrite, Verification,
+    WebhookChange, WebhookTarget,
 };
 pub use sqlite::SqliteStore;
 
@@ -178,7 +178,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_events(
         &self,
         tenant: &TenantId,
-        after: i64,
+        after: EventCursor,
         limit: i64,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 

@@ -87,6 +87,36 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// No lock: the row carries its transaction id, and the feed orders by it and holds
+    /// back rows of transactions still running (see `concat_feed`).
+    async fn insert_event_in_feed_order(
+        &self,
+        tenant: &crate::domain::TenantId,
+        connection_id: &str,
+        event: &super::NewEvent,
+    ) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO webhook_events (tenant_id, txid, seq, connection_id, event_id, event_type, \
+             created, livemode, received_at, payload) VALUES ($1, \
+             pg_current_xact_id()::text::bigint, nextval('webhook_event_seq'), $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (connection_id, event_id) DO NOTHING",
+        )
+        .bind(tenant.as_str())
+        .bind(connection_id)
+        .bind(&event.event_id)
+        .bind(&event.event_type)
+        .bind(event.created)
+        .bind(event.livemode)
+        .bind(super::now())
+        .bind(&event.payload)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+}
+
 impl HasDatabase for PgStore {
     type Db = sqlx::Postgres;
 }
@@ -95,5 +125,7 @@ impl_store!(
     PgStore,
     Backend::Postgres,
     MIGRATOR,
-    " FOR UPDATE SKIP LOCKED"
+    " FOR UPDATE SKIP LOCKED",
+    // Only rows of transactions older than every running one: those can commit no more.
+    " AND txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 );

@@ -153,9 +153,33 @@ pub struct WebhookTarget {
     pub sealed: SealedSecret,
 }
 
-/// An event as stored: `seq` is its place in the tenant's feed.
+/// A place in a tenant's event feed: after the event with this (txid, seq).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventCursor {
+    pub txid: i64,
+    pub seq: i64,
+}
+
+impl EventCursor {
+    /// The opaque form callers hold: `<txid>.<seq>`.
+    pub fn encode(self) -> String {
+        format!("{}.{}", self.txid, self.seq)
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        let (txid, seq) = raw.split_once('.')?;
+        let cursor = Self {
+            txid: txid.parse().ok()?,
+            seq: seq.parse().ok()?,
+        };
+        (cursor.txid >= 0 && cursor.seq >= 0).then_some(cursor)
+    }
+}
+
+/// An event as stored: (`txid`, `seq`) is its place in the tenant's feed.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct StoredEvent {
+    pub txid: i64,
     pub seq: i64,
     pub connection_id: String,
     pub event_id: String,
@@ -184,6 +208,15 @@ pub(super) struct WebhookTargetRow {
     webhook_master_key_id: String,
     webhook_wrapped_key: Vec<u8>,
     webhook_ciphertext: Vec<u8>,
+}
+
+impl StoredEvent {
+    pub fn cursor(&self) -> EventCursor {
+        EventCursor {
+            txid: self.txid,
+            seq: self.seq,
+        }
+    }
 }
 
 impl TryFrom<WebhookTargetRow> for WebhookTarget {

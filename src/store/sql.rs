@@ -60,8 +60,23 @@ pub(super) const ADD_KEY_FETCHES: &str = "INSERT INTO key_fetches \
     last_fetched_at = CASE WHEN excluded.last_fetched_at > key_fetches.last_fetched_at \
     THEN excluded.last_fetched_at ELSE key_fetches.last_fetched_at END";
 
+/// The feed query; `$horizon` limits it to transactions that can no longer commit late.
+macro_rules! concat_feed {
+    ($horizon:literal) => {
+        concat!(
+            "SELECT txid, seq, connection_id, event_id, event_type, created, livemode, \
+             received_at, payload FROM webhook_events \
+             WHERE tenant_id = $1 AND (txid, seq) > ($2, $3)",
+            $horizon,
+            " ORDER BY txid, seq LIMIT $4"
+        )
+    };
+}
+
+pub(super) use concat_feed;
+
 macro_rules! impl_store {
-    ($store:ty, $backend:expr, $migrator:expr, $skip_locked:literal) => {
+    ($store:ty, $backend:expr, $migrator:expr, $skip_locked:literal, $feed_horizon:literal) => {
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             fn backend(&self) -> $crate::store::Backend {
@@ -557,7 +572,7 @@ macro_rules! impl_store {
                 connection_id: &str,
                 event: &$crate::store::NewEvent,
             ) -> Result<bool, $crate::store::StoreError> {
-                // Redeliveries are the common duplicate: answer them without the tenant lock.
+                // Redeliveries are the common duplicate: answer them with one read.
                 let seen: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM webhook_events WHERE connection_id = $1 AND event_id = $2",
                 )
@@ -568,57 +583,23 @@ macro_rules! impl_store {
                 if seen > 0 {
                     return Ok(false);
                 }
-                let mut tx = self.pool.begin().await?;
-                // The tenant row's lock orders the sequence by commit.
-                let seq: Option<i64> = sqlx::query_scalar(
-                    "UPDATE tenants SET event_seq = event_seq + 1 WHERE tenant_id = $1 RETURNING event_seq",
-                )
-                .bind(tenant.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-                let Some(seq) = seq else {
-                    return Err($crate::store::StoreError::TenantMissing);
-                };
-                let inserted = sqlx::query(
-                    "INSERT INTO webhook_events (tenant_id, seq, connection_id, event_id, event_type, \
-                     created, livemode, received_at, payload) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                     ON CONFLICT (connection_id, event_id) DO NOTHING",
-                )
-                .bind(tenant.as_str())
-                .bind(seq)
-                .bind(connection_id)
-                .bind(&event.event_id)
-                .bind(&event.event_type)
-                .bind(event.created)
-                .bind(event.livemode)
-                .bind($crate::store::records::now())
-                .bind(&event.payload)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if inserted == 0 {
-                    // A concurrent delivery of the same event won; give the sequence number back.
-                    return Ok(false);
-                }
-                tx.commit().await?;
-                Ok(true)
+                // Dialect-specific: how feed order is made to follow commit order.
+                self.insert_event_in_feed_order(tenant, connection_id, event).await
             }
 
             async fn list_events(
                 &self,
                 tenant: &$crate::domain::TenantId,
-                after: i64,
+                after: $crate::store::EventCursor,
                 limit: i64,
             ) -> Result<Vec<$crate::store::StoredEvent>, $crate::store::StoreError> {
-                Ok(sqlx::query_as(
-                    "SELECT seq, connection_id, event_id, event_type, created, livemode, received_at, payload \
-                     FROM webhook_events WHERE tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                )
-                .bind(tenant.as_str())
-                .bind(after)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?)
+                Ok(sqlx::query_as($crate::store::sql::concat_feed!($feed_horizon))
+                    .bind(tenant.as_str())
+                    .bind(after.txid)
+                    .bind(after.seq)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?)
             }
 
             async fn fetch_key(

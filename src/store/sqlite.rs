@@ -72,9 +72,53 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// The per-tenant sequence is taken in the writing transaction; with one writer at a
+    /// time, sequence order is commit order.
+    async fn insert_event_in_feed_order(
+        &self,
+        tenant: &crate::domain::TenantId,
+        connection_id: &str,
+        event: &super::NewEvent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let seq: Option<i64> = sqlx::query_scalar(
+            "UPDATE tenants SET event_seq = event_seq + 1 WHERE tenant_id = $1 RETURNING event_seq",
+        )
+        .bind(tenant.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(seq) = seq else {
+            return Err(StoreError::TenantMissing);
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO webhook_events (tenant_id, txid, seq, connection_id, event_id, event_type, \
+             created, livemode, received_at, payload) VALUES ($1, 0, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (connection_id, event_id) DO NOTHING",
+        )
+        .bind(tenant.as_str())
+        .bind(seq)
+        .bind(connection_id)
+        .bind(&event.event_id)
+        .bind(&event.event_type)
+        .bind(event.created)
+        .bind(event.livemode)
+        .bind(super::now())
+        .bind(&event.payload)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+}
+
 impl HasDatabase for SqliteStore {
     type Db = sqlx::Sqlite;
 }
 
 // SQLite runs one writer at a time, so the claim needs no row locks to be exclusive.
-impl_store!(SqliteStore, Backend::Sqlite, MIGRATOR, "");
+impl_store!(SqliteStore, Backend::Sqlite, MIGRATOR, "", "");
