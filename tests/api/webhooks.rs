@@ -484,3 +484,51 @@ async fn the_feed_pages_with_a_stable_cursor(backend: Backend) {
         .unwrap();
     assert_error(bad, 400, "invalid_request").await;
 }
+
+/// PostgreSQL: an event whose transaction is still open when a later one commits must not
+/// be skipped by a consumer's cursor. The feed holds the later event back until the earlier
+/// transaction ends, then returns both in commit-safe order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_never_passes_an_event_that_commits_late() {
+    let (app, endpoints, connection_id) = connected(Backend::Postgres, Mode::Test).await;
+    let secret = endpoints.secret_for(&connection_id);
+    let token = app.service_token(&[Scope::EventsRead]).await;
+    let feed = || async {
+        let url = app.url("/internal/v1/tenants/ten_1/stripe/events");
+        let body = json(app.http.get(url).bearer_auth(&token).send().await.unwrap()).await;
+        body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    // A delivery stalls mid-transaction (as a slow commit would).
+    let mut slow = <sqlx::PgConnection as sqlx::Connection>::connect(&app.db.url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut slow).await.unwrap();
+    sqlx::query(
+        "INSERT INTO webhook_events (tenant_id, txid, seq, connection_id, event_id, event_type, \
+         created, livemode, received_at, payload) VALUES ('ten_1', pg_current_xact_id()::text::bigint, \
+         nextval('webhook_event_seq'), $1, 'evt_slow', 'invoice.paid', 1, false, now(), '{}')",
+    )
+    .bind(&connection_id)
+    .execute(&mut slow)
+    .await
+    .unwrap();
+    // A later delivery commits first.
+    let body = event("evt_fast", false);
+    assert_eq!(
+        deliver(&app, &connection_id, &body, Some(signed(&secret, &body, 0)))
+            .await
+            .status(),
+        200
+    );
+    assert!(
+        feed().await.is_empty(),
+        "the committed event is held back while an older one may still commit"
+    );
+    sqlx::query("COMMIT").execute(&mut slow).await.unwrap();
+    assert_eq!(feed().await, ["evt_slow", "evt_fast"]);
+}
