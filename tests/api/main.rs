@@ -6,6 +6,7 @@ mod stripe_contract;
 mod stripe_mock;
 
 mod auth;
+mod cli;
 mod connect;
 mod connect_page;
 mod keys;

@@ -1,0 +1,150 @@
+//! The `atlas-stripe` binary as an operator uses it, on the embedded SQLite default.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn cli(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_atlas-stripe"))
+        .args(args)
+        .current_dir(dir)
+        .env(
+            "ATLAS_STRIPE__DATABASE__URL",
+            format!("sqlite://{}/cli.db", dir.display()),
+        )
+        .env(
+            "ATLAS_STRIPE__DEV__SECRETS_FILE",
+            dir.join("dev-secrets.toml"),
+        )
+        .env("ATLAS_STRIPE__LOG__FILTER", "warn")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run atlas-stripe")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+#[test]
+fn service_tokens_are_created_listed_and_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = stdout(&cli(
+        dir.path(),
+        &[
+            "service-token",
+            "create",
+            "--name",
+            "billing",
+            "--scope",
+            "keys:read",
+        ],
+    ));
+    let token = token.trim();
+    assert!(
+        token.starts_with("ast_") && token.len() == 4 + 16 + 1 + 43,
+        "{token}"
+    );
+    let id = token.split('_').nth(1).unwrap();
+    let list = stdout(&cli(dir.path(), &["service-token", "list"]));
+    assert!(
+        list.contains(id) && list.contains("billing") && list.contains("keys:read"),
+        "{list}"
+    );
+    assert!(
+        !list.contains(&token[21..]),
+        "the list never shows a token's secret"
+    );
+    assert!(stdout(&cli(dir.path(), &["service-token", "revoke", id])).contains("revoked"));
+    assert!(
+        !cli(dir.path(), &["service-token", "revoke", id])
+            .status
+            .success(),
+        "revoking twice fails"
+    );
+    let unknown = cli(
+        dir.path(),
+        &["service-token", "create", "--name", "x", "--scope", "admin"],
+    );
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("keys:read"),
+        "the error lists known scopes"
+    );
+}
+
+#[test]
+fn keys_and_tenant_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let entry = stdout(&cli(dir.path(), &["keys", "generate", "--id", "k2027"]));
+    let (id, material) = entry.trim().split_once(':').unwrap();
+    assert_eq!((id, material.len()), ("k2027", 44), "32 bytes of base64");
+    let token = stdout(&cli(dir.path(), &["tenant-token", "--tenant", "ten_1"]));
+    assert_eq!(token.trim().split('.').count(), 3, "a JWT");
+    let status = stdout(&cli(dir.path(), &["keys", "status"]));
+    assert!(status.starts_with("master_key_id"), "{status}");
+    assert!(
+        dir.path().join("dev-secrets.toml").exists(),
+        "development secrets were generated"
+    );
+}
+
+#[test]
+fn serve_stops_gracefully_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_atlas-stripe"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env(
+            "ATLAS_STRIPE__DATABASE__URL",
+            format!("sqlite://{}/serve.db", dir.path().display()),
+        )
+        .env(
+            "ATLAS_STRIPE__DEV__SECRETS_FILE",
+            dir.path().join("dev-secrets.toml"),
+        )
+        .env("ATLAS_STRIPE__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .env("ATLAS_STRIPE__LOG__FILTER", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let healthy = loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(healthy, "the server never listened");
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(15),
+            "did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status:?}");
+}
