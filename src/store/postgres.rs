@@ -37,9 +37,7 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
-}
 
-impl PgStore {
     /// The whole batch in one statement (arrays unnested into rows): one round trip per
     /// batch instead of one per secret. A row whose master key changed meanwhile is skipped.
     async fn replace_wrapped_keys_in_batch(
@@ -85,9 +83,7 @@ impl PgStore {
             .await?;
         Ok(result.rows_affected())
     }
-}
 
-impl PgStore {
     /// No lock: the row carries its transaction id, and the feed orders by it and holds
     /// back rows of transactions still running (see `concat_feed`).
     async fn insert_event_in_feed_order(

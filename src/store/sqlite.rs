@@ -45,9 +45,7 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
-}
 
-impl SqliteStore {
     /// One UPDATE per row inside one transaction: SQLite is in-process, so a row costs no
     /// round trip.
     async fn replace_wrapped_keys_in_batch(
@@ -70,9 +68,7 @@ impl SqliteStore {
         tx.commit().await?;
         Ok(replaced)
     }
-}
 
-impl SqliteStore {
     /// The per-tenant sequence is taken in the writing transaction; with one writer at a
     /// time, sequence order is commit order.
     async fn insert_event_in_feed_order(
