@@ -148,3 +148,71 @@ fn serve_stops_gracefully_on_sigterm() {
     };
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// `log.format = "json"`: one JSON object per line, and every line logged while serving a
+/// request carries that request's id (the caller's `x-request-id` here).
+#[test]
+fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = Command::new(env!("CARGO_BIN_EXE_atlas-stripe"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env(
+            "ATLAS_STRIPE__DATABASE__URL",
+            format!("sqlite://{}/logs.db", dir.path().display()),
+        )
+        .env(
+            "ATLAS_STRIPE__DEV__SECRETS_FILE",
+            dir.path().join("dev-secrets.toml"),
+        )
+        .env("ATLAS_STRIPE__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .env("ATLAS_STRIPE__LOG__FORMAT", "json")
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the server never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A plain HTTP/1.1 request by hand: an error path (no token) and a readiness check.
+    for path in ["/internal/v1/connections", "/readyz"] {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nx-request-id: trace-me-42\r\nConnection: close\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.contains("x-request-id: trace-me-42"), "{answer}");
+    }
+    Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    let output = server.wait_with_output().unwrap();
+    let logs = String::from_utf8(output.stderr).unwrap();
+    let mut request_lines = 0;
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        if entry["span"]["name"] == "request"
+            || entry["spans"].as_array().is_some_and(|s| !s.is_empty())
+        {
+            request_lines += 1;
+            assert_eq!(entry["span"]["request_id"], "trace-me-42", "{line}");
+        }
+    }
+    assert!(
+        request_lines >= 2,
+        "both requests logged inside their span:\n{logs}"
+    );
+}
