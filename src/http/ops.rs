@@ -55,20 +55,48 @@ pub async fn healthz() -> Json<Value> {
 
 /// Ready when the database answers with every migration applied and the keyring opens
 /// what it seals. The failing check is named; its detail goes to the log only.
+/// Why a readiness check failed. The detail always goes to the log; it reaches the
+/// unauthenticated caller only when `shown` (nothing secret, and actionable for ops).
+struct CheckFailure {
+    detail: String,
+    shown: bool,
+}
+
+impl CheckFailure {
+    fn private(detail: String) -> Self {
+        Self {
+            detail,
+            shown: false,
+        }
+    }
+
+    fn shown(detail: String) -> Self {
+        Self {
+            detail,
+            shown: true,
+        }
+    }
+}
+
 #[utoipa::path(get, path = "/readyz", tag = "ops", responses(
     (status = 200, description = "Database and keyring ready"),
     (status = 503, description = "not_ready, naming the failed check in `checks`", body = ErrorBody),
 ))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let database = state.store.check_ready().await;
+    let database = state
+        .store
+        .check_ready()
+        .await
+        .map_err(CheckFailure::private);
     let keyring = match state.keyring.self_test() {
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(CheckFailure::private(e.to_string())),
         Ok(()) => match crate::rotation::unknown_master_keys(&*state.store, &state.keyring).await {
             Ok(unknown) if unknown.is_empty() => Ok(()),
-            Ok(unknown) => Err(format!(
+            // Master-key ids are not secret and tell ops what to add back.
+            Ok(unknown) => Err(CheckFailure::shown(format!(
                 "stored keys are sealed under master key {}, which the configuration lacks",
                 unknown.join(", ")
-            )),
+            ))),
             // The database check reports an unreachable database.
             Err(_) => Ok(()),
         },
@@ -78,14 +106,13 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     for (name, result) in [("database", &database), ("keyring", &keyring)] {
         let verdict = match result {
             Ok(()) => "ok".to_owned(),
-            Err(detail) => {
-                tracing::warn!(check = name, detail = %detail, "readiness check failed");
+            Err(failure) => {
+                tracing::warn!(check = name, detail = %failure.detail, "readiness check failed");
                 failed.push(name);
-                // Master-key ids are not secret and tell ops what to add back; database
-                // errors stay in the log.
-                match (name, detail.contains("master key")) {
-                    ("keyring", true) => format!("failed: {detail}"),
-                    _ => "failed".to_owned(),
+                if failure.shown {
+                    format!("failed: {}", failure.detail)
+                } else {
+                    "failed".to_owned()
                 }
             }
         };

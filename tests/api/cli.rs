@@ -1,25 +1,58 @@
 //! The `atlas-stripe` binary as an operator uses it, on the embedded SQLite default.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn cli(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_atlas-stripe"))
-        .args(args)
+/// The binary on the embedded default, with its database and development secrets in `dir`.
+fn atlas_stripe(dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_atlas-stripe"));
+    command
         .current_dir(dir)
         .env(
             "ATLAS_STRIPE__DATABASE__URL",
-            format!("sqlite://{}/cli.db", dir.display()),
+            format!("sqlite://{}/atlas.db", dir.display()),
         )
         .env(
             "ATLAS_STRIPE__DEV__SECRETS_FILE",
             dir.join("dev-secrets.toml"),
         )
         .env("ATLAS_STRIPE__LOG__FILTER", "warn")
-        .env_remove("RUST_LOG")
+        .env_remove("RUST_LOG");
+    command
+}
+
+fn cli(dir: &Path, args: &[&str]) -> Output {
+    atlas_stripe(dir)
+        .args(args)
         .output()
         .expect("run atlas-stripe")
+}
+
+/// Starts `serve` on a free port (with `configure` applied) and waits until it listens.
+fn serve(dir: &Path, configure: impl FnOnce(&mut Command)) -> (Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut command = atlas_stripe(dir);
+    command
+        .arg("serve")
+        .env("ATLAS_STRIPE__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    configure(&mut command);
+    let server = command.spawn().unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the server never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (server, port)
 }
 
 fn stdout(output: &Output) -> String {
@@ -97,39 +130,7 @@ fn keys_and_tenant_tokens() {
 #[test]
 fn serve_stops_gracefully_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_atlas-stripe"))
-        .arg("serve")
-        .current_dir(dir.path())
-        .env(
-            "ATLAS_STRIPE__DATABASE__URL",
-            format!("sqlite://{}/serve.db", dir.path().display()),
-        )
-        .env(
-            "ATLAS_STRIPE__DEV__SECRETS_FILE",
-            dir.path().join("dev-secrets.toml"),
-        )
-        .env("ATLAS_STRIPE__SERVER__BIND", format!("127.0.0.1:{port}"))
-        .env("ATLAS_STRIPE__LOG__FILTER", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let healthy = loop {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break true;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(healthy, "the server never listened");
+    let (mut server, _) = serve(dir.path(), |_| {});
     let killed = Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
         .status()
@@ -154,37 +155,12 @@ fn serve_stops_gracefully_on_sigterm() {
 #[test]
 fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let server = Command::new(env!("CARGO_BIN_EXE_atlas-stripe"))
-        .arg("serve")
-        .current_dir(dir.path())
-        .env(
-            "ATLAS_STRIPE__DATABASE__URL",
-            format!("sqlite://{}/logs.db", dir.path().display()),
-        )
-        .env(
-            "ATLAS_STRIPE__DEV__SECRETS_FILE",
-            dir.path().join("dev-secrets.toml"),
-        )
-        .env("ATLAS_STRIPE__SERVER__BIND", format!("127.0.0.1:{port}"))
-        .env("ATLAS_STRIPE__LOG__FORMAT", "json")
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the server never listened"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (server, port) = serve(dir.path(), |command| {
+        command
+            .env("ATLAS_STRIPE__LOG__FORMAT", "json")
+            .env("RUST_LOG", "debug")
+            .stderr(Stdio::piped());
+    });
     // A plain HTTP/1.1 request by hand: an error path (no token) and a readiness check.
     for path in ["/internal/v1/connections", "/readyz"] {
         use std::io::{Read, Write};
