@@ -103,8 +103,8 @@ async fn main() {
                     status: ConnectionStatus::Active,
                     permissions: permissions.clone(),
                     warnings: Vec::new(),
-                    verified_at: atlas_stripe::store::now(),
-                    next_verify_at: atlas_stripe::store::now() + time::Duration::hours(6),
+                    verified_at: atlas_stripe::clock::now(),
+                    next_verify_at: atlas_stripe::clock::now() + time::Duration::hours(6),
                 },
                 &Actor::Cli,
             )

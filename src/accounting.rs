@@ -44,7 +44,7 @@ impl KeyFetchRecorder {
         let fetch = Fetch {
             token_id: token_id.to_owned(),
             tenant_id: tenant_id.clone(),
-            at: crate::store::now(),
+            at: crate::clock::now(),
         };
         match self.tx.try_send(fetch) {
             Ok(()) => {}
@@ -103,7 +103,7 @@ async fn flush(store: &dyn Store, pending: &mut HashMap<TallyKey, (i64, OffsetDa
         .map(
             |((token_id, tenant_id, window_start), (count, last))| KeyFetchTally {
                 token_id: token_id.clone(),
-                tenant_id: tenant_id.as_str().to_owned(),
+                tenant_id: tenant_id.clone(),
                 window_start: *window_start,
                 fetch_count: *count,
                 last_fetched_at: *last,

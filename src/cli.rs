@@ -164,17 +164,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let secrets = settings.secrets()?;
             println!("{:<34} {:>10}  configured", "master_key_id", "keys");
             for (id, count) in store.count_secrets_by_master_key().await? {
-                let configured = if secrets.keyring.contains(&id) {
+                let configured = if secrets.keyring.contains(id.as_str()) {
                     "yes"
                 } else {
                     "NO"
                 };
-                let active = if id == secrets.keyring.active_id().as_str() {
+                let active = if id == *secrets.keyring.active_id() {
                     " (active)"
                 } else {
                     ""
                 };
-                println!("{id:<34} {count:>10}  {configured}{active}");
+                println!("{:<34} {count:>10}  {configured}{active}", id.as_str());
             }
         }
         #[cfg(feature = "bench")]
@@ -284,8 +284,8 @@ async fn bench_seed(settings: &Settings, tenants: usize) -> anyhow::Result<()> {
                     status: ConnectionStatus::Active,
                     permissions,
                     warnings: Vec::new(),
-                    verified_at: crate::store::now(),
-                    next_verify_at: crate::store::now() + time::Duration::hours(6),
+                    verified_at: crate::clock::now(),
+                    next_verify_at: crate::clock::now() + time::Duration::hours(6),
                 };
                 store.save_connection(&connection, &Actor::Cli).await?;
                 anyhow::Ok(())

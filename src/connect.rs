@@ -121,11 +121,11 @@ impl VerifySchedule {
         } else {
             0
         };
-        crate::store::now() + self.interval + time::Duration::seconds(spread)
+        crate::clock::now() + self.interval + time::Duration::seconds(spread)
     }
 
     pub fn retry_due(&self) -> OffsetDateTime {
-        crate::store::now() + self.retry
+        crate::clock::now() + self.retry
     }
 }
 
@@ -253,7 +253,7 @@ impl ConnectionService {
                 status: ConnectionStatus::Active,
                 permissions: report.clone(),
                 warnings: warnings.clone(),
-                verified_at: crate::store::now(),
+                verified_at: crate::clock::now(),
                 next_verify_at: self.schedule.next_due(),
             };
             let saved = self.store.save_connection(&connection, actor).await;
@@ -488,13 +488,13 @@ impl ConnectionService {
                         ConnectionStatus::NeedsAttention
                     },
                     permissions: report,
-                    verified_at: crate::store::now(),
+                    verified_at: crate::clock::now(),
                     next_verify_at: self.schedule.next_due(),
                 },
                 Err(ProbeError::KeyRejected { .. }) => Verification {
                     status: ConnectionStatus::Revoked,
                     permissions: record.permissions.clone(),
-                    verified_at: crate::store::now(),
+                    verified_at: crate::clock::now(),
                     next_verify_at: self.schedule.next_due(),
                 },
                 Err(ProbeError::Inconclusive { resource, reason }) => {

@@ -49,7 +49,7 @@ impl Reverifier {
 
     /// Claims and verifies one batch; returns how many connections it took.
     pub async fn run_once(&self) -> usize {
-        let now = crate::store::now();
+        let now = crate::clock::now();
         let lease_until = now + Duration::from_secs(self.settings.lease_secs);
         let claimed = match self
             .store

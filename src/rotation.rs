@@ -2,7 +2,7 @@
 //! online. Each batch commits on its own and only rows still under their old master key are
 //! rewritten, so a crash loses nothing and a rerun resumes where the last commit left off.
 
-use crate::crypto::{Keyring, Purpose};
+use crate::crypto::{Keyring, MasterKeyId, Purpose};
 use crate::store::{RewrappedRow, Store, StoreError};
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -82,12 +82,12 @@ async fn rewrap_purpose(
 pub async fn unknown_master_keys(
     store: &dyn Store,
     keyring: &Keyring,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<Vec<MasterKeyId>, StoreError> {
     Ok(store
         .count_secrets_by_master_key()
         .await?
         .into_iter()
         .map(|(id, _)| id)
-        .filter(|id| !keyring.contains(id))
+        .filter(|id| !keyring.contains(id.as_str()))
         .collect())
 }

@@ -85,7 +85,7 @@ impl Application {
         let connections = Arc::new(connections);
         // Connections verified before a resource became required are due now.
         let marked = store
-            .mark_due_lacking(connections.required(), crate::store::now())
+            .mark_due_lacking(connections.required(), crate::clock::now())
             .await?;
         if marked > 0 {
             tracing::info!(

@@ -44,6 +44,25 @@ pub struct SecretContext {
 }
 
 impl SecretContext {
+    pub fn new(purpose: Purpose, secret_id: &str, tenant_id: &TenantId, mode: Mode) -> Self {
+        Self {
+            secret_id: secret_id.to_owned(),
+            tenant_id: tenant_id.clone(),
+            mode,
+            purpose,
+        }
+    }
+
+    /// Where a tenant's Stripe API key is sealed.
+    pub fn api_key(secret_id: &str, tenant_id: &TenantId, mode: Mode) -> Self {
+        Self::new(Purpose::StripeApiKey, secret_id, tenant_id, mode)
+    }
+
+    /// Where the signing secret of our webhook endpoint on the tenant's account is sealed.
+    pub fn webhook_secret(secret_id: &str, tenant_id: &TenantId, mode: Mode) -> Self {
+        Self::new(Purpose::WebhookSigningSecret, secret_id, tenant_id, mode)
+    }
+
     /// Associated data of the secret layer. Length-prefixed fields, so no two contexts encode
     /// to the same bytes. The master key is not named here: a rewrap replaces only the
     /// wrapped data key.

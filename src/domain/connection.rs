@@ -13,6 +13,8 @@ pub enum ConnectionStatus {
 }
 
 impl ConnectionStatus {
+    pub const ALL: [Self; 3] = [Self::Active, Self::NeedsAttention, Self::Revoked];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Active => "active",

@@ -7,6 +7,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use crate::domain::ConnectionStatus;
+
 use super::error::{ErrorBody, ErrorDetail};
 use super::state::AppState;
 
@@ -23,12 +25,12 @@ pub fn router() -> Router<AppState> {
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     match state.store.count_connections_by_status().await {
         Ok(counts) => {
-            for status in ["active", "needs_attention", "revoked"] {
+            for status in ConnectionStatus::ALL {
                 let n = counts
                     .iter()
-                    .find(|(s, _)| s == status)
+                    .find(|(s, _)| *s == status)
                     .map_or(0, |(_, n)| *n);
-                metrics::gauge!("atlas_connections", "status" => status).set(n as f64);
+                metrics::gauge!("atlas_connections", "status" => status.as_str()).set(n as f64);
             }
         }
         Err(e) => tracing::warn!(error = %e, "metrics: could not count connections"),
@@ -36,7 +38,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     match state.store.count_secrets_by_master_key().await {
         Ok(counts) => {
             for (master_key_id, n) in counts {
-                metrics::gauge!("atlas_sealed_keys", "master_key_id" => master_key_id)
+                metrics::gauge!("atlas_sealed_keys", "master_key_id" => master_key_id.as_str().to_owned())
                     .set(n as f64);
             }
         }
@@ -87,7 +89,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         .store
         .check_ready()
         .await
-        .map_err(CheckFailure::private);
+        .map_err(|e| CheckFailure::private(e.to_string()));
     let keyring = match state.keyring.self_test() {
         Err(e) => Err(CheckFailure::private(e.to_string())),
         Ok(()) => match crate::rotation::unknown_master_keys(&*state.store, &state.keyring).await {
@@ -95,7 +97,11 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
             // Master-key ids are not secret and tell ops what to add back.
             Ok(unknown) => Err(CheckFailure::shown(format!(
                 "stored keys are sealed under master key {}, which the configuration lacks",
-                unknown.join(", ")
+                unknown
+                    .iter()
+                    .map(|id| id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
             // The database check reports an unreachable database.
             Err(_) => Ok(()),

@@ -1,28 +1,46 @@
-//! Persistence behind one trait, with PostgreSQL (production) and SQLite (the embedded
-//! default) implementations sharing the same SQL text and a migrations folder each.
+//! Persistence behind one trait. One generic implementation (`sql_store.rs`) serves
+//! PostgreSQL (production) and SQLite (the embedded default): the statements are named in
+//! `queries.rs`, each dialect difference once in `Dialect`, and each backend has its own
+//! migrations folder.
 
+mod dialect;
+mod model;
 mod postgres;
-mod records;
-mod sql;
+mod queries;
+mod rows;
+mod sql_store;
 mod sqlite;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use time::OffsetDateTime;
 
-pub use postgres::PgStore;
-pub use records::{
-    now, Actor, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch, KeyFetchTally,
+pub use dialect::Dialect;
+pub use model::{
+    Actor, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch, KeyFetchTally,
     NewConnection, NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow,
     ServiceTokenRecord, StoredEvent, StoredWebhook, TenantRecord, TenantWrite, Verification,
     WebhookChange, WebhookTarget,
 };
-pub use sqlite::SqliteStore;
+pub use sql_store::SqlStore;
 
-use time::OffsetDateTime;
-
-use crate::crypto::Purpose;
+use crate::crypto::{MasterKeyId, Purpose};
 use crate::domain::{ConnectionStatus, Mode, Resource, TenantId};
+
+/// The production store: stateless service instances share one PostgreSQL.
+pub type PgStore = SqlStore<sqlx::Postgres>;
+/// The embedded default: one SQLite file, nothing to install.
+pub type SqliteStore = SqlStore<sqlx::Sqlite>;
+
+/// Why the store is not ready to serve.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error("database unreachable: {0}")]
+    Unreachable(sqlx::Error),
+    #[error("migrations: {applied} of {known} applied")]
+    MigrationsPending { applied: i64, known: i64 },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -62,7 +80,7 @@ pub trait Store: Send + Sync + 'static {
     async fn migrate(&self) -> Result<(), StoreError>;
 
     /// The database answers and every migration this binary knows is applied.
-    async fn check_ready(&self) -> Result<(), String>;
+    async fn check_ready(&self) -> Result<(), NotReady>;
 
     async fn upsert_tenant(
         &self,
@@ -136,10 +154,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
 
     /// Connections per status, for metrics.
-    async fn count_connections_by_status(&self) -> Result<Vec<(String, i64)>, StoreError>;
+    async fn count_connections_by_status(&self)
+        -> Result<Vec<(ConnectionStatus, u64)>, StoreError>;
 
     /// Sealed secrets per master-key id (`keys status`, readiness, rewrap progress).
-    async fn count_secrets_by_master_key(&self) -> Result<Vec<(String, i64)>, StoreError>;
+    async fn count_secrets_by_master_key(&self) -> Result<Vec<(MasterKeyId, u64)>, StoreError>;
 
     /// Up to `limit` sealed secrets of `purpose` not under `active`, after `after` in
     /// secret-id order.

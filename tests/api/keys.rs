@@ -240,7 +240,10 @@ async fn every_change_is_audited_without_a_secret(backend: Backend) {
     let trail = app.store.audit_trail(None).await.unwrap();
     let rows: Vec<(String, String, Option<String>)> = trail
         .iter()
-        .map(|a| (a.actor.clone(), a.action.clone(), a.tenant_id.clone()))
+        .map(|a| {
+            let tenant = a.tenant_id.as_ref().map(|t| t.as_str().to_owned());
+            (a.actor.clone(), a.action.clone(), tenant)
+        })
         .collect();
     let tenant = Some("ten_1".to_owned());
     assert_eq!(

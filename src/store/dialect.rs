@@ -1,0 +1,56 @@
+//! Where PostgreSQL and SQLite differ, each difference named once. Everything else is the
+//! one implementation in `sql_store.rs`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::{Database, Pool};
+
+use super::model::{NewEvent, RewrappedRow};
+use super::{Backend, StoreError};
+use crate::crypto::Purpose;
+use crate::domain::TenantId;
+
+#[async_trait]
+pub trait Dialect: Database {
+    const BACKEND: Backend;
+
+    /// Appended to the claim of due connections: with several processes on PostgreSQL, a
+    /// claimer skips rows another has locked instead of waiting for them. SQLite runs one
+    /// writer at a time, so its claim is exclusive without it.
+    const SKIP_LOCKED: &'static str;
+
+    /// Appended to the feed query: only rows that can no longer be passed by an event
+    /// committing late (see `insert_event_in_feed_order`).
+    const FEED_HORIZON: &'static str;
+
+    fn migrator() -> &'static Migrator;
+
+    /// How many rows a statement changed (sqlx has no common trait for it).
+    fn rows_affected(result: &Self::QueryResult) -> u64;
+
+    /// Opens the pool with the backend's connection settings.
+    async fn open_pool(
+        url: &str,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Result<Pool<Self>, StoreError>;
+
+    /// Replaces a batch of wrapped data keys; a row whose master key changed meanwhile is
+    /// left alone. Returns how many rows were rewritten.
+    async fn replace_wrapped_keys(
+        pool: &Pool<Self>,
+        purpose: Purpose,
+        rows: &[RewrappedRow],
+    ) -> Result<u64, StoreError>;
+
+    /// Inserts a verified event so that feed order follows commit order; false when the
+    /// event was already stored.
+    async fn insert_event_in_feed_order(
+        pool: &Pool<Self>,
+        tenant: &TenantId,
+        connection_id: &str,
+        event: &NewEvent,
+    ) -> Result<bool, StoreError>;
+}

@@ -1,0 +1,201 @@
+//! Every statement the store runs, by name.
+//!
+//! They are written in the common subset of PostgreSQL and SQLite (`$n` placeholders,
+//! `RETURNING`, `ON CONFLICT`), so one implementation serves both backends. The few places
+//! the dialects differ are named once, in `Dialect` (`dialect.rs`).
+//!
+//! Every multi-statement change starts with a write (`LOCK_TENANT`), which locks the tenant
+//! row in PostgreSQL and takes SQLite's write lock up front, so concurrent changes to one
+//! tenant serialise instead of deadlocking.
+
+pub const MIGRATIONS_APPLIED: &str = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success";
+
+pub const LOCK_TENANT: &str =
+    "UPDATE tenants SET updated_at = updated_at WHERE tenant_id = $1 RETURNING mode";
+
+pub const FIND_TENANT: &str =
+    "SELECT tenant_id, mode, created_at FROM tenants WHERE tenant_id = $1";
+
+pub const INSERT_TENANT: &str = "INSERT INTO tenants (tenant_id, mode, created_at, updated_at) \
+    VALUES ($1, $2, $3, $3) ON CONFLICT (tenant_id) DO NOTHING";
+
+pub const UPDATE_TENANT_MODE: &str =
+    "UPDATE tenants SET mode = $2, updated_at = $3 WHERE tenant_id = $1";
+
+pub const COUNT_TENANT_CONNECTIONS: &str =
+    "SELECT COUNT(*) FROM stripe_connections WHERE tenant_id = $1";
+
+pub const INSERT_AUDIT: &str = "INSERT INTO audit_events \
+    (occurred_at, actor, action, tenant_id, detail) VALUES ($1, $2, $3, $4, $5)";
+
+pub const AUDIT_TRAIL: &str = "SELECT occurred_at, actor, action, tenant_id, detail \
+    FROM audit_events WHERE ($1 IS NULL OR tenant_id = $1) ORDER BY id";
+
+pub const INSERT_SERVICE_TOKEN: &str = "INSERT INTO service_tokens \
+    (token_id, name, scopes, secret_hash, created_at) VALUES ($1, $2, $3, $4, $5)";
+
+pub const FIND_SERVICE_TOKEN: &str = "SELECT token_id, name, scopes, secret_hash, created_at, \
+    revoked_at FROM service_tokens WHERE token_id = $1";
+
+pub const LIST_SERVICE_TOKENS: &str = "SELECT token_id, name, scopes, secret_hash, created_at, \
+    revoked_at FROM service_tokens ORDER BY created_at, token_id";
+
+pub const REVOKE_SERVICE_TOKEN: &str =
+    "UPDATE service_tokens SET revoked_at = $2 WHERE token_id = $1 AND revoked_at IS NULL";
+
+/// The columns of `rows::ConnectionRow`, from `stripe_connections c`.
+macro_rules! connection_columns {
+    () => {
+        "SELECT c.tenant_id, c.connection_id, c.status, c.mode, c.key_type, c.key_last4, \
+         c.key_fingerprint, c.api_key_secret_id, c.master_key_id, c.wrapped_key, c.ciphertext, \
+         c.permissions, c.warnings, c.verified_at, c.connected_at, c.webhook_endpoint_id, \
+         c.webhook_secret_id, c.webhook_master_key_id, c.webhook_wrapped_key, \
+         c.webhook_ciphertext FROM stripe_connections c "
+    };
+}
+
+pub const FIND_CONNECTION: &str = concat!(connection_columns!(), "WHERE c.tenant_id = $1");
+
+pub const LIST_CONNECTIONS: &str = concat!(
+    connection_columns!(),
+    "WHERE ($1 IS NULL OR c.status = $1) ORDER BY c.tenant_id"
+);
+
+pub const PREVIOUS_CONNECTION: &str =
+    "SELECT connection_id, key_fingerprint FROM stripe_connections WHERE tenant_id = $1";
+
+pub const UPDATE_CONNECTION: &str = "UPDATE stripe_connections SET api_key_secret_id = $3, \
+    status = $4, mode = $5, key_type = $6, key_last4 = $7, key_fingerprint = $8, \
+    permissions = $9, warnings = $10, verified_at = $11, connected_at = $12, updated_at = $12, \
+    master_key_id = $13, wrapped_key = $14, ciphertext = $15, next_verify_at = $16, \
+    lease_owner = NULL, lease_until = NULL \
+    WHERE tenant_id = $1 AND connection_id = $2";
+
+pub const INSERT_CONNECTION: &str = "INSERT INTO stripe_connections (tenant_id, connection_id, \
+    api_key_secret_id, status, mode, key_type, key_last4, key_fingerprint, permissions, \
+    warnings, verified_at, connected_at, updated_at, master_key_id, wrapped_key, ciphertext, \
+    next_verify_at) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15, $16)";
+
+pub const SET_WEBHOOK: &str = "UPDATE stripe_connections SET webhook_endpoint_id = $2, \
+    webhook_secret_id = $3, webhook_master_key_id = $4, webhook_wrapped_key = $5, \
+    webhook_ciphertext = $6 WHERE tenant_id = $1";
+
+pub const RECORD_VERIFICATION: &str = "UPDATE stripe_connections SET status = $3, \
+    permissions = $4, verified_at = $5, updated_at = $6, next_verify_at = $7, \
+    lease_owner = NULL, lease_until = NULL \
+    WHERE tenant_id = $1 AND api_key_secret_id = $2 RETURNING connection_id";
+
+pub const DELETE_CONNECTION: &str = "DELETE FROM stripe_connections WHERE tenant_id = $1 \
+    RETURNING connection_id, key_last4";
+
+/// Leases due connections; `Dialect::SKIP_LOCKED` goes between the two halves.
+pub const CLAIM_DUE: [&str; 2] = [
+    "UPDATE stripe_connections SET lease_owner = $1, lease_until = $2 \
+     WHERE tenant_id IN (SELECT tenant_id FROM stripe_connections \
+     WHERE status <> 'revoked' AND next_verify_at <= $3 \
+     AND (lease_until IS NULL OR lease_until < $3) \
+     ORDER BY next_verify_at LIMIT $4",
+    ") RETURNING tenant_id",
+];
+
+pub const RELEASE_CONNECTION: &str = "UPDATE stripe_connections SET lease_owner = NULL, \
+    lease_until = NULL, next_verify_at = $3 WHERE tenant_id = $1 AND lease_owner = $2";
+
+/// The report is JSON text in both dialects; a required name absent from it means that
+/// resource was never probed for this key.
+pub const MARK_DUE_LACKING: &str = "UPDATE stripe_connections SET next_verify_at = $1 \
+    WHERE status <> 'revoked' AND next_verify_at > $1 AND permissions NOT LIKE $2";
+
+pub const COUNT_CONNECTIONS_BY_STATUS: &str =
+    "SELECT status, COUNT(*) FROM stripe_connections GROUP BY status ORDER BY status";
+
+pub const COUNT_SECRETS_BY_MASTER_KEY: &str = "SELECT id, COUNT(*) FROM \
+    (SELECT master_key_id AS id FROM stripe_connections \
+    UNION ALL SELECT webhook_master_key_id FROM stripe_connections \
+    WHERE webhook_master_key_id IS NOT NULL) sealed GROUP BY id ORDER BY id";
+
+/// Sealed API keys not under master key `$1`, after secret id `$2`, `$3` at most.
+pub const API_KEYS_TO_REWRAP: &str = "SELECT tenant_id, mode, api_key_secret_id AS secret_id, \
+    master_key_id, wrapped_key, ciphertext FROM stripe_connections \
+    WHERE master_key_id <> $1 AND api_key_secret_id > $2 \
+    ORDER BY api_key_secret_id LIMIT $3";
+
+/// Sealed webhook secrets, aliased like `API_KEYS_TO_REWRAP`.
+pub const WEBHOOK_SECRETS_TO_REWRAP: &str = "SELECT tenant_id, mode, \
+    webhook_secret_id AS secret_id, webhook_master_key_id AS master_key_id, \
+    webhook_wrapped_key AS wrapped_key, webhook_ciphertext AS ciphertext \
+    FROM stripe_connections WHERE webhook_master_key_id <> $1 AND webhook_secret_id > $2 \
+    ORDER BY webhook_secret_id LIMIT $3";
+
+/// One rewrapped API key: `$1` secret id, `$2` the master key it was read under, `$3`, `$4`
+/// the new wrap. A row whose master key changed meanwhile is left alone.
+pub const REWRAP_API_KEY: &str = "UPDATE stripe_connections SET master_key_id = $3, \
+    wrapped_key = $4 WHERE api_key_secret_id = $1 AND master_key_id = $2";
+
+pub const REWRAP_WEBHOOK_SECRET: &str = "UPDATE stripe_connections \
+    SET webhook_master_key_id = $3, webhook_wrapped_key = $4 \
+    WHERE webhook_secret_id = $1 AND webhook_master_key_id = $2";
+
+/// A batch of rewraps in one statement (PostgreSQL arrays unnested into rows).
+pub const REWRAP_API_KEYS_UNNEST: &str = "UPDATE stripe_connections c \
+    SET master_key_id = v.new_master, wrapped_key = v.wrapped \
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[]) \
+    AS v(secret_id, old_master, new_master, wrapped) \
+    WHERE c.api_key_secret_id = v.secret_id AND c.master_key_id = v.old_master";
+
+pub const REWRAP_WEBHOOK_SECRETS_UNNEST: &str = "UPDATE stripe_connections c \
+    SET webhook_master_key_id = v.new_master, webhook_wrapped_key = v.wrapped \
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[]) \
+    AS v(secret_id, old_master, new_master, wrapped) \
+    WHERE c.webhook_secret_id = v.secret_id AND c.webhook_master_key_id = v.old_master";
+
+pub const FIND_WEBHOOK_TARGET: &str = "SELECT tenant_id, mode, webhook_secret_id, \
+    webhook_master_key_id, webhook_wrapped_key, webhook_ciphertext FROM stripe_connections \
+    WHERE connection_id = $1 AND webhook_secret_id IS NOT NULL";
+
+pub const EVENT_SEEN: &str =
+    "SELECT COUNT(*) FROM webhook_events WHERE connection_id = $1 AND event_id = $2";
+
+/// PostgreSQL: the row carries its transaction id; the feed holds back rows of
+/// transactions still running (`Dialect::FEED_HORIZON`).
+pub const INSERT_EVENT_WITH_TXID: &str = "INSERT INTO webhook_events (tenant_id, txid, seq, \
+    connection_id, event_id, event_type, created, livemode, received_at, payload) VALUES ($1, \
+    pg_current_xact_id()::text::bigint, nextval('webhook_event_seq'), $2, $3, $4, $5, $6, $7, $8) \
+    ON CONFLICT (connection_id, event_id) DO NOTHING";
+
+/// SQLite: a per-tenant sequence taken in the writing transaction.
+pub const NEXT_EVENT_SEQ: &str =
+    "UPDATE tenants SET event_seq = event_seq + 1 WHERE tenant_id = $1 RETURNING event_seq";
+
+pub const INSERT_EVENT_WITH_SEQ: &str = "INSERT INTO webhook_events (tenant_id, txid, seq, \
+    connection_id, event_id, event_type, created, livemode, received_at, payload) \
+    VALUES ($1, 0, $2, $3, $4, $5, $6, $7, $8, $9) \
+    ON CONFLICT (connection_id, event_id) DO NOTHING";
+
+/// The feed; `Dialect::FEED_HORIZON` goes between the two halves.
+pub const LIST_EVENTS: [&str; 2] = [
+    "SELECT txid, seq, connection_id, event_id, event_type, created, livemode, received_at, \
+     payload FROM webhook_events WHERE tenant_id = $1 AND (txid, seq) > ($2, $3)",
+    " ORDER BY txid, seq LIMIT $4",
+];
+
+/// The token and, when connected, the tenant's sealed key: the whole key fetch in one
+/// round trip of two primary-key lookups.
+pub const FETCH_KEY: &str = "SELECT t.secret_hash, t.scopes, t.revoked_at, \
+    c.status, c.mode, c.key_type, c.api_key_secret_id, c.master_key_id, c.wrapped_key, \
+    c.ciphertext \
+    FROM service_tokens t \
+    LEFT JOIN stripe_connections c ON c.tenant_id = $2 \
+    WHERE t.token_id = $1";
+
+/// Adds a tally; `CASE` rather than `GREATEST`/`MAX` keeps it in both dialects.
+pub const ADD_KEY_FETCHES: &str = "INSERT INTO key_fetches \
+    (token_id, tenant_id, window_start, fetch_count, last_fetched_at) VALUES ($1, $2, $3, $4, $5) \
+    ON CONFLICT (tenant_id, window_start, token_id) DO UPDATE SET \
+    fetch_count = key_fetches.fetch_count + excluded.fetch_count, \
+    last_fetched_at = CASE WHEN excluded.last_fetched_at > key_fetches.last_fetched_at \
+    THEN excluded.last_fetched_at ELSE key_fetches.last_fetched_at END";
+
+pub const KEY_FETCHES: &str = "SELECT token_id, tenant_id, window_start, fetch_count, \
+    last_fetched_at FROM key_fetches WHERE tenant_id = $1 ORDER BY window_start, token_id";
