@@ -64,13 +64,6 @@ pub enum Command {
     /// Master-key tools.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Benchmarks only: seed connected tenants `ten_0…` with sealed random keys and print a
-    /// keys:read service token.
-    #[cfg(feature = "bench")]
-    BenchSeed {
-        #[arg(long, default_value_t = 10_000)]
-        tenants: usize,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,8 +170,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{:<34} {count:>10}  {configured}{active}", id.as_str());
             }
         }
-        #[cfg(feature = "bench")]
-        Command::BenchSeed { tenants } => bench_seed(&settings, tenants).await?,
     }
     Ok(())
 }
@@ -233,76 +224,6 @@ async fn demo_url(
         "{base}/connect/stripe#tenant={tenant}&mode={mode}&token={}",
         token.expose_secret()
     );
-    Ok(())
-}
-
-#[cfg(feature = "bench")]
-async fn bench_seed(settings: &Settings, tenants: usize) -> anyhow::Result<()> {
-    use crate::crypto::{Fingerprinter, Purpose, SecretContext};
-    use crate::domain::{
-        random_id, Access, ConnectionStatus, KeyKind, Mode, PermissionReport, Resource,
-    };
-    use crate::store::NewConnection;
-    use futures_util::stream::{self, StreamExt, TryStreamExt};
-
-    let store = open_store(settings).await?;
-    let secrets = settings.secrets()?;
-    let keyring = &secrets.keyring;
-    let fingerprinter = Fingerprinter::new(secrets.fingerprint_key.clone());
-    let permissions: PermissionReport = Resource::ALL
-        .iter()
-        .map(|r| (*r, Access::Granted))
-        .collect();
-    stream::iter(0..tenants)
-        .map(|i| {
-            let store = store.clone();
-            let permissions = permissions.clone();
-            let fingerprinter = &fingerprinter;
-            async move {
-                let tenant = TenantId::parse(&format!("ten_{i}"))?;
-                store
-                    .upsert_tenant(&tenant, Mode::Test, &Actor::Cli)
-                    .await?;
-                let api_key = random_id("rk_test_", 99);
-                let secret_id = random_id("sec_", 20);
-                let context = SecretContext {
-                    secret_id: secret_id.clone(),
-                    tenant_id: tenant.clone(),
-                    mode: Mode::Test,
-                    purpose: Purpose::StripeApiKey,
-                };
-                let connection = NewConnection {
-                    connection_id: random_id("con_", 20),
-                    webhook: crate::store::WebhookChange::Keep,
-                    tenant_id: tenant,
-                    mode: Mode::Test,
-                    key_type: KeyKind::Restricted,
-                    key_last4: api_key[api_key.len() - 4..].to_owned(),
-                    key_fingerprint: fingerprinter.fingerprint(&api_key),
-                    sealed: keyring.seal(&context, api_key.as_bytes())?,
-                    secret_id,
-                    status: ConnectionStatus::Active,
-                    permissions,
-                    warnings: Vec::new(),
-                    verified_at: crate::clock::now(),
-                    next_verify_at: crate::clock::now() + time::Duration::hours(6),
-                };
-                store.save_connection(&connection, &Actor::Cli).await?;
-                anyhow::Ok(())
-            }
-        })
-        .buffer_unordered(8)
-        .try_collect::<Vec<()>>()
-        .await?;
-    let issued = IssuedServiceToken::generate();
-    let token = NewServiceToken {
-        id: issued.id.clone(),
-        name: "bench".into(),
-        scopes: [Scope::KeysRead].into(),
-        hash: issued.hash,
-    };
-    store.insert_service_token(&token, &Actor::Cli).await?;
-    println!("{}", issued.plaintext.expose_secret());
     Ok(())
 }
 

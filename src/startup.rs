@@ -12,11 +12,10 @@ use tokio::task::JoinHandle;
 use crate::accounting::KeyFetchRecorder;
 use crate::auth::TenantTokens;
 use crate::config::{redact_url, Settings};
-use crate::connect::{ConnectPolicy, ConnectionService, VerifySchedule};
+use crate::connection::{ConnectPolicy, ConnectionService, Reverifier, VerifySchedule};
 use crate::crypto::Fingerprinter;
 use crate::domain::Resource;
 use crate::http::{self, AppState};
-use crate::reverify::Reverifier;
 use crate::store::{self, Store};
 use crate::stripe::{StripeClient, StripeClientConfig};
 

@@ -4,6 +4,8 @@
 # Sets PGPORT, PGTMP, ATLAS_TEST_POSTGRES_URL, ATLAS_TEST_POSTGRES_DATA_DIR; stops and
 # removes the cluster on exit. Extra server settings: PG_EXTRA_OPTS.
 
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 find_initdb() {
   command -v initdb 2>/dev/null && return 0
   ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1
@@ -25,15 +27,8 @@ start_throwaway_postgres() {
   local initdb
   initdb=$(find_initdb || true)
   if [ -z "$initdb" ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      echo "==> installing PostgreSQL server binaries" >&2
-      apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-      initdb=$(find_initdb)
-    else
-      echo "PostgreSQL server binaries (initdb, pg_ctl) are needed: apt-get install postgresql" >&2
-      return 1
-    fi
+    install_debian postgresql
+    initdb=$(find_initdb)
   fi
   PGBIN=$(dirname "$initdb")
   PGTMP=$(mktemp -d "${TMPDIR:-/tmp}/atlas-stripe-pg.XXXXXX")

@@ -24,14 +24,6 @@ impl Purpose {
             Self::WebhookSigningSecret => "webhook_signing_secret",
         }
     }
-
-    pub fn parse(raw: &str) -> Option<Self> {
-        match raw {
-            "stripe_api_key" => Some(Self::StripeApiKey),
-            "webhook_signing_secret" => Some(Self::WebhookSigningSecret),
-            _ => None,
-        }
-    }
 }
 
 /// Where a secret belongs. Bound into both seals as associated data.

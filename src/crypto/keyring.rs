@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 
 use super::envelope::{self, SealedSecret, SecretContext};
 use super::{CryptoError, Purpose};
-use crate::domain::{Mode, TenantId};
+use crate::domain::{Mode, StripeKey, TenantId};
 
 /// The id of one master-key version, recorded beside every wrapped data key.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -148,6 +148,17 @@ impl Keyring {
         sealed: &SealedSecret,
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         envelope::open(self.cipher(&sealed.master_key_id)?, context, sealed)
+    }
+
+    /// Opens a sealed Stripe API key: the one way a stored key comes back to plaintext.
+    pub fn open_stripe_key(
+        &self,
+        context: &SecretContext,
+        sealed: &SealedSecret,
+    ) -> Result<StripeKey, CryptoError> {
+        let plaintext = self.open(context, sealed)?;
+        let text = std::str::from_utf8(&plaintext).map_err(|_| CryptoError::NotAStripeKey)?;
+        StripeKey::parse(text).map_err(|_| CryptoError::NotAStripeKey)
     }
 
     /// Re-wraps the data key under the active master key (a no-op copy when it already is).

@@ -23,4 +23,7 @@ pub enum CryptoError {
     Open,
     #[error("sealing failed")]
     Seal,
+    /// Opened, but what was sealed is not a Stripe API key.
+    #[error("the opened secret is not a Stripe API key")]
+    NotAStripeKey,
 }

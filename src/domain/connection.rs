@@ -42,12 +42,6 @@ pub enum Warning {
 }
 
 impl Warning {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::SecretKeyFullAccess => "secret_key_full_access",
-        }
-    }
-
     pub fn parse(raw: &str) -> Option<Self> {
         match raw {
             "secret_key_full_access" => Some(Self::SecretKeyFullAccess),

@@ -115,10 +115,6 @@ impl PermissionReport {
             .iter()
             .all(|r| self.get(*r) == Some(Access::Granted))
     }
-
-    pub fn iter(&self) -> impl Iterator<Item = (Resource, Access)> + '_ {
-        self.0.iter().map(|(r, a)| (*r, *a))
-    }
 }
 
 impl FromIterator<(Resource, Access)> for PermissionReport {

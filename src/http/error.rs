@@ -8,7 +8,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::connection::ConnectError;
+use crate::crypto::CryptoError;
 use crate::domain::{KeyFormatError, Mode, Resource};
+use crate::store::StoreError;
 
 tokio::task_local! {
     /// The current request's id, set by the request-id middleware for the whole request.
@@ -79,57 +82,43 @@ impl ApiError {
         Self::Internal(cause.into())
     }
 
-    pub fn status(&self) -> StatusCode {
+    /// The one table that gives each variant its HTTP status and stable `code`.
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use StatusCode as S;
         match self {
-            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Self::InsufficientScope(_) => StatusCode::FORBIDDEN,
-            Self::NotConnected | Self::RouteNotFound | Self::UnknownWebhookConnection => {
-                StatusCode::NOT_FOUND
+            Self::Unauthenticated => (S::UNAUTHORIZED, "unauthenticated"),
+            Self::InsufficientScope(_) => (S::FORBIDDEN, "insufficient_scope"),
+            Self::NotConnected => (S::NOT_FOUND, "not_connected"),
+            Self::RouteNotFound => (S::NOT_FOUND, "not_found"),
+            Self::UnknownWebhookConnection => (S::NOT_FOUND, "unknown_connection"),
+            Self::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::InvalidJson(_) => (S::BAD_REQUEST, "invalid_json"),
+            Self::InvalidTenantId(_) => (S::BAD_REQUEST, "invalid_tenant_id"),
+            Self::InvalidRequest(_) => (S::BAD_REQUEST, "invalid_request"),
+            Self::KeyFormat(e) => (S::BAD_REQUEST, e.code()),
+            Self::WebhookRejected => (S::BAD_REQUEST, "webhook_rejected"),
+            Self::UnsupportedMediaType => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            Self::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::ModeMismatch { .. } => (S::UNPROCESSABLE_ENTITY, "mode_mismatch"),
+            Self::KeyRejected(_) => (S::UNPROCESSABLE_ENTITY, "key_rejected"),
+            Self::MissingPermissions { .. } => (S::UNPROCESSABLE_ENTITY, "missing_permissions"),
+            Self::WebhookRegistrationFailed => {
+                (S::UNPROCESSABLE_ENTITY, "webhook_registration_failed")
             }
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::InvalidJson(_)
-            | Self::InvalidTenantId(_)
-            | Self::InvalidRequest(_)
-            | Self::KeyFormat(_) => StatusCode::BAD_REQUEST,
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::WebhookRejected => StatusCode::BAD_REQUEST,
-            Self::ModeMismatch { .. }
-            | Self::KeyRejected(_)
-            | Self::MissingPermissions { .. }
-            | Self::WebhookRegistrationFailed => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::TenantHasConnection | Self::ConnectionNotActive(_) => StatusCode::CONFLICT,
-            Self::StripeUnavailable => StatusCode::BAD_GATEWAY,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::RateLimited { .. } => (S::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::TenantHasConnection => (S::CONFLICT, "tenant_has_connection"),
+            Self::ConnectionNotActive(_) => (S::CONFLICT, "connection_not_active"),
+            Self::StripeUnavailable => (S::BAD_GATEWAY, "stripe_unavailable"),
+            Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
 
+    pub fn status(&self) -> StatusCode {
+        self.status_and_code().0
+    }
+
     pub fn code(&self) -> &'static str {
-        match self {
-            Self::Unauthenticated => "unauthenticated",
-            Self::InsufficientScope(_) => "insufficient_scope",
-            Self::NotConnected => "not_connected",
-            Self::RouteNotFound => "not_found",
-            Self::MethodNotAllowed => "method_not_allowed",
-            Self::InvalidJson(_) => "invalid_json",
-            Self::UnsupportedMediaType => "unsupported_media_type",
-            Self::PayloadTooLarge(_) => "payload_too_large",
-            Self::InvalidTenantId(_) => "invalid_tenant_id",
-            Self::InvalidRequest(_) => "invalid_request",
-            Self::KeyFormat(e) => e.code(),
-            Self::ModeMismatch { .. } => "mode_mismatch",
-            Self::KeyRejected(_) => "key_rejected",
-            Self::MissingPermissions { .. } => "missing_permissions",
-            Self::RateLimited { .. } => "rate_limited",
-            Self::TenantHasConnection => "tenant_has_connection",
-            Self::ConnectionNotActive(_) => "connection_not_active",
-            Self::StripeUnavailable => "stripe_unavailable",
-            Self::WebhookRegistrationFailed => "webhook_registration_failed",
-            Self::WebhookRejected => "webhook_rejected",
-            Self::UnknownWebhookConnection => "unknown_connection",
-            Self::Internal(_) => "internal_error",
-        }
+        self.status_and_code().1
     }
 }
 
@@ -227,41 +216,65 @@ impl From<KeyFormatError> for ApiError {
     }
 }
 
-impl From<crate::connect::ConnectError> for ApiError {
-    fn from(e: crate::connect::ConnectError) -> Self {
-        use crate::connect::ConnectError as E;
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
         match e {
-            E::RateLimited { retry_after } => Self::RateLimited {
+            StoreError::TenantHasConnection => Self::TenantHasConnection,
+            other => Self::Internal(other.into()),
+        }
+    }
+}
+
+impl From<CryptoError> for ApiError {
+    fn from(e: CryptoError) -> Self {
+        Self::Internal(e.into())
+    }
+}
+
+impl From<ConnectError> for ApiError {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::RateLimited { retry_after } => Self::RateLimited {
                 retry_after_secs: retry_after.as_secs_f64().ceil().max(1.0) as u64,
             },
-            E::NotConnected => Self::NotConnected,
-            E::KeyFormat(e) => Self::KeyFormat(e),
-            E::ModeMismatch { tenant, key } => Self::ModeMismatch { tenant, key },
-            E::KeyRejected { expired: true } => Self::KeyRejected(
+            ConnectError::NotConnected => Self::NotConnected,
+            ConnectError::KeyFormat(e) => Self::KeyFormat(e),
+            ConnectError::ModeMismatch { tenant, key } => Self::ModeMismatch { tenant, key },
+            ConnectError::KeyRejected { expired: true } => Self::KeyRejected(
                 "Stripe says this key has expired. Create a new restricted key in the Stripe dashboard and paste it.",
             ),
-            E::KeyRejected { expired: false } => Self::KeyRejected(
+            ConnectError::KeyRejected { expired: false } => Self::KeyRejected(
                 "Stripe does not accept this key: it is invalid, or was rolled or deleted. Copy a current key from the Stripe dashboard.",
             ),
-            E::MissingPermissions { missing, fix_url } => {
+            ConnectError::MissingPermissions {
+                missing,
+                fix_url,
+                all_refused,
+            } => {
                 let names: Vec<&str> = missing.iter().map(|r| r.as_str()).collect();
                 let mut message = format!(
                     "The key lacks write access to: {}. Create a restricted key with the needed permissions (fix_url pre-fills it) and paste it.",
                     names.join(", ")
                 );
-                if missing.len() == Resource::ALL.len() {
+                if all_refused {
                     message.push_str(
                         " Every permission was refused: if the key is limited to certain IP addresses, Stripe refuses Atlas's requests the same way; lift the restriction or allow Atlas's addresses.",
                     );
                 }
-                Self::MissingPermissions { missing, fix_url, message }
+                Self::MissingPermissions {
+                    missing,
+                    fix_url,
+                    message,
+                }
             }
-            E::StripeUnavailable(reason) => {
+            ConnectError::StripeUnavailable(reason) => {
                 tracing::warn!(%reason, "Stripe gave no conclusive answer");
                 Self::StripeUnavailable
             }
-            E::WebhookRefused => Self::WebhookRegistrationFailed,
-            E::Internal(cause) => Self::Internal(cause),
+            ConnectError::WebhookRefused => Self::WebhookRegistrationFailed,
+            ConnectError::Store(e) => e.into(),
+            ConnectError::Crypto(e) => e.into(),
+            ConnectError::LostRaces => Self::Internal(ConnectError::LostRaces.into()),
         }
     }
 }

@@ -124,8 +124,7 @@ impl FromRequestParts<AppState> for ServiceCaller {
         let record = state
             .store
             .find_service_token(presented.id())
-            .await
-            .map_err(ApiError::internal)?
+            .await?
             .ok_or(ApiError::Unauthenticated)?;
         if record.revoked_at.is_some() || !presented.matches(&record.hash) {
             return Err(ApiError::Unauthenticated);

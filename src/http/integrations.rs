@@ -79,8 +79,7 @@ pub async fn show(
     let record = state
         .store
         .find_connection(&tenant)
-        .await
-        .map_err(ApiError::internal)?
+        .await?
         .ok_or(ApiError::NotConnected)?;
     Ok(Json((&record).into()))
 }

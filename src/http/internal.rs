@@ -12,9 +12,9 @@ use super::extract::{AppJson, ServiceCaller, TenantPath};
 use super::state::AppState;
 use super::summary::ConnectionSummary;
 use crate::auth::{PresentedServiceToken, Scope};
-use crate::crypto::{Purpose, SecretContext};
+use crate::crypto::SecretContext;
 use crate::domain::{ConnectionStatus, Mode, TenantId};
-use crate::store::{Actor, EventCursor, StoreError, TenantWrite};
+use crate::store::{Actor, EventCursor, TenantWrite};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -93,11 +93,7 @@ pub async fn list_events(
             .filter(|n| (1..=500).contains(n))
             .ok_or_else(|| ApiError::InvalidRequest("limit must be 1 to 500.".into()))?,
     };
-    let events = state
-        .store
-        .list_events(&tenant, after, limit)
-        .await
-        .map_err(ApiError::internal)?;
+    let events = state.store.list_events(&tenant, after, limit).await?;
     let next_cursor = events.last().map_or(after, |e| e.cursor()).encode();
     let events = events
         .into_iter()
@@ -155,8 +151,7 @@ pub async fn fetch_key(
     let fetch = state
         .store
         .fetch_key(presented.id(), &tenant)
-        .await
-        .map_err(ApiError::internal)?
+        .await?
         .ok_or(ApiError::Unauthenticated)?;
     if fetch.token_revoked || !presented.matches(&fetch.token_hash) {
         return Err(ApiError::Unauthenticated);
@@ -168,24 +163,14 @@ pub async fn fetch_key(
     if key.status == ConnectionStatus::Revoked {
         return Err(ApiError::ConnectionNotActive(key.status.as_str()));
     }
-    let context = SecretContext {
-        secret_id: key.secret_id,
-        tenant_id: tenant.clone(),
-        mode: key.mode,
-        purpose: Purpose::StripeApiKey,
-    };
-    let plaintext = state
-        .keyring
-        .open(&context, &key.sealed)
-        .map_err(ApiError::internal)?;
-    let api_key = std::str::from_utf8(&plaintext)
-        .map_err(|_| ApiError::internal(anyhow::anyhow!("stored key is not UTF-8")))?;
+    let context = SecretContext::api_key(&key.secret_id, &tenant, key.mode);
+    let api_key = state.keyring.open_stripe_key(&context, &key.sealed)?;
     let body = serde_json::to_vec(&KeyBody {
         tenant_id: &tenant,
         mode: key.mode,
         key_type: key.key_type.as_str(),
         status: key.status,
-        api_key,
+        api_key: api_key.expose_secret(),
     })
     .map_err(ApiError::internal)?;
     state.key_fetches.record(presented.id(), &tenant).await;
@@ -239,8 +224,7 @@ pub async fn upsert_tenant(
     let status = match state.store.upsert_tenant(&tenant, mode, &actor).await {
         Ok(TenantWrite::Created) => StatusCode::CREATED,
         Ok(TenantWrite::Updated | TenantWrite::Unchanged) => StatusCode::OK,
-        Err(StoreError::TenantHasConnection) => return Err(ApiError::TenantHasConnection),
-        Err(e) => return Err(ApiError::internal(e)),
+        Err(e) => return Err(e.into()),
     };
     Ok((
         status,
@@ -280,10 +264,6 @@ pub async fn list_connections(
             )
         })?),
     };
-    let records = state
-        .store
-        .list_connections(status)
-        .await
-        .map_err(ApiError::internal)?;
+    let records = state.store.list_connections(status).await?;
     Ok(Json(records.iter().map(Into::into).collect()))
 }

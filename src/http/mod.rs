@@ -1,7 +1,5 @@
 //! The HTTP boundary: one module per audience, merged into one router.
 
-#[cfg(feature = "bench")]
-mod bench;
 mod connect_page;
 pub mod error;
 pub mod extract;
@@ -30,10 +28,7 @@ pub use state::AppState;
 pub use summary::ConnectionSummary;
 
 pub fn router(state: AppState, body_limit: usize) -> Router {
-    let router = Router::new();
-    #[cfg(feature = "bench")]
-    let router = router.merge(bench::router());
-    router
+    Router::new()
         .merge(ops::router())
         .merge(openapi::router())
         .merge(connect_page::router())

@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use crate::accounting::KeyFetchRecorder;
 use crate::auth::TenantTokens;
-use crate::connect::ConnectionService;
+use crate::connection::ConnectionService;
 use crate::crypto::Keyring;
 use crate::store::Store;
 

@@ -60,13 +60,9 @@ pub async fn receive(
     let target = state
         .store
         .find_webhook_target(&connection_id)
-        .await
-        .map_err(ApiError::internal)?
+        .await?
         .ok_or(ApiError::UnknownWebhookConnection)?;
-    let secret = state
-        .keyring
-        .open(&target.context, &target.sealed)
-        .map_err(ApiError::internal)?;
+    let secret = state.keyring.open(&target.context, &target.sealed)?;
     let signature = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok())
@@ -102,8 +98,7 @@ pub async fn receive(
     let stored = state
         .store
         .insert_webhook_event(&target.tenant_id, &connection_id, &event)
-        .await
-        .map_err(ApiError::internal)?;
+        .await?;
     let outcome = if stored { "stored" } else { "duplicate" };
     metrics::counter!("atlas_webhook_deliveries_total", "outcome" => outcome).increment(1);
     Ok((

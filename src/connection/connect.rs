@@ -1,0 +1,185 @@
+//! The connect flow: parse, mode check, probe, register our webhook endpoint, seal, store;
+//! and disconnect.
+
+use governor::clock::{Clock, DefaultClock};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{ConnectError, ConnectionService, StripeCleanup};
+use crate::crypto::SecretContext;
+use crate::domain::{
+    random_id, ConnectionStatus, KeyKind, Mode, Resource, StripeKey, TenantId, Warning,
+};
+use crate::store::{Actor, NewConnection, SaveOutcome, StoreError, WebhookChange};
+use crate::stripe::probe_write_access;
+
+/// The Stripe dashboard link that pre-fills a restricted key with exactly `required`.
+pub fn fix_url(mode: Mode, required: &[Resource]) -> String {
+    let mode_segment = match mode {
+        Mode::Test => "test/",
+        Mode::Live => "",
+    };
+    let mut url = format!("https://dashboard.stripe.com/{mode_segment}apikeys/create?name=Atlas");
+    for resource in required {
+        url.push_str("&permissions[]=");
+        url.push_str(resource.dashboard_write_scope());
+    }
+    url
+}
+
+impl ConnectionService {
+    fn check_rate(&self, tenant: &TenantId) -> Result<(), ConnectError> {
+        // Forget tenants whose buckets are full again, so memory stays bounded.
+        if self.limiter.len() > 10_000 {
+            self.limiter.retain_recent();
+        }
+        self.limiter
+            .check_key(tenant)
+            .map_err(|not_until| ConnectError::RateLimited {
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            })
+    }
+
+    /// The modal's Activate: verify the pasted key and store it sealed, replacing any
+    /// previous key atomically. Nothing is stored unless every probe concluded "granted".
+    pub async fn connect(
+        &self,
+        tenant: &TenantId,
+        pasted: &SecretString,
+        actor: &Actor,
+    ) -> Result<SaveOutcome, ConnectError> {
+        self.check_rate(tenant)?;
+        let key = StripeKey::parse(pasted.expose_secret())?;
+        let tenant_record = self
+            .store
+            .find_tenant(tenant)
+            .await?
+            .ok_or(ConnectError::NotConnected)?;
+        if key.mode() != tenant_record.mode {
+            return Err(ConnectError::ModeMismatch {
+                tenant: tenant_record.mode,
+                key: key.mode(),
+            });
+        }
+        let report =
+            probe_write_access(&self.stripe, &key, &self.required, self.probe_deadline).await?;
+        if !report.grants_all(&self.required) {
+            let missing = report.missing();
+            return Err(ConnectError::MissingPermissions {
+                all_refused: self.required.iter().all(|r| missing.contains(r)),
+                missing,
+                fix_url: fix_url(tenant_record.mode, &self.required),
+            });
+        }
+        let warnings = match key.kind() {
+            KeyKind::Secret => vec![Warning::SecretKeyFullAccess],
+            KeyKind::Restricted => Vec::new(),
+        };
+        // Two rounds at most: a concurrent first connect may commit while this one registers
+        // its endpoint; the second round sees it and proceeds as a replacement.
+        for round in 0..2 {
+            let existing = self.store.find_connection(tenant).await?;
+            let connection_id = existing
+                .as_ref()
+                .map(|c| c.connection_id.clone())
+                .unwrap_or_else(|| random_id("con_", 20));
+            let webhook = self
+                .webhook_for(&key, tenant, &connection_id, existing.as_ref())
+                .await?;
+            let registered = match &webhook {
+                WebhookChange::Set(w) => Some(w.endpoint_id.clone()),
+                WebhookChange::Keep => None,
+            };
+            let secret_id = random_id("sec_", 20);
+            let context = SecretContext::api_key(&secret_id, tenant, key.mode());
+            let sealed = match self.keyring.seal(&context, key.expose_secret().as_bytes()) {
+                Ok(sealed) => sealed,
+                Err(e) => {
+                    if let Some(endpoint_id) = &registered {
+                        self.delete_endpoint(&key, endpoint_id).await;
+                    }
+                    return Err(e.into());
+                }
+            };
+            let connection = NewConnection {
+                connection_id,
+                webhook,
+                tenant_id: tenant.clone(),
+                mode: key.mode(),
+                key_type: key.kind(),
+                key_last4: key.last4(),
+                key_fingerprint: self.fingerprinter.fingerprint(key.expose_secret()),
+                secret_id,
+                sealed,
+                status: ConnectionStatus::Active,
+                permissions: report.clone(),
+                warnings: warnings.clone(),
+                verified_at: crate::clock::now(),
+                next_verify_at: self.schedule.next_due(),
+            };
+            let saved = self.store.save_connection(&connection, actor).await;
+            if saved.is_err() {
+                // Nothing half-stored here means no orphan there.
+                if let Some(endpoint_id) = &registered {
+                    self.delete_endpoint(&key, endpoint_id).await;
+                }
+            }
+            match saved {
+                Ok(outcome) => {
+                    if let (Some(old), Some(new_id)) = (&existing, &registered) {
+                        self.delete_replaced_endpoint(old, new_id).await;
+                    }
+                    return Ok(outcome);
+                }
+                Err(StoreError::Conflict) if round == 0 => continue,
+                Err(StoreError::ModeChanged(mode)) => {
+                    return Err(ConnectError::ModeMismatch {
+                        tenant: mode,
+                        key: key.mode(),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ConnectError::LostRaces)
+    }
+
+    /// Disconnects: deletes our endpoint on Stripe (only when its URL is ours), then the
+    /// connection and its sealed secrets.
+    pub async fn disconnect(
+        &self,
+        tenant: &TenantId,
+        actor: &Actor,
+    ) -> Result<StripeCleanup, ConnectError> {
+        let record = self
+            .store
+            .find_connection(tenant)
+            .await?
+            .ok_or(ConnectError::NotConnected)?;
+        let cleanup = self.delete_endpoint_of(&record).await;
+        if !self.store.delete_connection(tenant, actor).await? {
+            return Err(ConnectError::NotConnected);
+        }
+        Ok(cleanup)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fix_url_names_exactly_the_required_scopes_per_mode() {
+        assert_eq!(
+            fix_url(Mode::Test, &[Resource::Customers, Resource::Coupons]),
+            "https://dashboard.stripe.com/test/apikeys/create?name=Atlas\
+             &permissions[]=rak_customer_write&permissions[]=rak_coupon_write"
+        );
+        assert_eq!(
+            fix_url(Mode::Live, &Resource::ALL),
+            "https://dashboard.stripe.com/apikeys/create?name=Atlas\
+             &permissions[]=rak_customer_write&permissions[]=rak_checkout_session_write\
+             &permissions[]=rak_coupon_write&permissions[]=rak_invoice_write\
+             &permissions[]=rak_webhook_write"
+        );
+    }
+}

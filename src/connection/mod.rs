@@ -1,0 +1,147 @@
+//! A tenant's Stripe connection: the connect flow (`connect.rs`), verification on demand
+//! and in the background (`verify.rs`), and our webhook endpoint on the tenant's account
+//! (`webhook_endpoint.rs`).
+
+mod connect;
+mod verify;
+mod webhook_endpoint;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+pub use connect::fix_url;
+pub use verify::{Reverifier, VerifySchedule};
+pub use webhook_endpoint::StripeCleanup;
+
+use crate::config::WebhookSettings;
+use crate::crypto::{CryptoError, Fingerprinter, Keyring};
+use crate::domain::{KeyFormatError, Mode, Resource, StripeKey, TenantId};
+use crate::store::{ConnectionRecord, Store, StoreError};
+use crate::stripe::{ProbeError, StripeClient, StripeFailure};
+
+/// Why a connect, verify or disconnect did not succeed. Nothing here holds a key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("rate limited")]
+    RateLimited { retry_after: Duration },
+    #[error("no such tenant or connection")]
+    NotConnected,
+    #[error(transparent)]
+    KeyFormat(#[from] KeyFormatError),
+    #[error("mode mismatch")]
+    ModeMismatch { tenant: Mode, key: Mode },
+    #[error("key rejected")]
+    KeyRejected { expired: bool },
+    #[error("missing permissions")]
+    MissingPermissions {
+        missing: Vec<Resource>,
+        fix_url: String,
+        /// Every required resource was refused: an IP allow-list on the key does that too.
+        all_refused: bool,
+    },
+    #[error("Stripe gave no conclusive answer: {0}")]
+    StripeUnavailable(#[from] Inconclusive),
+    #[error("Stripe refused to register the webhook endpoint")]
+    WebhookRefused,
+    #[error("store: {0}")]
+    Store(StoreError),
+    #[error("crypto: {0}")]
+    Crypto(#[from] CryptoError),
+    #[error("a concurrent connect won twice in a row")]
+    LostRaces,
+}
+
+impl From<StoreError> for ConnectError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::TenantMissing => Self::NotConnected,
+            other => Self::Store(other),
+        }
+    }
+}
+
+/// What Stripe left undecided, so that nothing was stored or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum Inconclusive {
+    #[error("probing {resource}: {reason}")]
+    Probe { resource: Resource, reason: String },
+    #[error("{step}: {failure}")]
+    Call {
+        step: &'static str,
+        failure: StripeFailure,
+    },
+    #[error("{step} answered {status}")]
+    Status { step: &'static str, status: u16 },
+    #[error("the webhook registration answer lacks its {0}")]
+    RegistrationIncomplete(&'static str),
+}
+
+impl From<ProbeError> for ConnectError {
+    fn from(e: ProbeError) -> Self {
+        match e {
+            ProbeError::KeyRejected { expired } => Self::KeyRejected { expired },
+            ProbeError::Inconclusive { resource, reason } => {
+                Inconclusive::Probe { resource, reason }.into()
+            }
+        }
+    }
+}
+
+/// What a key must prove and how often, from configuration.
+#[derive(Clone, Debug)]
+pub struct ConnectPolicy {
+    pub webhooks: WebhookSettings,
+    pub required: Vec<Resource>,
+    pub probe_deadline: Duration,
+    pub schedule: VerifySchedule,
+    pub connect_attempts_per_minute: NonZeroU32,
+}
+
+/// What the connection flows need, built once at start-up.
+pub struct ConnectionService {
+    store: Arc<dyn Store>,
+    keyring: Arc<Keyring>,
+    stripe: StripeClient,
+    fingerprinter: Fingerprinter,
+    required: Vec<Resource>,
+    probe_deadline: Duration,
+    schedule: VerifySchedule,
+    webhooks: WebhookSettings,
+    limiter: DefaultKeyedRateLimiter<TenantId>,
+}
+
+impl ConnectionService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        keyring: Arc<Keyring>,
+        stripe: StripeClient,
+        fingerprinter: Fingerprinter,
+        policy: ConnectPolicy,
+    ) -> Self {
+        Self {
+            store,
+            keyring,
+            stripe,
+            fingerprinter,
+            required: policy.required,
+            probe_deadline: policy.probe_deadline,
+            schedule: policy.schedule,
+            webhooks: policy.webhooks,
+            limiter: RateLimiter::keyed(Quota::per_minute(policy.connect_attempts_per_minute)),
+        }
+    }
+
+    /// The resources a key must be able to write.
+    pub fn required(&self) -> &[Resource] {
+        &self.required
+    }
+
+    /// Opens a stored connection's key.
+    fn open_key(&self, record: &ConnectionRecord) -> Result<StripeKey, CryptoError> {
+        self.keyring
+            .open_stripe_key(&record.secret_context(), &record.sealed)
+    }
+}

@@ -1,0 +1,180 @@
+//! Our webhook endpoint on the tenant's Stripe account: registered on connect, kept when a
+//! replacement key sees it, deleted with the old key when it does not, and deleted on
+//! disconnect. Only an endpoint whose URL is ours is ever deleted, and an endpoint
+//! registered for a save that fails is deleted again, so nothing is left behind.
+
+use secrecy::ExposeSecret;
+
+use super::{ConnectError, ConnectionService, Inconclusive};
+use crate::crypto::SecretContext;
+use crate::domain::{random_id, StripeKey, TenantId};
+use crate::store::{ConnectionRecord, StoredWebhook, WebhookChange};
+use crate::stripe::webhooks;
+
+/// What happened to our webhook endpoint on Stripe when a connection was deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StripeCleanup {
+    Deleted,
+    AlreadyGone,
+    /// The stored id now names an endpoint whose URL is not ours: left alone.
+    NotOurs,
+    NotNeeded,
+    Failed,
+}
+
+impl StripeCleanup {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deleted => "deleted",
+            Self::AlreadyGone => "already_gone",
+            Self::NotOurs => "not_ours",
+            Self::NotNeeded => "not_needed",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl ConnectionService {
+    fn our_webhook_url(&self, connection_id: &str) -> String {
+        format!(
+            "{}/webhooks/stripe/{connection_id}",
+            self.webhooks.public_base_url.trim_end_matches('/')
+        )
+    }
+
+    /// Keeps the stored endpoint when the new key sees it (same account); otherwise
+    /// registers ours and seals its signing secret.
+    pub(super) async fn webhook_for(
+        &self,
+        key: &StripeKey,
+        tenant: &TenantId,
+        connection_id: &str,
+        existing: Option<&ConnectionRecord>,
+    ) -> Result<WebhookChange, ConnectError> {
+        if let Some(stored) = existing.and_then(|c| c.webhook.as_ref()) {
+            const STEP: &str = "webhook endpoint lookup";
+            let reply = self
+                .stripe
+                .send(key, &webhooks::retrieve_request(&stored.endpoint_id))
+                .await
+                .map_err(|failure| Inconclusive::Call {
+                    step: STEP,
+                    failure,
+                })?;
+            match reply.status {
+                200 if webhooks::endpoint_url(&reply)
+                    == Some(self.our_webhook_url(connection_id).as_str()) =>
+                {
+                    return Ok(WebhookChange::Keep)
+                }
+                // Another account (or the endpoint was deleted): register ours there.
+                200 | 404 => {}
+                status => return Err(Inconclusive::Status { step: STEP, status }.into()),
+            }
+        }
+        let request = webhooks::register_request(
+            &self.our_webhook_url(connection_id),
+            &self.webhooks.enabled_events,
+            self.stripe.api_version(),
+            tenant,
+            connection_id,
+        );
+        let reply =
+            (self.stripe.send(key, &request).await).map_err(|failure| Inconclusive::Call {
+                step: "webhook registration",
+                failure,
+            })?;
+        if reply.status != 200 {
+            return Err(ConnectError::WebhookRefused);
+        }
+        let registered = webhooks::parse_registration(&reply)
+            .ok_or(Inconclusive::RegistrationIncomplete("id"))?;
+        let Some(secret) = registered.secret else {
+            self.delete_endpoint(key, &registered.id).await;
+            return Err(Inconclusive::RegistrationIncomplete("signing secret").into());
+        };
+        let secret_id = random_id("whs_", 20);
+        let context = SecretContext::webhook_secret(&secret_id, tenant, key.mode());
+        let sealed = match (self.keyring).seal(&context, secret.expose_secret().as_bytes()) {
+            Ok(sealed) => sealed,
+            Err(e) => {
+                self.delete_endpoint(key, &registered.id).await;
+                return Err(e.into());
+            }
+        };
+        Ok(WebhookChange::Set(StoredWebhook {
+            endpoint_id: registered.id,
+            secret_id,
+            sealed,
+        }))
+    }
+
+    /// After a replacement onto another account: the old account's endpoint goes, with the
+    /// old key, once the new one is stored.
+    pub(super) async fn delete_replaced_endpoint(&self, old: &ConnectionRecord, new_id: &str) {
+        let Some(old_webhook) = old.webhook.as_ref().filter(|w| w.endpoint_id != new_id) else {
+            return;
+        };
+        match self.open_key(old) {
+            Ok(old_key) => {
+                self.delete_endpoint(&old_key, &old_webhook.endpoint_id)
+                    .await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not open the replaced key to delete its endpoint")
+            }
+        }
+    }
+
+    /// On disconnect: deletes the stored endpoint if its URL is still ours.
+    pub(super) async fn delete_endpoint_of(&self, record: &ConnectionRecord) -> StripeCleanup {
+        let Some(webhook) = &record.webhook else {
+            return StripeCleanup::NotNeeded;
+        };
+        let key = match self.open_key(record) {
+            Ok(key) => key,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not open the key to delete the webhook endpoint");
+                return StripeCleanup::Failed;
+            }
+        };
+        let ours = self.our_webhook_url(&record.connection_id);
+        match (self.stripe)
+            .send(&key, &webhooks::retrieve_request(&webhook.endpoint_id))
+            .await
+        {
+            Ok(reply) if reply.status == 404 => StripeCleanup::AlreadyGone,
+            Ok(reply) if reply.status == 200 && webhooks::endpoint_url(&reply) == Some(&ours) => {
+                if self.delete_endpoint(&key, &webhook.endpoint_id).await {
+                    StripeCleanup::Deleted
+                } else {
+                    StripeCleanup::Failed
+                }
+            }
+            Ok(reply) if reply.status == 200 => StripeCleanup::NotOurs,
+            _ => StripeCleanup::Failed,
+        }
+    }
+
+    /// Deletes one of our endpoints, best effort; true when it is gone.
+    pub(super) async fn delete_endpoint(&self, key: &StripeKey, endpoint_id: &str) -> bool {
+        match (self.stripe)
+            .send(key, &webhooks::delete_request(endpoint_id))
+            .await
+        {
+            Ok(reply) if reply.status == 200 || reply.status == 404 => true,
+            Ok(reply) => {
+                tracing::warn!(
+                    endpoint_id,
+                    status = reply.status,
+                    "could not delete a webhook endpoint"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(endpoint_id, error = %e, "could not delete a webhook endpoint");
+                false
+            }
+        }
+    }
+}
