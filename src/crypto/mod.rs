@@ -1,4 +1,4 @@
-//! Envelope encryption of the secrets we hold (Stripe API keys, later webhook secrets).
+//! Envelope encryption of the secrets we hold (Stripe API keys and webhook signing secrets).
 //!
 //! Each secret gets a fresh 256-bit data key; the secret is sealed with AES-256-GCM under the
 //! data key, and the data key is wrapped with AES-256-GCM under a versioned master key. Both

@@ -6,8 +6,9 @@ use super::Mode;
 
 /// A Stripe secret (`sk_`) or restricted (`rk_`) API key, parsed and mode-tagged.
 ///
-/// The plaintext is reachable only through [`StripeKey::expose_secret`], which is called in
-/// exactly two places: sealing it, and the `Authorization` header sent to Stripe.
+/// The plaintext is reachable only through [`StripeKey::expose_secret`], called where the
+/// key must leave as plaintext: sealing it, its fingerprint, the `Authorization` header sent
+/// to Stripe, and the key-fetch response.
 /// `Debug` shows the kind, mode and last four characters, never the key.
 pub struct StripeKey {
     secret: SecretString,

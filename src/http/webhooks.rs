@@ -52,16 +52,18 @@ pub async fn receive(
     if !plain(&connection_id, 64) {
         return Err(ApiError::UnknownWebhookConnection);
     }
-    // The raw bytes are what Stripe signed: read them as sent, within the limit.
-    let limit = state.webhook_body_limit;
-    let body = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+    // Known connections only: a made-up id is answered before a byte of its body is read,
+    // so stalled uploads to random ids hold no memory.
     let target = state
         .store
         .find_webhook_target(&connection_id)
         .await?
         .ok_or(ApiError::UnknownWebhookConnection)?;
+    // The raw bytes are what Stripe signed: read them as sent, within the limit.
+    let limit = state.webhook_body_limit;
+    let body = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(limit))?;
     let secret = state.keyring.open(&target.context, &target.sealed)?;
     let signature = headers
         .get("stripe-signature")

@@ -126,7 +126,7 @@ pub fn verify_signature(
     let mut candidates = Vec::new();
     for part in header.split(',') {
         match part.trim().split_once('=') {
-            Some(("t", value)) => timestamp = value.parse::<i64>().ok(),
+            Some(("t", value)) => timestamp = value.parse::<i64>().ok().map(|t| (t, value)),
             Some(("v1", value)) => {
                 if let Ok(bytes) = hex::decode(value) {
                     candidates.push(bytes);
@@ -135,15 +135,18 @@ pub fn verify_signature(
             _ => {}
         }
     }
-    let timestamp = timestamp.ok_or(SignatureError::Malformed)?;
+    let (timestamp, signed_timestamp) = timestamp.ok_or(SignatureError::Malformed)?;
     if candidates.is_empty() {
         return Err(SignatureError::Malformed);
     }
-    if (now_unix - timestamp).abs() > tolerance_secs {
+    // Checked: a timestamp near i64::MIN or MAX must not wrap into the window.
+    let age = now_unix.checked_sub(timestamp).map(i64::unsigned_abs);
+    if age.is_none_or(|age| age > tolerance_secs.unsigned_abs()) {
         return Err(SignatureError::Stale);
     }
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| SignatureError::Malformed)?;
-    mac.update(timestamp.to_string().as_bytes());
+    // Stripe signs the timestamp exactly as it sends it in the header.
+    mac.update(signed_timestamp.as_bytes());
     mac.update(b".");
     mac.update(body);
     let matched = candidates
@@ -218,5 +221,36 @@ mod tests {
         assert!(!valid_endpoint_id("we_"));
         assert!(!valid_endpoint_id("we_../x"));
         assert!(!valid_endpoint_id("cus_1"));
+    }
+}
+
+#[cfg(test)]
+mod timestamp_window {
+    use super::*;
+
+    /// `t = now − 2^63` made `now − t` wrap to a negative number, which passed the window.
+    #[test]
+    fn timestamps_that_would_overflow_are_stale() {
+        let secret = b"whsec_window";
+        let body = br#"{"id":"evt_1"}"#;
+        let now = 1_800_000_000_i64;
+        for t in [
+            now.wrapping_add(i64::MIN),
+            i64::MIN,
+            i64::MAX,
+            now + 301,
+            now - 301,
+        ] {
+            let header = format!("t={t},v1={}", sign(secret, t, body));
+            assert_eq!(
+                verify_signature(&header, body, secret, now, 300),
+                Err(SignatureError::Stale),
+                "t = {t}"
+            );
+        }
+        for t in [now, now - 300, now + 300] {
+            let header = format!("t={t},v1={}", sign(secret, t, body));
+            assert_eq!(verify_signature(&header, body, secret, now, 300), Ok(()));
+        }
     }
 }
