@@ -217,19 +217,47 @@ impl StripeClient {
             .get("Stripe-Should-Retry")
             .and_then(|v| v.to_str().ok())
             .map(|v| v.eq_ignore_ascii_case("true"));
-        if response
-            .content_length()
-            .is_some_and(|len| len > MAX_BODY as u64)
-        {
-            return Attempt::Retry(StripeFailure::UnexpectedBody(status));
-        }
-        let bytes = match response.bytes().await {
+        let bytes = match read_bounded(response, MAX_BODY).await {
             Ok(bytes) => bytes,
-            Err(e) if e.is_timeout() => return Attempt::Retry(StripeFailure::Timeout),
-            Err(_) => return Attempt::Retry(StripeFailure::Transport),
+            // A larger answer is not Stripe's, and will not be smaller next time.
+            Err(BoundedReadError::TooLarge) => {
+                return Attempt::Final(StripeFailure::UnexpectedBody(status))
+            }
+            Err(BoundedReadError::Read(e)) if e.is_timeout() => {
+                return Attempt::Retry(StripeFailure::Timeout)
+            }
+            Err(BoundedReadError::Read(_)) => return Attempt::Retry(StripeFailure::Transport),
         };
         classify(status, should_retry, &bytes)
     }
+}
+
+pub(crate) enum BoundedReadError {
+    TooLarge,
+    Read(reqwest::Error),
+}
+
+/// Reads a response body, but never more than `cap` bytes, whatever its framing: a
+/// `Content-Length` over the cap is refused before reading, and a chunked body is cut off
+/// as soon as it passes the cap.
+pub(crate) async fn read_bounded(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Vec<u8>, BoundedReadError> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > cap as u64)
+    {
+        return Err(BoundedReadError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(BoundedReadError::Read)? {
+        if body.len() + chunk.len() > cap {
+            return Err(BoundedReadError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Sorts an answer into conclusive, retryable or final-but-inconclusive.

@@ -1,5 +1,7 @@
 //! Hostile traffic: clients that lie about methods, stall, or upload to made-up ids.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Method;
@@ -7,11 +9,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::backend_tests;
-use crate::helpers::{spawn_app, Backend, TestApp};
+use crate::helpers::{assert_error, spawn_app, spawn_app_with, Backend, TestApp};
+use crate::stripe_mock::key;
 
 backend_tests!(
     odd_methods_and_paths_add_no_metric_series,
     webhook_uploads_to_unknown_ids_are_refused_before_the_body,
+    endless_chunked_answers_from_stripe_are_cut_off,
 );
 
 /// The HTTP series lines in `/metrics` (one per label set).
@@ -113,5 +117,58 @@ async fn webhook_uploads_to_unknown_ids_are_refused_before_the_body(backend: Bac
     assert!(
         answer.contains(r#""code":"unknown_connection""#),
         "{answer}"
+    );
+}
+
+/// A "Stripe" that answers every request with a chunked 404 body of `offered` bytes, and
+/// records the most bytes it managed to write on one connection.
+async fn endless_chunked_stripe(offered: usize) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let most_written = Arc::new(AtomicUsize::new(0));
+    let record = most_written.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut request = vec![0; 16 * 1024];
+                let _ = socket.read(&mut request).await;
+                let head = "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n\
+                            Transfer-Encoding: chunked\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b' '; 64 * 1024];
+                let framed =
+                    [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+                let mut written = 0;
+                while written < offered {
+                    if socket.write_all(&framed).await.is_err() {
+                        break;
+                    }
+                    written += chunk.len();
+                    record.fetch_max(written, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (address, most_written)
+}
+
+async fn endless_chunked_answers_from_stripe_are_cut_off(backend: Backend) {
+    const OFFERED: usize = 64 << 20;
+    let (stripe, most_written) = endless_chunked_stripe(OFFERED).await;
+    let app = spawn_app_with(backend, &[("stripe.api_base", stripe.as_str())]).await;
+    app.create_tenant("ten_1", atlas_stripe::domain::Mode::Test)
+        .await;
+    let response = app.connect("ten_1", &key("rk_test_", "Chnk")).await;
+    let body = assert_error(response, 502, "stripe_unavailable").await;
+    assert_eq!(body["error"]["retryable"], true);
+    // Reading stopped at the 1 MiB cap; what the server could write beyond it sits in
+    // socket buffers. Reading it all would have taken 64 MiB per connection.
+    let written = most_written.load(Ordering::Relaxed);
+    assert!(
+        written < 16 << 20,
+        "Stripe wrote {written} bytes on one connection"
     );
 }
