@@ -41,8 +41,6 @@ pub enum ApiError {
     #[error("The request body is larger than {0} bytes.")]
     PayloadTooLarge(usize),
     #[error("{0}")]
-    InvalidTenantId(String),
-    #[error("{0}")]
     InvalidRequest(String),
     #[error("{0}")]
     KeyFormat(KeyFormatError),
@@ -93,7 +91,6 @@ impl ApiError {
             Self::UnknownWebhookConnection => (S::NOT_FOUND, "unknown_connection"),
             Self::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::InvalidJson(_) => (S::BAD_REQUEST, "invalid_json"),
-            Self::InvalidTenantId(_) => (S::BAD_REQUEST, "invalid_tenant_id"),
             Self::InvalidRequest(_) => (S::BAD_REQUEST, "invalid_request"),
             Self::KeyFormat(e) => (S::BAD_REQUEST, e.code()),
             Self::WebhookRejected => (S::BAD_REQUEST, "webhook_rejected"),

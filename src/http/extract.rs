@@ -1,6 +1,7 @@
 //! Extractors that turn raw requests into domain values, or into our error shape.
 
 use std::collections::BTreeSet;
+use std::marker::PhantomData;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
@@ -93,30 +94,40 @@ impl FromRequestParts<AppState> for AuthorizedTenant {
         if claimed != path_tenant {
             return Err(ApiError::NotConnected);
         }
-        let tenant = TenantId::parse(&path_tenant)
-            .map_err(|e| ApiError::InvalidTenantId(format!("{e}.")))?;
+        let tenant = parse_tenant_path(&path_tenant)?;
         tracing::Span::current().record("tenant_id", tenant.as_str());
         Ok(Self(tenant))
     }
 }
 
-/// An internal caller holding a valid, unrevoked service token.
-pub struct ServiceCaller {
+/// A scope a route requires, as a type, so the extractor judges it before any parameter.
+pub trait RequiredScope: Send + Sync {
+    const SCOPE: Scope;
+}
+
+pub struct TenantsWrite;
+impl RequiredScope for TenantsWrite {
+    const SCOPE: Scope = Scope::TenantsWrite;
+}
+
+pub struct OpsRead;
+impl RequiredScope for OpsRead {
+    const SCOPE: Scope = Scope::OpsRead;
+}
+
+pub struct EventsRead;
+impl RequiredScope for EventsRead {
+    const SCOPE: Scope = Scope::EventsRead;
+}
+
+/// An internal caller holding a valid, unrevoked service token with scope `S`. Extract it
+/// first: a caller without the scope learns nothing about the parameters (403 before 400).
+pub struct ServiceCaller<S> {
     pub token_id: String,
-    pub scopes: BTreeSet<Scope>,
+    scope: PhantomData<S>,
 }
 
-impl ServiceCaller {
-    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
-        if self.scopes.contains(&scope) {
-            Ok(())
-        } else {
-            Err(ApiError::InsufficientScope(scope.as_str()))
-        }
-    }
-}
-
-impl FromRequestParts<AppState> for ServiceCaller {
+impl<S: RequiredScope> FromRequestParts<AppState> for ServiceCaller<S> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
@@ -129,10 +140,19 @@ impl FromRequestParts<AppState> for ServiceCaller {
         if record.revoked_at.is_some() || !presented.matches(&record.hash) {
             return Err(ApiError::Unauthenticated);
         }
+        require(&record.scopes, S::SCOPE)?;
         Ok(Self {
             token_id: record.id,
-            scopes: record.scopes,
+            scope: PhantomData,
         })
+    }
+}
+
+pub fn require(scopes: &BTreeSet<Scope>, scope: Scope) -> Result<(), ApiError> {
+    if scopes.contains(&scope) {
+        Ok(())
+    } else {
+        Err(ApiError::InsufficientScope(scope.as_str()))
     }
 }
 
@@ -146,9 +166,32 @@ impl<S: Send + Sync> FromRequestParts<S> for TenantPath {
         let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|_| ApiError::RouteNotFound)?;
-        let tenant =
-            TenantId::parse(&raw).map_err(|e| ApiError::InvalidTenantId(format!("{e}.")))?;
+        let tenant = parse_tenant_path(&raw)?;
         tracing::Span::current().record("tenant_id", tenant.as_str());
         Ok(Self(tenant))
+    }
+}
+
+/// A tenant id from a path, or 400 `invalid_request` saying what a tenant id is.
+pub fn parse_tenant_path(raw: &str) -> Result<TenantId, ApiError> {
+    TenantId::parse(raw).map_err(|e| ApiError::InvalidRequest(format!("{e}.")))
+}
+
+/// A query string whose every failure (a repeated or malformed parameter) is a 400
+/// `invalid_request` in our error shape, never echoing what was sent.
+pub struct AppQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for AppQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        serde_urlencoded::from_str(query).map(Self).map_err(|_| {
+            ApiError::InvalidRequest(
+                "The query string does not parse: give each parameter at most once, \
+                 URL-encoded."
+                    .into(),
+            )
+        })
     }
 }

@@ -1,14 +1,17 @@
 //! Routes for Atlas's internal services, authorised by scoped service tokens.
 
-use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{AppJson, ServiceCaller, TenantPath};
+use super::extract::{
+    parse_tenant_path, require, AppJson, AppQuery, EventsRead, OpsRead, ServiceCaller, TenantPath,
+    TenantsWrite,
+};
 use super::state::AppState;
 use super::summary::ConnectionSummary;
 use crate::auth::{PresentedServiceToken, Scope};
@@ -74,11 +77,10 @@ pub struct EventPage {
     ))]
 pub async fn list_events(
     State(state): State<AppState>,
-    caller: ServiceCaller,
+    _caller: ServiceCaller<EventsRead>,
     TenantPath(tenant): TenantPath,
-    Query(query): Query<EventsQuery>,
+    AppQuery(query): AppQuery<EventsQuery>,
 ) -> Result<Json<EventPage>, ApiError> {
-    caller.require(Scope::EventsRead)?;
     let after = match query.after.as_deref() {
         None | Some("") => EventCursor::default(),
         Some(raw) => EventCursor::parse(raw).ok_or_else(|| {
@@ -146,8 +148,20 @@ pub struct KeyBody<'a> {
 pub async fn fetch_key(
     State(state): State<AppState>,
     presented: PresentedServiceToken,
-    TenantPath(tenant): TenantPath,
+    Path(raw_tenant): Path<String>,
 ) -> Result<Response, ApiError> {
+    let tenant = match parse_tenant_path(&raw_tenant) {
+        Ok(tenant) => tenant,
+        // Off the hot path: the token is judged (401, 403) before the parameter (400).
+        Err(invalid) => {
+            let record = (state.store.find_service_token(presented.id()).await?)
+                .filter(|t| t.revoked_at.is_none() && presented.matches(&t.hash))
+                .ok_or(ApiError::Unauthenticated)?;
+            require(&record.scopes, Scope::KeysRead)?;
+            return Err(invalid);
+        }
+    };
+    tracing::Span::current().record("tenant_id", tenant.as_str());
     let fetch = state
         .store
         .fetch_key(presented.id(), &tenant)
@@ -156,9 +170,7 @@ pub async fn fetch_key(
     if fetch.token_revoked || !presented.matches(&fetch.token_hash) {
         return Err(ApiError::Unauthenticated);
     }
-    if !fetch.token_scopes.contains(&Scope::KeysRead) {
-        return Err(ApiError::InsufficientScope(Scope::KeysRead.as_str()));
-    }
+    require(&fetch.token_scopes, Scope::KeysRead)?;
     let key = fetch.connection.ok_or(ApiError::NotConnected)?;
     if key.status == ConnectionStatus::Revoked {
         return Err(ApiError::ConnectionNotActive(key.status.as_str()));
@@ -214,11 +226,10 @@ pub struct TenantView {
     ))]
 pub async fn upsert_tenant(
     State(state): State<AppState>,
-    caller: ServiceCaller,
+    caller: ServiceCaller<TenantsWrite>,
     TenantPath(tenant): TenantPath,
     AppJson(body): AppJson<TenantBody>,
 ) -> Result<(StatusCode, Json<TenantView>), ApiError> {
-    caller.require(Scope::TenantsWrite)?;
     let mode = Mode::parse(&body.mode).map_err(|e| ApiError::InvalidRequest(format!("{e}.")))?;
     let actor = Actor::ServiceToken(caller.token_id);
     let status = match state.store.upsert_tenant(&tenant, mode, &actor).await {
@@ -237,25 +248,32 @@ pub async fn upsert_tenant(
 
 #[derive(Deserialize, utoipa::IntoParams)]
 pub struct ConnectionsQuery {
-    /// Only connections with this status.
+    /// Only connections with this status: `active`, `needs_attention` or `revoked`.
     status: Option<String>,
+    /// 1 to 1000; 500 by default.
+    limit: Option<String>,
+    /// Start after this connection id (from the `Link` header of the previous page).
+    after: Option<String>,
 }
+
+const CONNECTIONS_PAGE: i64 = 500;
+const CONNECTIONS_PAGE_MAX: i64 = 1000;
 
 #[utoipa::path(get, path = "/internal/v1/connections", tag = "internal",
     security(("service_token" = ["ops:read"])),
     params(ConnectionsQuery),
     responses(
-        (status = 200, body = Vec<ConnectionSummary>),
-        (status = 400, description = "invalid_request (unknown status)", body = ErrorBody),
+        (status = 200, body = Vec<ConnectionSummary>, description = "A page of connections in connection-id order; a full page names the next in `Link: <…>; rel=\"next\"` (RFC 8288)",
+            headers(("Link" = String, description = "The next page, when there may be one"))),
+        (status = 400, description = "invalid_request (unknown status, limit out of range, malformed after or query string)", body = ErrorBody),
         (status = 401, description = "unauthenticated", body = ErrorBody),
         (status = 403, description = "insufficient_scope", body = ErrorBody),
     ))]
 pub async fn list_connections(
     State(state): State<AppState>,
-    caller: ServiceCaller,
-    Query(query): Query<ConnectionsQuery>,
-) -> Result<Json<Vec<ConnectionSummary>>, ApiError> {
-    caller.require(Scope::OpsRead)?;
+    _caller: ServiceCaller<OpsRead>,
+    AppQuery(query): AppQuery<ConnectionsQuery>,
+) -> Result<Response, ApiError> {
     let status = match query.status.as_deref() {
         None => None,
         Some(raw) => Some(ConnectionStatus::parse(raw).ok_or_else(|| {
@@ -264,6 +282,41 @@ pub async fn list_connections(
             )
         })?),
     };
-    let records = state.store.list_connections(status).await?;
-    Ok(Json(records.iter().map(Into::into).collect()))
+    let limit = match query.limit.as_deref() {
+        None => CONNECTIONS_PAGE,
+        Some(raw) => (raw.parse::<i64>().ok())
+            .filter(|n| (1..=CONNECTIONS_PAGE_MAX).contains(n))
+            .ok_or_else(|| ApiError::InvalidRequest("limit must be 1 to 1000.".into()))?,
+    };
+    let after = query.after.unwrap_or_default();
+    if !after.is_empty() && !is_connection_id(&after) {
+        return Err(ApiError::InvalidRequest(
+            "after must be a connection id from a previous page's Link header.".into(),
+        ));
+    }
+    let records = state.store.list_connections(status, &after, limit).await?;
+    let summaries: Vec<ConnectionSummary> = records.iter().map(Into::into).collect();
+    let mut response = Json(summaries).into_response();
+    // A full page may have a next one; an empty next page is the honest end.
+    if let Some(last) = records.last().filter(|_| records.len() as i64 == limit) {
+        let mut next = format!(
+            "/internal/v1/connections?limit={limit}&after={}",
+            last.connection_id
+        );
+        if let Some(status) = status {
+            next.push_str("&status=");
+            next.push_str(status.as_str());
+        }
+        if let Ok(link) = HeaderValue::from_str(&format!("<{next}>; rel=\"next\"")) {
+            response.headers_mut().insert(header::LINK, link);
+        }
+    }
+    Ok(response)
+}
+
+/// Our connection ids: `con_` and up to 60 letters and digits.
+fn is_connection_id(raw: &str) -> bool {
+    raw.strip_prefix("con_").is_some_and(|rest| {
+        !rest.is_empty() && rest.len() <= 60 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
 }

@@ -205,9 +205,13 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_connection(&self, tenant: &TenantId, actor: &Actor)
         -> Result<bool, StoreError>;
 
+    /// Up to `limit` connections (of `status`, or all) whose connection id sorts after
+    /// `after` (`""` for the first page), in connection-id order.
     async fn list_connections(
         &self,
         status: Option<ConnectionStatus>,
+        after: &str,
+        limit: i64,
     ) -> Result<Vec<ConnectionRecord>, StoreError>;
 
     /// The key-fetch hot path: the token and the tenant's sealed key in one round trip.

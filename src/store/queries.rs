@@ -56,9 +56,12 @@ macro_rules! connection_columns {
 
 pub const FIND_CONNECTION: &str = concat!(connection_columns!(), "WHERE c.tenant_id = $1");
 
+/// A page of connections in connection-id order: status `$1` (or all), after `$2`, `$3` at
+/// most.
 pub const LIST_CONNECTIONS: &str = concat!(
     connection_columns!(),
-    "WHERE ($1 IS NULL OR c.status = $1) ORDER BY c.tenant_id"
+    "WHERE ($1 IS NULL OR c.status = $1) AND c.connection_id > $2 \
+     ORDER BY c.connection_id LIMIT $3"
 );
 
 pub const PREVIOUS_CONNECTION: &str =

@@ -535,9 +535,13 @@ where
     async fn list_connections(
         &self,
         status: Option<ConnectionStatus>,
+        after: &str,
+        limit: i64,
     ) -> Result<Vec<ConnectionRecord>, StoreError> {
         let rows: Vec<ConnectionRow> = sqlx::query_as(queries::LIST_CONNECTIONS)
             .bind(status.map(ConnectionStatus::as_str))
+            .bind(after)
+            .bind(limit)
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(TryInto::try_into).collect()

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use atlas_stripe::auth::Scope;
 use reqwest::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -16,6 +17,7 @@ backend_tests!(
     odd_methods_and_paths_add_no_metric_series,
     webhook_uploads_to_unknown_ids_are_refused_before_the_body,
     endless_chunked_answers_from_stripe_are_cut_off,
+    scope_is_judged_before_parameters,
 );
 
 /// The HTTP series lines in `/metrics` (one per label set).
@@ -171,4 +173,40 @@ async fn endless_chunked_answers_from_stripe_are_cut_off(backend: Backend) {
         written < 16 << 20,
         "Stripe wrote {written} bytes on one connection"
     );
+}
+
+/// A token without the route's scope learns nothing about the parameters: 403 before 400;
+/// with the scope, a parameter that does not parse is a 400 in our error shape.
+async fn scope_is_judged_before_parameters(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let none = app.service_token(&[Scope::OpsRead]).await;
+    let all = app
+        .service_token(&[Scope::KeysRead, Scope::TenantsWrite, Scope::EventsRead])
+        .await;
+    let cases = [
+        (Method::GET, "/internal/v1/tenants/bad%20id/stripe/key"),
+        (Method::GET, "/internal/v1/tenants/bad%20id/stripe/events"),
+        (
+            Method::GET,
+            "/internal/v1/tenants/ten_1/stripe/events?limit=1&limit=2",
+        ),
+        (
+            Method::GET,
+            "/internal/v1/tenants/ten_1/stripe/events?limit=abc",
+        ),
+        (Method::PUT, "/internal/v1/tenants/bad%20id"),
+    ];
+    for (method, path) in cases {
+        let send = |token: &str| {
+            app.http
+                .request(method.clone(), app.url(path))
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(r#"{"mode":"test"}"#)
+                .send()
+        };
+        assert_error(send(&none).await.unwrap(), 403, "insufficient_scope").await;
+        let body = assert_error(send(&all).await.unwrap(), 400, "invalid_request").await;
+        assert!(!body.to_string().contains("bad id"), "{path}: {body}");
+    }
 }

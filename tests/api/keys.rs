@@ -129,7 +129,7 @@ async fn not_connected_and_revoked_connections(backend: Backend) {
     assert_error(
         fetch(&app, "bad id", Some(&token)).await,
         400,
-        "invalid_tenant_id",
+        "invalid_request",
     )
     .await;
 
@@ -319,9 +319,64 @@ async fn ops_list_connections_by_status(backend: Backend) {
             .len(),
         3
     );
-    assert_error(list("?status=broken", ops).await, 400, "invalid_request").await;
+    for bad in [
+        "?status=broken",
+        "?limit=1&limit=2",
+        "?limit=abc",
+        "?limit=0",
+        "?limit=1001",
+        "?after=ten_a",
+        "?status=%ZZ",
+    ] {
+        let body = assert_error(list(bad, ops.clone()).await, 400, "invalid_request").await;
+        assert!(!body.to_string().contains("broken"), "{body}");
+    }
+    // The scope is judged before any parameter: a token without it learns nothing.
     let keys_only = app.service_token(&[Scope::KeysRead]).await;
-    assert_error(list("", keys_only).await, 403, "insufficient_scope").await;
+    assert_error(list("", keys_only.clone()).await, 403, "insufficient_scope").await;
+    assert_error(
+        list("?limit=abc", keys_only).await,
+        403,
+        "insufficient_scope",
+    )
+    .await;
+
+    // Pages of two, in connection-id order, each naming the next in a Link header.
+    let mut seen = Vec::new();
+    let mut next = Some("/internal/v1/connections?limit=2".to_owned());
+    while let Some(path) = next.take() {
+        let response = app
+            .http
+            .get(app.url(&path))
+            .bearer_auth(&ops)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        next = response
+            .headers()
+            .get("link")
+            .map(|l| l.to_str().unwrap().to_owned())
+            .map(|link| {
+                let (target, rel) = link.split_once("; ").unwrap();
+                assert_eq!(rel, r#"rel="next""#);
+                target.trim_matches(['<', '>']).to_owned()
+            });
+        let page = json(response).await;
+        let page = page.as_array().unwrap().clone();
+        assert!(page.len() <= 2);
+        seen.extend(
+            page.iter()
+                .map(|s| s["tenant_id"].as_str().unwrap().to_owned()),
+        );
+        assert!(seen.len() <= 4, "the pages end");
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["ten_a", "ten_b", "ten_c"],
+        "every connection exactly once"
+    );
 }
 
 /// Two servers on one PostgreSQL: a change committed through one is what the other serves

@@ -242,17 +242,17 @@ async fn connection_story(backend: Backend) {
     assert_eq!(verified.status, ConnectionStatus::NeedsAttention);
     assert_eq!(verified.permissions.missing(), vec![Resource::Coupons]);
 
-    assert_eq!(store.list_connections(None).await.unwrap().len(), 1);
+    assert_eq!(store.list_connections(None, "", 10).await.unwrap().len(), 1);
     assert_eq!(
         store
-            .list_connections(Some(ConnectionStatus::NeedsAttention))
+            .list_connections(Some(ConnectionStatus::NeedsAttention), "", 10)
             .await
             .unwrap()
             .len(),
         1
     );
     assert!(store
-        .list_connections(Some(ConnectionStatus::Active))
+        .list_connections(Some(ConnectionStatus::Active), "", 10)
         .await
         .unwrap()
         .is_empty());

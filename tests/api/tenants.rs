@@ -127,7 +127,7 @@ async fn bad_tenant_input_is_a_clear_400(backend: Backend) {
         assert_error(
             put(&app, &token, bad, json!({"mode": "test"})).await,
             400,
-            "invalid_tenant_id",
+            "invalid_request",
         )
         .await;
     }
