@@ -1,4 +1,4 @@
-// The tenant-facing API of atlas-stripe (../shared/API.md), as the modal calls it. The
+// The tenant-facing API of atlas-stripe (docs/API.md), as the modal calls it. The
 // tenant token goes in the Authorization header only: never in a URL, never stored, never
 // logged. Every failure comes back in one shape, `{code, message, request_id, …}`.
 

@@ -9,6 +9,7 @@ mod auth;
 mod cli;
 mod connect;
 mod connect_page;
+mod docs;
 mod hostile;
 mod keys;
 mod lifecycle;
