@@ -14,7 +14,7 @@ use atlas_stripe::domain::{
     random_id, Access, ConnectionStatus, KeyKind, Mode, PermissionReport, Resource, TenantId,
 };
 use atlas_stripe::startup::Application;
-use atlas_stripe::store::{Actor, NewConnection, StoredWebhook, WebhookChange};
+use atlas_stripe::store::{Actor, NewConnection, StoredState, StoredWebhook, WebhookChange};
 use atlas_stripe::stripe::webhooks::sign;
 use secrecy::ExposeSecret;
 
@@ -78,6 +78,7 @@ async fn main() {
             .save_connection(
                 &NewConnection {
                     connection_id: connection_id.clone(),
+                    expected: StoredState::Absent,
                     webhook: WebhookChange::Set(StoredWebhook {
                         endpoint_id: random_id("we_", 16),
                         sealed: keyring

@@ -12,7 +12,7 @@ use atlas_stripe::domain::{
     random_id, Access, ConnectionStatus, KeyKind, Mode, PermissionReport, Resource, TenantId,
 };
 use atlas_stripe::startup::open_store;
-use atlas_stripe::store::{Actor, NewConnection, NewServiceToken, WebhookChange};
+use atlas_stripe::store::{Actor, NewConnection, NewServiceToken, StoredState, WebhookChange};
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use secrecy::ExposeSecret;
 
@@ -50,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
                 let context = SecretContext::api_key(&secret_id, &tenant, Mode::Test);
                 let connection = NewConnection {
                     connection_id: random_id("con_", 20),
+                    expected: StoredState::Absent,
                     webhook: WebhookChange::Keep,
                     tenant_id: tenant,
                     mode: Mode::Test,

@@ -9,8 +9,11 @@ use crate::crypto::SecretContext;
 use crate::domain::{
     random_id, ConnectionStatus, KeyKind, Mode, Resource, StripeKey, TenantId, Warning,
 };
-use crate::store::{Actor, NewConnection, SaveOutcome, StoreError, WebhookChange};
+use crate::store::{Actor, NewConnection, SaveOutcome, StoreError, StoredState, WebhookChange};
 use crate::stripe::probe_write_access;
+
+/// How many times a connect or disconnect starts over after losing a race to another.
+const SAVE_ROUNDS: usize = 3;
 
 /// The Stripe dashboard link that pre-fills a restricted key with exactly `required`.
 pub fn fix_url(mode: Mode, required: &[Resource]) -> String {
@@ -74,9 +77,10 @@ impl ConnectionService {
             KeyKind::Secret => vec![Warning::SecretKeyFullAccess],
             KeyKind::Restricted => Vec::new(),
         };
-        // Two rounds at most: a concurrent first connect may commit while this one registers
-        // its endpoint; the second round sees it and proceeds as a replacement.
-        for round in 0..2 {
+        // The save is a compare-and-swap on the connection this round read. When another
+        // connect or a disconnect commits meanwhile, this one deletes the endpoint it
+        // registered and starts over from what is stored now.
+        for round in 1..=SAVE_ROUNDS {
             let existing = self.store.find_connection(tenant).await?;
             let connection_id = existing
                 .as_ref()
@@ -102,6 +106,7 @@ impl ConnectionService {
             };
             let connection = NewConnection {
                 connection_id,
+                expected: StoredState::of(existing.as_ref()),
                 webhook,
                 tenant_id: tenant.clone(),
                 mode: key.mode(),
@@ -130,7 +135,8 @@ impl ConnectionService {
                     }
                     return Ok(outcome);
                 }
-                Err(StoreError::Conflict) if round == 0 => continue,
+                Err(StoreError::Conflict) if round < SAVE_ROUNDS => continue,
+                Err(StoreError::Conflict) => return Err(ConnectError::ConcurrentChange),
                 Err(StoreError::ModeChanged(mode)) => {
                     return Err(ConnectError::ModeMismatch {
                         tenant: mode,
@@ -140,7 +146,7 @@ impl ConnectionService {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(ConnectError::LostRaces)
+        Err(ConnectError::ConcurrentChange)
     }
 
     /// Disconnects: deletes our endpoint on Stripe (only when its URL is ours), then the
@@ -150,16 +156,24 @@ impl ConnectionService {
         tenant: &TenantId,
         actor: &Actor,
     ) -> Result<StripeCleanup, ConnectError> {
-        let record = self
-            .store
-            .find_connection(tenant)
-            .await?
-            .ok_or(ConnectError::NotConnected)?;
-        let cleanup = self.delete_endpoint_of(&record).await;
-        if !self.store.delete_connection(tenant, actor).await? {
-            return Err(ConnectError::NotConnected);
+        // A compare-and-swap on the endpoint just cleaned up: when a replacement moves the
+        // connection to another endpoint meanwhile, clean that one up too before deleting.
+        for _ in 0..SAVE_ROUNDS {
+            let record = self
+                .store
+                .find_connection(tenant)
+                .await?
+                .ok_or(ConnectError::NotConnected)?;
+            let cleanup = self.delete_endpoint_of(&record).await;
+            let endpoint_id = record.webhook.as_ref().map(|w| w.endpoint_id.as_str());
+            if (self.store)
+                .delete_connection(tenant, endpoint_id, actor)
+                .await?
+            {
+                return Ok(cleanup);
+            }
         }
-        Ok(cleanup)
+        Err(ConnectError::ConcurrentChange)
     }
 }
 

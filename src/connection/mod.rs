@@ -50,8 +50,9 @@ pub enum ConnectError {
     Store(StoreError),
     #[error("crypto: {0}")]
     Crypto(#[from] CryptoError),
-    #[error("a concurrent connect won twice in a row")]
-    LostRaces,
+    /// Another connect or disconnect of this tenant kept winning the race.
+    #[error("the connection kept changing under this request")]
+    ConcurrentChange,
 }
 
 impl From<StoreError> for ConnectError {

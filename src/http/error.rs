@@ -62,6 +62,8 @@ pub enum ApiError {
     ConnectionNotActive(&'static str),
     #[error("Stripe could not be reached or gave no clear answer; nothing was stored. Try again shortly.")]
     StripeUnavailable,
+    #[error("The Stripe connection changed while this request ran (another connect or disconnect of this tenant); nothing of this request was kept. Look at the connection and try again.")]
+    ConcurrentChange,
     #[error("Stripe refused to register Atlas's webhook endpoint on this account; nothing was stored. An account holds at most 16 webhook endpoints: delete an unused one in the Stripe dashboard and try again.")]
     WebhookRegistrationFailed,
     #[error("The webhook delivery was rejected.")]
@@ -105,6 +107,7 @@ impl ApiError {
             Self::RateLimited { .. } => (S::TOO_MANY_REQUESTS, "rate_limited"),
             Self::TenantHasConnection => (S::CONFLICT, "tenant_has_connection"),
             Self::ConnectionNotActive(_) => (S::CONFLICT, "connection_not_active"),
+            Self::ConcurrentChange => (S::CONFLICT, "concurrent_change"),
             Self::StripeUnavailable => (S::BAD_GATEWAY, "stripe_unavailable"),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal_error"),
         }
@@ -189,7 +192,7 @@ impl IntoResponse for ApiError {
                 detail.tenant_mode = Some(tenant);
                 detail.key_mode = Some(key);
             }
-            Self::StripeUnavailable => detail.retryable = Some(true),
+            Self::StripeUnavailable | Self::ConcurrentChange => detail.retryable = Some(true),
             Self::RateLimited { retry_after_secs } => {
                 detail.retryable = Some(true);
                 detail.retry_after = Some(retry_after_secs);
@@ -271,7 +274,7 @@ impl From<ConnectError> for ApiError {
             ConnectError::WebhookRefused => Self::WebhookRegistrationFailed,
             ConnectError::Store(e) => e.into(),
             ConnectError::Crypto(e) => e.into(),
-            ConnectError::LostRaces => Self::Internal(ConnectError::LostRaces.into()),
+            ConnectError::ConcurrentChange => Self::ConcurrentChange,
         }
     }
 }

@@ -20,8 +20,8 @@ pub use dialect::Dialect;
 pub use model::{
     Actor, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch, KeyFetchTally,
     NewConnection, NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow,
-    ServiceTokenRecord, StoredEvent, StoredWebhook, TenantRecord, TenantWrite, Verification,
-    WebhookChange, WebhookTarget,
+    ServiceTokenRecord, StoredEvent, StoredState, StoredWebhook, TenantRecord, TenantWrite,
+    Verification, WebhookChange, WebhookTarget,
 };
 pub use sql_store::SqlStore;
 
@@ -201,9 +201,15 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
-    /// Deletes the connection and its sealed key; false when there was none.
-    async fn delete_connection(&self, tenant: &TenantId, actor: &Actor)
-        -> Result<bool, StoreError>;
+    /// Deletes the connection and its sealed secrets while its webhook endpoint is still
+    /// `endpoint_id`; false when there is no such connection (gone, or moved to another
+    /// endpoint meanwhile).
+    async fn delete_connection(
+        &self,
+        tenant: &TenantId,
+        endpoint_id: Option<&str>,
+        actor: &Actor,
+    ) -> Result<bool, StoreError>;
 
     /// Up to `limit` connections (of `status`, or all) whose connection id sorts after
     /// `after` (`""` for the first page), in connection-id order.

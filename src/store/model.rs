@@ -79,12 +79,38 @@ pub enum WebhookChange {
     Set(StoredWebhook),
 }
 
+/// A tenant's connection as a connect or disconnect read it, to compare-and-swap against.
+///
+/// The endpoint, not the key, is what must not change underneath: a save that keeps or
+/// replaces the endpoint it read leaves exactly one of ours on Stripe, whichever key won.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoredState {
+    /// No connection was stored.
+    Absent,
+    /// A connection was stored, with this webhook endpoint (`None`: it had none).
+    Present { endpoint_id: Option<String> },
+}
+
+impl StoredState {
+    pub fn of(connection: Option<&ConnectionRecord>) -> Self {
+        match connection {
+            None => Self::Absent,
+            Some(c) => Self::Present {
+                endpoint_id: c.webhook.as_ref().map(|w| w.endpoint_id.clone()),
+            },
+        }
+    }
+}
+
 /// A verified key, sealed, ready to be stored as the tenant's connection.
 #[derive(Clone, Debug)]
 pub struct NewConnection {
-    /// Stable across key replacements: our webhook URL names it. A save whose id differs
-    /// from the stored connection's is a lost race and fails with `Conflict`.
+    /// Stable across key replacements: our webhook URL names it.
     pub connection_id: String,
+    /// What the flow read before deciding about the webhook endpoint. A compare-and-swap:
+    /// when the stored connection is no longer in that state (another connect or a
+    /// disconnect committed meanwhile), the save fails with `Conflict`.
+    pub expected: StoredState,
     pub webhook: WebhookChange,
     pub tenant_id: TenantId,
     pub mode: Mode,

@@ -64,8 +64,8 @@ pub const LIST_CONNECTIONS: &str = concat!(
      ORDER BY c.connection_id LIMIT $3"
 );
 
-pub const PREVIOUS_CONNECTION: &str =
-    "SELECT connection_id, key_fingerprint FROM stripe_connections WHERE tenant_id = $1";
+pub const PREVIOUS_CONNECTION: &str = "SELECT connection_id, webhook_endpoint_id, \
+    key_fingerprint FROM stripe_connections WHERE tenant_id = $1";
 
 pub const UPDATE_CONNECTION: &str = "UPDATE stripe_connections SET api_key_secret_id = $3, \
     status = $4, mode = $5, key_type = $6, key_last4 = $7, key_fingerprint = $8, \
@@ -89,7 +89,10 @@ pub const RECORD_VERIFICATION: &str = "UPDATE stripe_connections SET status = $3
     lease_owner = NULL, lease_until = NULL \
     WHERE tenant_id = $1 AND api_key_secret_id = $2 RETURNING connection_id";
 
+/// Deletes the connection only while its webhook endpoint is still `$2` (compare-and-swap;
+/// `$2` NULL: it has none).
 pub const DELETE_CONNECTION: &str = "DELETE FROM stripe_connections WHERE tenant_id = $1 \
+    AND (webhook_endpoint_id = $2 OR (webhook_endpoint_id IS NULL AND $2 IS NULL)) \
     RETURNING connection_id, key_last4";
 
 /// Leases due connections; `Dialect::SKIP_LOCKED` goes between the two halves.

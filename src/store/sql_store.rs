@@ -12,7 +12,8 @@ use super::dialect::Dialect;
 use super::model::{
     Actor, AuditRecord, ConnectionRecord, EventCursor, KeyFetch, KeyFetchTally, NewConnection,
     NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow, ServiceTokenRecord,
-    StoredEvent, TenantRecord, TenantWrite, Verification, WebhookChange, WebhookTarget,
+    StoredEvent, StoredState, TenantRecord, TenantWrite, Verification, WebhookChange,
+    WebhookTarget,
 };
 use super::rows::{
     self, permissions_to_text, warnings_to_text, AuditRow, ConnectionRow, KeyFetchRow,
@@ -59,7 +60,7 @@ where
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'r> (String, i64): FromRow<'r, DB::Row>,
     for<'r> (String, String): FromRow<'r, DB::Row>,
-    for<'r> (String, Vec<u8>): FromRow<'r, DB::Row>,
+    for<'r> (String, Option<String>, Vec<u8>): FromRow<'r, DB::Row>,
     for<'r> TenantRow: FromRow<'r, DB::Row>,
     for<'r> ServiceTokenRow: FromRow<'r, DB::Row>,
     for<'r> ConnectionRow: FromRow<'r, DB::Row>,
@@ -235,15 +236,22 @@ where
             Some(mode) if mode == new.mode => {}
             Some(mode) => return Err(StoreError::ModeChanged(mode)),
         }
-        let previous: Option<(String, Vec<u8>)> = sqlx::query_as(queries::PREVIOUS_CONNECTION)
-            .bind(tenant)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if let Some((stored_id, _)) = &previous {
-            if *stored_id != new.connection_id {
-                // Another first connect committed while this one probed.
-                return Err(StoreError::Conflict);
+        let previous: Option<(String, Option<String>, Vec<u8>)> =
+            sqlx::query_as(queries::PREVIOUS_CONNECTION)
+                .bind(tenant)
+                .fetch_optional(&mut *tx)
+                .await?;
+        // Compare-and-swap on what the flow read: a connection created, deleted or moved to
+        // another endpoint meanwhile makes this save the loser.
+        let unchanged = match (&previous, &new.expected) {
+            (None, StoredState::Absent) => true,
+            (Some((id, stored, _)), StoredState::Present { endpoint_id }) => {
+                *id == new.connection_id && stored == endpoint_id
             }
+            _ => false,
+        };
+        if !unchanged {
+            return Err(StoreError::Conflict);
         }
         let statement = match previous {
             Some(_) => queries::UPDATE_CONNECTION,
@@ -287,7 +295,7 @@ where
             "connection_id": new.connection_id,
             "key_type": new.key_type.as_str(),
             "key_last4": new.key_last4,
-            "same_key": previous.as_ref().map(|(_, fp)| *fp == new.key_fingerprint),
+            "same_key": previous.as_ref().map(|(_, _, fp)| *fp == new.key_fingerprint),
             "status": new.status,
             "permissions": new.permissions,
             "master_key_id": new.sealed.master_key_id,
@@ -507,12 +515,14 @@ where
     async fn delete_connection(
         &self,
         tenant: &TenantId,
+        endpoint_id: Option<&str>,
         actor: &Actor,
     ) -> Result<bool, StoreError> {
         let now = now();
         let mut tx = self.pool.begin().await?;
         let deleted: Option<(String, String)> = sqlx::query_as(queries::DELETE_CONNECTION)
             .bind(tenant.as_str())
+            .bind(endpoint_id)
             .fetch_optional(&mut *tx)
             .await?;
         let Some((connection_id, key_last4)) = deleted else {

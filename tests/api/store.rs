@@ -8,8 +8,8 @@ use atlas_stripe::domain::{
     Access, ConnectionStatus, KeyKind, Mode, PermissionReport, Resource, TenantId, Warning,
 };
 use atlas_stripe::store::{
-    Actor, NewConnection, NewServiceToken, SaveOutcome, Store, StoreError, TenantWrite,
-    Verification, WebhookChange,
+    Actor, NewConnection, NewServiceToken, SaveOutcome, Store, StoreError, StoredState,
+    TenantWrite, Verification, WebhookChange,
 };
 
 use crate::backend_tests;
@@ -152,6 +152,7 @@ fn report(missing: &[Resource]) -> PermissionReport {
 fn new_connection(tenant_id: &str, mode: Mode, secret_id: &str) -> NewConnection {
     NewConnection {
         connection_id: format!("con_{tenant_id}"),
+        expected: StoredState::Absent,
         webhook: WebhookChange::Keep,
         tenant_id: tenant(tenant_id),
         mode,
@@ -209,8 +210,22 @@ async fn connection_story(backend: Backend) {
         "timestamps round-trip exactly"
     );
 
+    // A save that read no connection, or another endpoint than the stored one, lost a race.
+    let stale_endpoint = StoredState::Present {
+        endpoint_id: Some("we_gone".into()),
+    };
+    for stale in [StoredState::Absent, stale_endpoint] {
+        let mut late = new_connection("ten_1", Mode::Test, "sec_9");
+        late.expected = stale;
+        assert!(matches!(
+            store.save_connection(&late, &Actor::Cli).await,
+            Err(StoreError::Conflict)
+        ));
+    }
+    let mut replacement = new_connection("ten_1", Mode::Test, "sec_2");
+    replacement.expected = StoredState::Present { endpoint_id: None };
     let SaveOutcome::Replaced(replaced) = store
-        .save_connection(&new_connection("ten_1", Mode::Test, "sec_2"), &Actor::Cli)
+        .save_connection(&replacement, &Actor::Cli)
         .await
         .unwrap()
     else {
@@ -257,8 +272,21 @@ async fn connection_story(backend: Backend) {
         .unwrap()
         .is_empty());
 
-    assert!(store.delete_connection(&t, &Actor::Cli).await.unwrap());
-    assert!(!store.delete_connection(&t, &Actor::Cli).await.unwrap());
+    // Deleting is a compare-and-swap on the endpoint too.
+    let gone = Some("we_gone");
+    assert!(!store
+        .delete_connection(&t, gone, &Actor::Cli)
+        .await
+        .unwrap());
+    assert!(store.find_connection(&t).await.unwrap().is_some());
+    assert!(store
+        .delete_connection(&t, None, &Actor::Cli)
+        .await
+        .unwrap());
+    assert!(!store
+        .delete_connection(&t, None, &Actor::Cli)
+        .await
+        .unwrap());
     assert!(store.find_connection(&t).await.unwrap().is_none());
 
     let actions: Vec<String> = store

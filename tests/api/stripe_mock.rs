@@ -223,7 +223,8 @@ pub fn key(prefix: &str, last4: &str) -> String {
 
 /// Stripe's webhook endpoints across accounts, kept in memory: create, retrieve and delete
 /// behave like Stripe's, scoped to the account of the key used. A key whose last four
-/// characters start with `X` belongs to another account than every other key.
+/// characters start with `X` belongs to another account than every other key, one whose
+/// last four start with `Y` to a third.
 #[derive(Clone, Default)]
 pub struct FakeEndpoints {
     inner: std::sync::Arc<std::sync::Mutex<FakeState>>,
@@ -236,6 +237,8 @@ struct FakeState {
     refuse: bool,
     omit_secret: bool,
     delay: Option<Duration>,
+    /// Answers to a key ending in these four characters come this much later.
+    key_delays: Vec<(String, Duration)>,
 }
 
 #[derive(Clone, Debug)]
@@ -246,16 +249,20 @@ pub struct FakeEndpoint {
     pub secret: String,
 }
 
-fn account_of(request: &Request) -> String {
+fn last4_of(request: &Request) -> &str {
     let key = request
         .headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if key.len() >= 4 && key[key.len() - 4..].starts_with('X') {
-        "acct_other".into()
-    } else {
-        "acct_main".into()
+    key.get(key.len().saturating_sub(4)..).unwrap_or_default()
+}
+
+fn account_of(request: &Request) -> String {
+    match last4_of(request).chars().next() {
+        Some('X') => "acct_other".into(),
+        Some('Y') => "acct_third".into(),
+        _ => "acct_main".into(),
     }
 }
 
@@ -322,6 +329,16 @@ impl FakeEndpoints {
     pub fn delay_registration(&self, delay: Duration) {
         self.inner.lock().unwrap().delay = Some(delay);
     }
+
+    /// Every answer to the key ending in `last4` comes `delay` late (the change itself is
+    /// made at once, as on Stripe when an answer is slow to arrive).
+    pub fn delay_key(&self, last4: &str, delay: Duration) {
+        self.inner
+            .lock()
+            .unwrap()
+            .key_delays
+            .push((last4.to_owned(), delay));
+    }
 }
 
 fn not_found(id: &str) -> ResponseTemplate {
@@ -335,6 +352,21 @@ fn not_found(id: &str) -> ResponseTemplate {
 
 impl Respond for FakeEndpoints {
     fn respond(&self, request: &Request) -> ResponseTemplate {
+        let template = self.answer(request);
+        let state = self.inner.lock().unwrap();
+        match state
+            .key_delays
+            .iter()
+            .find(|(k, _)| k == last4_of(request))
+        {
+            Some((_, delay)) => template.set_delay(*delay),
+            None => template,
+        }
+    }
+}
+
+impl FakeEndpoints {
+    fn answer(&self, request: &Request) -> ResponseTemplate {
         let account = account_of(request);
         let mut state = self.inner.lock().unwrap();
         let path = request.url.path().to_owned();

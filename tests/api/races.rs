@@ -1,0 +1,147 @@
+//! Races between connects and disconnects of one tenant, each interleaving forced by
+//! holding one side's Stripe answers until the other side has finished. The invariant
+//! after every one: the endpoints on Stripe whose URL is ours are exactly the one our
+//! database names, and none once disconnected.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use atlas_stripe::domain::{Mode, TenantId};
+use reqwest::Method;
+
+use crate::backend_tests;
+use crate::helpers::{spawn_app, Backend, TestApp};
+use crate::stripe_mock::{answer_all, key, FakeEndpoints};
+
+backend_tests!(
+    replacements_onto_two_accounts_leave_one_endpoint,
+    a_disconnect_during_a_replacement_leaves_the_new_endpoint_stored,
+    a_replacement_during_a_disconnect_is_cleaned_up_too,
+);
+
+/// Long enough for the other side to finish while this side's answer is held.
+const HOLD: Duration = Duration::from_millis(1500);
+
+async fn connected(backend: Backend) -> (Arc<TestApp>, FakeEndpoints) {
+    let app = Arc::new(spawn_app(backend).await);
+    app.create_tenant("ten_1", Mode::Test).await;
+    let endpoints = answer_all(&app.stripe, crate::stripe_mock::Answer::Granted).await;
+    assert_eq!(
+        app.connect("ten_1", &key("rk_test_", "Main"))
+            .await
+            .status(),
+        201
+    );
+    (app, endpoints)
+}
+
+/// Waits until Stripe has received a webhook-endpoint request (`verb`) made with the key
+/// ending in `last4`.
+async fn stripe_saw(app: &TestApp, verb: &str, last4: &str) {
+    for _ in 0..500 {
+        let seen = app.stripe_requests().await.iter().any(|r| {
+            r.method.as_str() == verb
+                && r.url.path().starts_with("/v1/webhook_endpoints")
+                && (r.headers.get("authorization"))
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.ends_with(last4))
+        });
+        if seen {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("Stripe never saw {verb} with the key …{last4}");
+}
+
+/// The invariant: our endpoints on Stripe are exactly the one the database names.
+async fn assert_only_the_stored_endpoint(app: &TestApp, endpoints: &FakeEndpoints) {
+    let stored = app
+        .store
+        .find_connection(&TenantId::parse("ten_1").unwrap())
+        .await
+        .unwrap();
+    let named: Vec<String> = stored
+        .iter()
+        .map(|c| c.webhook.as_ref().expect("a connection has its endpoint"))
+        .map(|w| w.endpoint_id.clone())
+        .collect();
+    let ours: Vec<String> = (endpoints.endpoints().into_iter())
+        .filter(|e| e.url.contains("/webhooks/stripe/"))
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ours, named, "our endpoints on Stripe vs the stored one");
+}
+
+/// A and B replace the key with keys of two other accounts at once. B commits while A's
+/// registration answer is held; A's save then loses the compare-and-swap, deletes what it
+/// registered, and starts over from B's connection.
+async fn replacements_onto_two_accounts_leave_one_endpoint(backend: Backend) {
+    let (app, endpoints) = connected(backend).await;
+    endpoints.delay_key("XSlw", HOLD);
+    let slow = {
+        let app = app.clone();
+        tokio::spawn(async move { app.connect("ten_1", &key("rk_test_", "XSlw")).await })
+    };
+    stripe_saw(&app, "POST", "XSlw").await;
+    assert_eq!(
+        app.connect("ten_1", &key("rk_test_", "YFst"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(slow.await.unwrap().status(), 200);
+    let stored = (app.store)
+        .find_connection(&TenantId::parse("ten_1").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.key_last4, "XSlw", "the later commit holds");
+    assert_only_the_stored_endpoint(&app, &endpoints).await;
+    let accounts: Vec<String> = endpoints
+        .endpoints()
+        .into_iter()
+        .map(|e| e.account)
+        .collect();
+    assert_eq!(accounts, ["acct_other"]);
+}
+
+/// A replacement with a key of the same account keeps the stored endpoint; a disconnect
+/// deletes it (and the connection) while A's look-up answer is held. A's save then finds
+/// no connection where it expected one and starts over as a first connect.
+async fn a_disconnect_during_a_replacement_leaves_the_new_endpoint_stored(backend: Backend) {
+    let (app, endpoints) = connected(backend).await;
+    endpoints.delay_key("Slow", HOLD);
+    let slow = {
+        let app = app.clone();
+        tokio::spawn(async move { app.connect("ten_1", &key("rk_test_", "Slow")).await })
+    };
+    stripe_saw(&app, "GET", "Slow").await;
+    let disconnect = app.tenant_request(Method::DELETE, "ten_1", "").await;
+    assert_eq!(disconnect.status(), 204);
+    assert_eq!(slow.await.unwrap().status(), 201, "connected anew");
+    assert_only_the_stored_endpoint(&app, &endpoints).await;
+    assert_eq!(endpoints.endpoints().len(), 1);
+}
+
+/// A disconnect has looked at the stored endpoint (its answers held) when a replacement
+/// onto another account commits. The disconnect's delete then finds another key, and
+/// cleans up what the replacement stored before deleting the connection.
+async fn a_replacement_during_a_disconnect_is_cleaned_up_too(backend: Backend) {
+    let (app, endpoints) = connected(backend).await;
+    endpoints.delay_key("Main", HOLD);
+    let disconnect = {
+        let app = app.clone();
+        tokio::spawn(async move { app.tenant_request(Method::DELETE, "ten_1", "").await })
+    };
+    stripe_saw(&app, "GET", "Main").await;
+    let replaced = app.connect("ten_1", &key("rk_test_", "XOth")).await;
+    assert_eq!(replaced.status(), 200);
+    assert_eq!(disconnect.await.unwrap().status(), 204);
+    assert_only_the_stored_endpoint(&app, &endpoints).await;
+    assert!(
+        endpoints.endpoints().is_empty(),
+        "{:?}",
+        endpoints.endpoints()
+    );
+}
