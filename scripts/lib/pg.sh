@@ -31,6 +31,7 @@ start_throwaway_postgres() {
     initdb=$(find_initdb)
   fi
   PGBIN=$(dirname "$initdb")
+  export ATLAS_TEST_PGBIN="$PGBIN"
   PGTMP=$(mktemp -d "${TMPDIR:-/tmp}/atlas-stripe-pg.XXXXXX")
   AS_PG=()
   if [ "$(id -u)" = 0 ]; then

@@ -66,6 +66,10 @@ pub enum ApiError {
     ConcurrentChange,
     #[error("Stripe refused to register Atlas's webhook endpoint on this account; nothing was stored. An account holds at most 16 webhook endpoints: delete an unused one in the Stripe dashboard and try again.")]
     WebhookRegistrationFailed,
+    #[error(
+        "The service cannot reach its database right now; nothing was changed. Try again shortly."
+    )]
+    ServiceUnavailable,
     #[error("The webhook delivery was rejected.")]
     WebhookRejected,
     #[error("No connection has this webhook URL.")]
@@ -109,6 +113,7 @@ impl ApiError {
             Self::ConnectionNotActive(_) => (S::CONFLICT, "connection_not_active"),
             Self::ConcurrentChange => (S::CONFLICT, "concurrent_change"),
             Self::StripeUnavailable => (S::BAD_GATEWAY, "stripe_unavailable"),
+            Self::ServiceUnavailable => (S::SERVICE_UNAVAILABLE, "service_unavailable"),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
@@ -193,6 +198,10 @@ impl IntoResponse for ApiError {
                 detail.key_mode = Some(key);
             }
             Self::StripeUnavailable | Self::ConcurrentChange => detail.retryable = Some(true),
+            Self::ServiceUnavailable => {
+                detail.retryable = Some(true);
+                retry_after_header = Some(DATABASE_RETRY_AFTER_SECS);
+            }
             Self::RateLimited { retry_after_secs } => {
                 detail.retryable = Some(true);
                 detail.retry_after = Some(retry_after_secs);
@@ -216,10 +225,17 @@ impl From<KeyFormatError> for ApiError {
     }
 }
 
+/// How long a caller is asked to wait while the database is unreachable.
+const DATABASE_RETRY_AFTER_SECS: u64 = 1;
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::TenantHasConnection => Self::TenantHasConnection,
+            e if e.is_unavailable() => {
+                tracing::warn!(error = %e, "database unavailable");
+                Self::ServiceUnavailable
+            }
             other => Self::Internal(other.into()),
         }
     }

@@ -14,6 +14,7 @@ mod hostile;
 mod keys;
 mod lifecycle;
 mod ops;
+mod outage;
 mod races;
 mod secrets;
 mod store;
