@@ -105,6 +105,7 @@ pub struct AuthSettings {
 #[derive(Debug, Deserialize)]
 pub struct LimitSettings {
     pub connect_attempts_per_minute: u32,
+    pub verify_attempts_per_minute: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]

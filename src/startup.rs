@@ -64,6 +64,8 @@ impl Application {
             .collect::<Result<Vec<_>, _>>()?;
         let attempts = NonZeroU32::new(settings.limits.connect_attempts_per_minute)
             .context("limits.connect_attempts_per_minute must be at least 1")?;
+        let verifies = NonZeroU32::new(settings.limits.verify_attempts_per_minute)
+            .context("limits.verify_attempts_per_minute must be at least 1")?;
         let connections = ConnectionService::new(
             store.clone(),
             keyring.clone(),
@@ -79,6 +81,7 @@ impl Application {
                     retry: Duration::from_secs(settings.reverify.retry_secs),
                 },
                 connect_attempts_per_minute: attempts,
+                verify_attempts_per_minute: verifies,
             },
         );
         let connections = Arc::new(connections);

@@ -1,7 +1,6 @@
 //! The connect flow: parse, mode check, probe, register our webhook endpoint, seal, store;
 //! and disconnect.
 
-use governor::clock::{Clock, DefaultClock};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{ConnectError, ConnectionService, StripeCleanup};
@@ -30,18 +29,6 @@ pub fn fix_url(mode: Mode, required: &[Resource]) -> String {
 }
 
 impl ConnectionService {
-    fn check_rate(&self, tenant: &TenantId) -> Result<(), ConnectError> {
-        // Forget tenants whose buckets are full again, so memory stays bounded.
-        if self.limiter.len() > 10_000 {
-            self.limiter.retain_recent();
-        }
-        self.limiter
-            .check_key(tenant)
-            .map_err(|not_until| ConnectError::RateLimited {
-                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
-            })
-    }
-
     /// The modal's Activate: verify the pasted key and store it sealed, replacing any
     /// previous key atomically. Nothing is stored unless every probe concluded "granted".
     pub async fn connect(
@@ -50,7 +37,8 @@ impl ConnectionService {
         pasted: &SecretString,
         actor: &Actor,
     ) -> Result<SaveOutcome, ConnectError> {
-        self.check_rate(tenant)?;
+        self.take_attempt(tenant, "connect", self.connect_quota)
+            .await?;
         let key = StripeKey::parse(pasted.expose_secret())?;
         let tenant_record = self
             .store

@@ -6,11 +6,10 @@ mod connect;
 mod verify;
 mod webhook_endpoint;
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
-
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 pub use connect::fix_url;
 pub use verify::{Reverifier, VerifySchedule};
@@ -19,11 +18,12 @@ pub use webhook_endpoint::StripeCleanup;
 use crate::config::WebhookSettings;
 use crate::crypto::{CryptoError, Fingerprinter, Keyring};
 use crate::domain::{KeyFormatError, Mode, Resource, StripeKey, TenantId};
-use crate::store::{ConnectionRecord, Store, StoreError};
+use crate::store::{AttemptQuota, ConnectionRecord, Store, StoreError};
 use crate::stripe::{ProbeError, StripeClient, StripeFailure};
 
-/// Why a connect, verify or disconnect did not succeed. Nothing here holds a key.
-#[derive(Debug, thiserror::Error)]
+/// Why a connect, verify or disconnect did not succeed. Nothing here holds a key. Clone, so
+/// that verifies sharing one probe run each get its outcome.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("rate limited")]
     RateLimited { retry_after: Duration },
@@ -47,7 +47,7 @@ pub enum ConnectError {
     #[error("Stripe refused to register the webhook endpoint")]
     WebhookRefused,
     #[error("store: {0}")]
-    Store(StoreError),
+    Store(Arc<StoreError>),
     #[error("crypto: {0}")]
     Crypto(#[from] CryptoError),
     /// Another connect or disconnect of this tenant kept winning the race.
@@ -59,13 +59,13 @@ impl From<StoreError> for ConnectError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::TenantMissing => Self::NotConnected,
-            other => Self::Store(other),
+            other => Self::Store(Arc::new(other)),
         }
     }
 }
 
 /// What Stripe left undecided, so that nothing was stored or changed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Inconclusive {
     #[error("probing {resource}: {reason}")]
     Probe { resource: Resource, reason: String },
@@ -99,6 +99,7 @@ pub struct ConnectPolicy {
     pub probe_deadline: Duration,
     pub schedule: VerifySchedule,
     pub connect_attempts_per_minute: NonZeroU32,
+    pub verify_attempts_per_minute: NonZeroU32,
 }
 
 /// What the connection flows need, built once at start-up.
@@ -111,7 +112,10 @@ pub struct ConnectionService {
     probe_deadline: Duration,
     schedule: VerifySchedule,
     webhooks: WebhookSettings,
-    limiter: DefaultKeyedRateLimiter<TenantId>,
+    connect_quota: AttemptQuota,
+    verify_quota: AttemptQuota,
+    /// Verifies in flight, per tenant: a verify arriving meanwhile shares the run's outcome.
+    verifying: std::sync::Mutex<HashMap<TenantId, verify::Flight>>,
 }
 
 impl ConnectionService {
@@ -131,13 +135,29 @@ impl ConnectionService {
             probe_deadline: policy.probe_deadline,
             schedule: policy.schedule,
             webhooks: policy.webhooks,
-            limiter: RateLimiter::keyed(Quota::per_minute(policy.connect_attempts_per_minute)),
+            connect_quota: AttemptQuota::per_minute(policy.connect_attempts_per_minute),
+            verify_quota: AttemptQuota::per_minute(policy.verify_attempts_per_minute),
+            verifying: Default::default(),
         }
     }
 
     /// The resources a key must be able to write.
     pub fn required(&self) -> &[Resource] {
         &self.required
+    }
+
+    /// Takes one attempt of `kind` for the tenant under its per-tenant limit, kept in the
+    /// database so that every instance counts against the same limit.
+    async fn take_attempt(
+        &self,
+        tenant: &TenantId,
+        kind: &str,
+        quota: AttemptQuota,
+    ) -> Result<(), ConnectError> {
+        match self.store.take_attempt(tenant, kind, quota).await? {
+            None => Ok(()),
+            Some(retry_after) => Err(ConnectError::RateLimited { retry_after }),
+        }
     }
 
     /// Opens a stored connection's key.

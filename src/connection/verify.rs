@@ -12,7 +12,7 @@ use futures_util::stream::{self, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 use time::OffsetDateTime;
-use tokio::sync::watch;
+use tokio::sync::{watch, OnceCell};
 use tokio::task::JoinHandle;
 
 use super::{ConnectError, ConnectionService};
@@ -47,7 +47,50 @@ impl VerifySchedule {
     }
 }
 
+/// One verify run of a tenant that concurrent verifies share.
+pub(super) type Flight = Arc<OnceCell<Result<ConnectionRecord, ConnectError>>>;
+
 impl ConnectionService {
+    /// `POST …/verify`: verifies arriving while one runs for the same tenant share its
+    /// outcome (one probe run, whatever the number of callers); starting a run takes an
+    /// attempt under the tenant's verify limit.
+    pub async fn verify_on_demand(
+        &self,
+        tenant: &TenantId,
+        actor: &Actor,
+    ) -> Result<ConnectionRecord, ConnectError> {
+        let (flight, joined) = {
+            let mut verifying = self.verifying.lock().unwrap_or_else(|e| e.into_inner());
+            match verifying.get(tenant) {
+                Some(flight) => (flight.clone(), true),
+                None => {
+                    let flight = Flight::default();
+                    verifying.insert(tenant.clone(), flight.clone());
+                    (flight, false)
+                }
+            }
+        };
+        let outcome = flight
+            .get_or_init(|| async {
+                if !joined {
+                    self.take_attempt(tenant, "verify", self.verify_quota)
+                        .await?;
+                }
+                self.verify(tenant, actor).await
+            })
+            .await
+            .clone();
+        // The run is over: the next verify starts a new one.
+        let mut verifying = self.verifying.lock().unwrap_or_else(|e| e.into_inner());
+        if verifying
+            .get(tenant)
+            .is_some_and(|f| Arc::ptr_eq(f, &flight))
+        {
+            verifying.remove(tenant);
+        }
+        outcome
+    }
+
     /// Re-probes the stored key and records the outcome. An inconclusive probe changes
     /// nothing.
     pub async fn verify(

@@ -13,7 +13,7 @@ pub use envelope::{Purpose, SealedSecret, SecretContext};
 pub use fingerprint::Fingerprinter;
 pub use keyring::{Keyring, KeyringError, MasterKeyId};
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CryptoError {
     /// The record names a master key this process was not configured with.
     #[error("master key {0:?} is not in the configured keyring")]

@@ -41,7 +41,7 @@ impl KeyKind {
 
 /// Why a pasted string is not a key we accept. Messages are for a person and never contain
 /// the pasted text.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyFormatError {
     #[error("Paste a secret or restricted key, not the publishable key (pk_…).")]
     Publishable,

@@ -228,16 +228,23 @@ impl From<KeyFormatError> for ApiError {
 /// How long a caller is asked to wait while the database is unreachable.
 const DATABASE_RETRY_AFTER_SECS: u64 = 1;
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
+impl ApiError {
+    /// The answer a store error gets when it is not our fault.
+    fn for_store(e: &StoreError) -> Option<Self> {
         match e {
-            StoreError::TenantHasConnection => Self::TenantHasConnection,
+            StoreError::TenantHasConnection => Some(Self::TenantHasConnection),
             e if e.is_unavailable() => {
                 tracing::warn!(error = %e, "database unavailable");
-                Self::ServiceUnavailable
+                Some(Self::ServiceUnavailable)
             }
-            other => Self::Internal(other.into()),
+            _ => None,
         }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::for_store(&e).unwrap_or_else(|| Self::Internal(e.into()))
     }
 }
 
@@ -288,7 +295,9 @@ impl From<ConnectError> for ApiError {
                 Self::StripeUnavailable
             }
             ConnectError::WebhookRefused => Self::WebhookRegistrationFailed,
-            ConnectError::Store(e) => e.into(),
+            ConnectError::Store(e) => {
+                Self::for_store(&e).unwrap_or_else(|| Self::Internal(anyhow::Error::new(e)))
+            }
             ConnectError::Crypto(e) => e.into(),
             ConnectError::ConcurrentChange => Self::ConcurrentChange,
         }

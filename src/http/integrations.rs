@@ -88,9 +88,10 @@ pub async fn show(
     security(("tenant_token" = [])),
     params(("tenant_id" = String, Path)),
     responses(
-        (status = 200, description = "Re-probed; the status may have changed", body = ConnectionSummary),
+        (status = 200, description = "Re-probed; the status may have changed. Concurrent verifies of one tenant share one probe run.", body = ConnectionSummary),
         (status = 401, description = "unauthenticated", body = ErrorBody),
         (status = 404, description = "not_connected", body = ErrorBody),
+        (status = 429, description = "rate_limited: too many verify runs for this tenant (limits.verify_attempts_per_minute), with Retry-After", body = ErrorBody),
         (status = 502, description = "stripe_unavailable; nothing changed", body = ErrorBody),
     ))]
 pub async fn verify(
@@ -98,7 +99,7 @@ pub async fn verify(
     AuthorizedTenant(tenant): AuthorizedTenant,
 ) -> Result<Json<ConnectionSummary>, ApiError> {
     let actor = Actor::Tenant(tenant.clone());
-    let record = state.connections.verify(&tenant, &actor).await?;
+    let record = state.connections.verify_on_demand(&tenant, &actor).await?;
     Ok(Json((&record).into()))
 }
 

@@ -33,6 +33,22 @@ pub type PgStore = SqlStore<sqlx::Postgres>;
 /// The embedded default: one SQLite file, nothing to install.
 pub type SqliteStore = SqlStore<sqlx::Sqlite>;
 
+/// A per-tenant limit: `per_period` attempts per `period`, as a burst or spread out.
+#[derive(Clone, Copy, Debug)]
+pub struct AttemptQuota {
+    pub per_period: std::num::NonZeroU32,
+    pub period: std::time::Duration,
+}
+
+impl AttemptQuota {
+    pub fn per_minute(per_minute: std::num::NonZeroU32) -> Self {
+        Self {
+            per_period: per_minute,
+            period: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
 /// Why the store is not ready to serve.
 #[derive(Debug, thiserror::Error)]
 pub enum NotReady {
@@ -263,6 +279,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Key-fetch tallies for one tenant, oldest window first.
     async fn key_fetches(&self, tenant: &TenantId) -> Result<Vec<KeyFetchTally>, StoreError>;
+
+    /// Takes one attempt of `kind` for `tenant` under a limit of `quota.per_period` attempts
+    /// per `quota.period` (GCRA, kept in the database so every instance shares it). `Ok(None)`:
+    /// allowed; `Ok(Some(wait))`: refused, allowed again after `wait`.
+    async fn take_attempt(
+        &self,
+        tenant: &TenantId,
+        kind: &str,
+        quota: AttemptQuota,
+    ) -> Result<Option<std::time::Duration>, StoreError>;
 
     /// The audit trail, oldest first; all tenants when `tenant` is `None`.
     async fn audit_trail(&self, tenant: Option<&TenantId>) -> Result<Vec<AuditRecord>, StoreError>;

@@ -203,5 +203,18 @@ pub const ADD_KEY_FETCHES: &str = "INSERT INTO key_fetches \
     last_fetched_at = CASE WHEN excluded.last_fetched_at > key_fetches.last_fetched_at \
     THEN excluded.last_fetched_at ELSE key_fetches.last_fetched_at END";
 
+/// Takes one attempt under a per-tenant GCRA limit (`$3` now, `$4` the emission interval,
+/// `$5` the period that `limit` attempts may fill, all in microseconds). Returns a row only
+/// when the attempt is allowed; a refused attempt changes nothing. `CASE` rather than
+/// `GREATEST`/`MAX` keeps it in both dialects.
+pub const TAKE_ATTEMPT: &str = "INSERT INTO attempt_limits (tenant_id, kind, tat_micros) \
+    VALUES ($1, $2, $3 + $4) ON CONFLICT (tenant_id, kind) DO UPDATE SET tat_micros = \
+    (CASE WHEN attempt_limits.tat_micros > $3 THEN attempt_limits.tat_micros ELSE $3 END) + $4 \
+    WHERE (CASE WHEN attempt_limits.tat_micros > $3 THEN attempt_limits.tat_micros ELSE $3 END) \
+    + $4 - $3 <= $5 RETURNING tat_micros";
+
+pub const ATTEMPT_TAT: &str =
+    "SELECT tat_micros FROM attempt_limits WHERE tenant_id = $1 AND kind = $2";
+
 pub const KEY_FETCHES: &str = "SELECT token_id, tenant_id, window_start, fetch_count, \
     last_fetched_at FROM key_fetches WHERE tenant_id = $1 ORDER BY window_start, token_id";

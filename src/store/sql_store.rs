@@ -19,7 +19,7 @@ use super::rows::{
     self, permissions_to_text, warnings_to_text, AuditRow, ConnectionRow, KeyFetchRow,
     KeyFetchTallyRow, SealedRowRaw, ServiceTokenRow, TenantRow, WebhookTargetRow,
 };
-use super::{queries, Backend, NotReady, Store, StoreError};
+use super::{queries, AttemptQuota, Backend, NotReady, Store, StoreError};
 use crate::clock::now;
 use crate::crypto::{MasterKeyId, Purpose};
 use crate::domain::{ConnectionStatus, Mode, Resource, TenantId};
@@ -592,6 +592,37 @@ where
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn take_attempt(
+        &self,
+        tenant: &TenantId,
+        kind: &str,
+        quota: AttemptQuota,
+    ) -> Result<Option<Duration>, StoreError> {
+        let period = i64::try_from(quota.period.as_micros()).unwrap_or(i64::MAX);
+        let interval = period / i64::from(quota.per_period.get());
+        let now = crate::clock::now();
+        let now = i64::try_from(now.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX);
+        let allowed: Option<i64> = sqlx::query_scalar(queries::TAKE_ATTEMPT)
+            .bind(tenant.as_str())
+            .bind(kind)
+            .bind(now)
+            .bind(interval)
+            .bind(period)
+            .fetch_optional(&self.pool)
+            .await?;
+        if allowed.is_some() {
+            return Ok(None);
+        }
+        let tat: Option<i64> = sqlx::query_scalar(queries::ATTEMPT_TAT)
+            .bind(tenant.as_str())
+            .bind(kind)
+            .fetch_optional(&self.pool)
+            .await?;
+        // Allowed again once the next attempt's arrival time fits in the period.
+        let wait = tat.map_or(0, |tat| tat + interval - period - now).max(1);
+        Ok(Some(Duration::from_micros(wait as u64)))
     }
 
     async fn audit_trail(&self, tenant: Option<&TenantId>) -> Result<Vec<AuditRecord>, StoreError> {

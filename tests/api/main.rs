@@ -13,6 +13,7 @@ mod docs;
 mod hostile;
 mod keys;
 mod lifecycle;
+mod limits;
 mod ops;
 mod outage;
 mod races;
