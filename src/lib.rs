@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod domain;
 pub mod http;
 pub mod rotation;
+pub mod server;
 pub mod startup;
 pub mod store;
 pub mod stripe;
