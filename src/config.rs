@@ -370,10 +370,22 @@ impl Settings {
         let production = self.is_production();
 
         let s = &self.server;
-        p.range("server.body_limit_bytes", s.body_limit_bytes, 1024..=1 << 20);
+        p.range(
+            "server.body_limit_bytes",
+            s.body_limit_bytes,
+            1024..=1 << 20,
+        );
         p.range("server.shutdown_grace_ms", s.shutdown_grace_ms, 0..=300_000);
-        p.range("server.header_read_timeout_ms", s.header_read_timeout_ms, 1..=300_000);
-        p.range("server.body_read_timeout_ms", s.body_read_timeout_ms, 1..=300_000);
+        p.range(
+            "server.header_read_timeout_ms",
+            s.header_read_timeout_ms,
+            1..=300_000,
+        );
+        p.range(
+            "server.body_read_timeout_ms",
+            s.body_read_timeout_ms,
+            1..=300_000,
+        );
         p.range("server.idle_timeout_ms", s.idle_timeout_ms, 1..=3_600_000);
         p.range("server.max_connections", s.max_connections, 1..=100_000);
         if s.bind.trim().is_empty() {
@@ -387,7 +399,11 @@ impl Settings {
 
         let d = &self.database;
         p.range("database.max_connections", d.max_connections, 1..=1000);
-        p.range("database.acquire_timeout_ms", d.acquire_timeout_ms, 1..=300_000);
+        p.range(
+            "database.acquire_timeout_ms",
+            d.acquire_timeout_ms,
+            1..=300_000,
+        );
         let url = d.url.expose_secret();
         if !(url.starts_with("postgres://")
             || url.starts_with("postgresql://")
@@ -412,27 +428,50 @@ impl Settings {
                 "must be a Stripe API version, e.g. 2023-08-16",
             );
         }
-        p.range("stripe.connect_timeout_ms", st.connect_timeout_ms, 1..=60_000);
-        p.range("stripe.request_timeout_ms", st.request_timeout_ms, 1..=300_000);
+        p.range(
+            "stripe.connect_timeout_ms",
+            st.connect_timeout_ms,
+            1..=60_000,
+        );
+        p.range(
+            "stripe.request_timeout_ms",
+            st.request_timeout_ms,
+            1..=300_000,
+        );
         p.range("stripe.max_retries", st.max_retries, 0..=10);
-        p.range("stripe.retry_base_delay_ms", st.retry_base_delay_ms, 1..=60_000);
+        p.range(
+            "stripe.retry_base_delay_ms",
+            st.retry_base_delay_ms,
+            1..=60_000,
+        );
         p.range(
             "stripe.retry_max_delay_ms",
             st.retry_max_delay_ms,
             st.retry_base_delay_ms.max(1)..=300_000,
         );
-        p.range("stripe.probe_deadline_ms", st.probe_deadline_ms, 1..=600_000);
+        p.range(
+            "stripe.probe_deadline_ms",
+            st.probe_deadline_ms,
+            1..=600_000,
+        );
         if st.required_resources.is_empty() {
             p.push("stripe.required_resources", "lists no resource");
         }
         for name in &st.required_resources {
             if let Err(e) = crate::domain::Resource::parse(name) {
-                p.push("stripe.required_resources", format!("lists a resource Atlas does not know: {e}"));
+                p.push(
+                    "stripe.required_resources",
+                    format!("lists a resource Atlas does not know: {e}"),
+                );
             }
         }
 
         let a = &self.auth;
-        p.range("auth.tenant_token_leeway_secs", a.tenant_token_leeway_secs, 0..=300);
+        p.range(
+            "auth.tenant_token_leeway_secs",
+            a.tenant_token_leeway_secs,
+            0..=300,
+        );
         p.range(
             "auth.tenant_token_max_ttl_secs",
             a.tenant_token_max_ttl_secs,
@@ -484,8 +523,7 @@ impl Settings {
         if w.enabled_events.is_empty() {
             p.push("webhooks.enabled_events", "lists no event");
         }
-        if w
-            .enabled_events
+        if w.enabled_events
             .iter()
             .any(|e| e.contains(|c: char| !(c.is_ascii_alphanumeric() || "._*".contains(c))))
         {
@@ -495,7 +533,11 @@ impl Settings {
             );
         }
         p.range("webhooks.tolerance_secs", w.tolerance_secs, 1..=3600);
-        p.range("webhooks.body_limit_bytes", w.body_limit_bytes, 1024..=16 << 20);
+        p.range(
+            "webhooks.body_limit_bytes",
+            w.body_limit_bytes,
+            1024..=16 << 20,
+        );
 
         p.range(
             "accounting.flush_interval_ms",
@@ -611,11 +653,7 @@ impl Problems {
         if !range.contains(&value) {
             self.push(
                 key,
-                format!(
-                    "must be {} to {}, not {value}",
-                    range.start(),
-                    range.end()
-                ),
+                format!("must be {} to {}, not {value}", range.start(), range.end()),
             );
         }
     }
@@ -642,9 +680,7 @@ fn describe_origin(
     Some(match origin {
         Some(FROM_VARIABLES) => format!("variable {}", variable_for(&leaf_key)),
         Some(path) => path.to_owned(),
-        None if overrides.iter().any(|(k, _)| leaf_key.starts_with(k)) => {
-            "an override".to_owned()
-        }
+        None if overrides.iter().any(|(k, _)| leaf_key.starts_with(k)) => "an override".to_owned(),
         None => "the built-in config/default.toml".to_owned(),
     })
 }
@@ -1027,13 +1063,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.server.bind, "10.0.0.1:9000", "the environment's file");
-        assert_eq!(s.limits.verify_attempts_per_minute, 7, "the environment's file");
+        assert_eq!(
+            s.limits.verify_attempts_per_minute, 7,
+            "the environment's file"
+        );
         assert_eq!(s.limits.connect_attempts_per_minute, 8, "--config over it");
         assert_eq!(s.log.filter, "warn", "variables over --config");
         assert_eq!(s.server.body_limit_bytes, 16384, "default.toml under all");
 
         let err = error(load_with(Some("nowhere"), dir.path(), Some(&file), &[]));
-        assert!(err.contains("nowhere.toml"), "a named environment needs its file: {err}");
+        assert!(
+            err.contains("nowhere.toml"),
+            "a named environment needs its file: {err}"
+        );
         for bad in ["", "../production", "prod uction"] {
             let err = error(load_with(Some(bad), dir.path(), None, &[]));
             assert!(err.contains(ENVIRONMENT_VAR), "{err}");
@@ -1075,7 +1117,10 @@ mod tests {
             None,
             &[
                 PUBLIC_URL,
-                ("ATLAS_STRIPE__DEV__SECRETS_FILE", secrets_file.to_str().unwrap()),
+                (
+                    "ATLAS_STRIPE__DEV__SECRETS_FILE",
+                    secrets_file.to_str().unwrap(),
+                ),
             ],
         )
         .unwrap();
@@ -1126,7 +1171,10 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("unknown setting limits.connect_attempts"), "{err}");
+        assert!(
+            err.contains("unknown setting limits.connect_attempts"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1166,7 +1214,10 @@ mod tests {
         ];
         for (key, value) in cases {
             let err = error(Settings::load(None, &[(key, value)]));
-            assert!(err.contains(&format!("{key} must be")), "{key} = {value}: {err}");
+            assert!(
+                err.contains(&format!("{key} must be")),
+                "{key} = {value}: {err}"
+            );
         }
         // Which layer set it.
         let dir = tempfile::tempdir().unwrap();
@@ -1334,7 +1385,8 @@ mod tests {
         ] {
             let err = error(prod(Some(bad)));
             assert!(
-                err.contains("webhooks.public_base_url") && err.contains("ATLAS_STRIPE__WEBHOOKS__PUBLIC_BASE_URL"),
+                err.contains("webhooks.public_base_url")
+                    && err.contains("ATLAS_STRIPE__WEBHOOKS__PUBLIC_BASE_URL"),
                 "{bad:?}: {err}"
             );
             assert!(!err.contains("pw@"), "credentials are not echoed: {err}");

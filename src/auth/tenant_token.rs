@@ -244,24 +244,40 @@ mod tests {
             ))
         };
         assert_eq!(at((now() + 300).into()), Err(TenantTokenError::Invalid));
-        assert_eq!(at((now() + 10).into()), Ok("ten_1".into()), "within the leeway");
+        assert_eq!(
+            at((now() + 10).into()),
+            Ok("ten_1".into()),
+            "within the leeway"
+        );
         assert_eq!(at((now() - 60).into()), Ok("ten_1".into()));
-        assert_eq!(at("soon".into()), Err(TenantTokenError::Invalid), "malformed");
+        assert_eq!(
+            at("soon".into()),
+            Err(TenantTokenError::Invalid),
+            "malformed"
+        );
     }
 
     #[test]
     fn exp_no_further_away_than_the_max_ttl_plus_leeway() {
         let t = TenantTokens::with_policy(&SecretString::from(SECRET), policy(30, 600));
-        let with_exp = |exp: i64| t.verify(&sign(serde_json::json!({"tenant_id": "ten_1", "exp": exp})));
+        let with_exp =
+            |exp: i64| t.verify(&sign(serde_json::json!({"tenant_id": "ten_1", "exp": exp})));
         assert_eq!(with_exp(now() + 600), Ok("ten_1".into()));
-        assert_eq!(with_exp(now() + 620), Ok("ten_1".into()), "within the leeway");
+        assert_eq!(
+            with_exp(now() + 620),
+            Ok("ten_1".into()),
+            "within the leeway"
+        );
         assert_eq!(with_exp(now() + 700), Err(TenantTokenError::Invalid));
         assert_eq!(with_exp(i64::MAX), Err(TenantTokenError::Invalid));
         // The default policy: an hour.
         let t = TenantTokens::new(&SecretString::from(SECRET), 0);
         let tenant = TenantId::parse("ten_1").unwrap();
         let day = t.mint(&tenant, time::Duration::days(1));
-        assert_eq!(t.verify(day.expose_secret()), Err(TenantTokenError::Invalid));
+        assert_eq!(
+            t.verify(day.expose_secret()),
+            Err(TenantTokenError::Invalid)
+        );
         let hour = t.mint(&tenant, time::Duration::minutes(59));
         assert_eq!(t.verify(hour.expose_secret()), Ok("ten_1".into()));
     }
@@ -279,12 +295,30 @@ mod tests {
         let exp = now() + 600;
         let cases = [
             (serde_json::json!({"tenant_id": "ten_1", "exp": exp}), false),
-            (serde_json::json!({"tenant_id": "ten_1", "exp": exp, "iss": "https://app.atlas.example"}), false),
-            (serde_json::json!({"tenant_id": "ten_1", "exp": exp, "aud": "atlas-stripe"}), false),
-            (serde_json::json!({"tenant_id": "ten_1", "exp": exp, "iss": "https://evil.example", "aud": "atlas-stripe"}), false),
-            (serde_json::json!({"tenant_id": "ten_1", "exp": exp, "iss": "https://app.atlas.example", "aud": "atlas-billing"}), false),
-            (serde_json::json!({"tenant_id": "ten_1", "exp": exp, "iss": "https://app.atlas.example", "aud": "atlas-stripe"}), true),
-            (serde_json::json!({"tenant_id": "ten_1", "exp": exp, "iss": "https://app.atlas.example", "aud": ["atlas-billing", "atlas-stripe"]}), true),
+            (
+                serde_json::json!({"tenant_id": "ten_1", "exp": exp, "iss": "https://app.atlas.example"}),
+                false,
+            ),
+            (
+                serde_json::json!({"tenant_id": "ten_1", "exp": exp, "aud": "atlas-stripe"}),
+                false,
+            ),
+            (
+                serde_json::json!({"tenant_id": "ten_1", "exp": exp, "iss": "https://evil.example", "aud": "atlas-stripe"}),
+                false,
+            ),
+            (
+                serde_json::json!({"tenant_id": "ten_1", "exp": exp, "iss": "https://app.atlas.example", "aud": "atlas-billing"}),
+                false,
+            ),
+            (
+                serde_json::json!({"tenant_id": "ten_1", "exp": exp, "iss": "https://app.atlas.example", "aud": "atlas-stripe"}),
+                true,
+            ),
+            (
+                serde_json::json!({"tenant_id": "ten_1", "exp": exp, "iss": "https://app.atlas.example", "aud": ["atlas-billing", "atlas-stripe"]}),
+                true,
+            ),
         ];
         for (claims, accepted) in cases {
             let result = configured.verify(&sign(claims.clone()));
@@ -293,13 +327,17 @@ mod tests {
         // Minted tokens carry them.
         let tenant = TenantId::parse("ten_1").unwrap();
         let minted = configured.mint(&tenant, time::Duration::minutes(5));
-        assert_eq!(configured.verify(minted.expose_secret()), Ok("ten_1".into()));
+        assert_eq!(
+            configured.verify(minted.expose_secret()),
+            Ok("ten_1".into())
+        );
 
         // Unset: iss is not checked; a token naming an audience is refused.
         let plain = TenantTokens::with_policy(&SecretString::from(SECRET), policy(0, 3600));
         let iss = sign(serde_json::json!({"tenant_id": "ten_1", "exp": exp, "iss": "anyone"}));
         assert_eq!(plain.verify(&iss), Ok("ten_1".into()));
-        let aud = sign(serde_json::json!({"tenant_id": "ten_1", "exp": exp, "aud": "atlas-stripe"}));
+        let aud =
+            sign(serde_json::json!({"tenant_id": "ten_1", "exp": exp, "aud": "atlas-stripe"}));
         assert_eq!(plain.verify(&aud), Err(TenantTokenError::Invalid));
     }
 }

@@ -110,8 +110,14 @@ fn production(command: &mut Command, secrets: &TestSecrets) {
     command
         .env("ATLAS_STRIPE_ENVIRONMENT", "production")
         .env("ATLAS_STRIPE__CRYPTO__MASTER_KEYS", &secrets.master_keys)
-        .env("ATLAS_STRIPE__CRYPTO__ACTIVE_KEY_ID", &secrets.active_key_id)
-        .env("ATLAS_STRIPE__CRYPTO__FINGERPRINT_KEY", &secrets.fingerprint_key)
+        .env(
+            "ATLAS_STRIPE__CRYPTO__ACTIVE_KEY_ID",
+            &secrets.active_key_id,
+        )
+        .env(
+            "ATLAS_STRIPE__CRYPTO__FINGERPRINT_KEY",
+            &secrets.fingerprint_key,
+        )
         .env(
             "ATLAS_STRIPE__AUTH__TENANT_TOKEN_SECRET",
             &secrets.tenant_token_secret,
@@ -346,8 +352,14 @@ async fn tenant_tokens_honour_nbf_and_a_bounded_lifetime(backend: Backend) {
             false,
         ),
         (json!({"tenant_id": "ten_a", "exp": now() + 3600}), true),
-        (json!({"tenant_id": "ten_a", "exp": now() + 3600 + 300}), false),
-        (json!({"tenant_id": "ten_a", "exp": now() + 86_400 * 365}), false),
+        (
+            json!({"tenant_id": "ten_a", "exp": now() + 3600 + 300}),
+            false,
+        ),
+        (
+            json!({"tenant_id": "ten_a", "exp": now() + 86_400 * 365}),
+            false,
+        ),
     ] {
         assert_eq!(accepted(&app, claims.clone()).await, expected, "{claims}");
     }
