@@ -21,7 +21,8 @@ use crate::store::{Actor, NewServiceToken};
     about = "Connects Atlas tenants' Stripe accounts"
 )]
 pub struct Cli {
-    /// A configuration file layered over the built-in defaults.
+    /// A configuration file layered over the built-in defaults and
+    /// config/$ATLAS_STRIPE_ENVIRONMENT.toml; ATLAS_STRIPE__… variables still win.
     #[arg(long, global = true, env = "ATLAS_STRIPE_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
@@ -101,6 +102,12 @@ pub enum KeysCommand {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Printing new key material needs no configuration: it works before there is one.
+    if let Some(Command::Keys(KeysCommand::Generate { id })) = &cli.command {
+        let id = MasterKeyId::parse(id)?;
+        println!("{}", Keyring::generate_entry(&id).expose_secret());
+        return Ok(());
+    }
     let settings = Settings::load(cli.config.as_deref(), &[])?;
     crate::telemetry::init(&settings.log);
     match cli.command.unwrap_or(Command::Serve) {
@@ -117,7 +124,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::TenantToken { tenant, ttl_secs } => {
             let tenant = TenantId::parse(&tenant)?;
             let secrets = settings.secrets()?;
-            let tokens = TenantTokens::new(&secrets.tenant_token_secret, 0);
+            let tokens = TenantTokens::from_settings(&secrets.tenant_token_secret, &settings.auth);
             let token = tokens.mint(&tenant, time::Duration::seconds(ttl_secs));
             println!("{}", token.expose_secret());
         }
@@ -127,10 +134,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             base_url,
             ttl_secs,
         } => demo_url(&settings, &tenant, &mode, base_url, ttl_secs).await?,
-        Command::Keys(KeysCommand::Generate { id }) => {
-            let id = MasterKeyId::parse(&id)?;
-            println!("{}", Keyring::generate_entry(&id).expose_secret());
-        }
+        Command::Keys(KeysCommand::Generate { .. }) => unreachable!("handled above"),
         Command::Keys(KeysCommand::Rewrap { batch }) => {
             if !(1..=10_000).contains(&batch) {
                 bail!("--batch must be 1 to 10000");
@@ -214,7 +218,7 @@ async fn demo_url(
             format!("http://{host}:{}", bind.port())
         }
     };
-    let tokens = TenantTokens::new(&secrets.tenant_token_secret, 0);
+    let tokens = TenantTokens::from_settings(&secrets.tenant_token_secret, &settings.auth);
     let token = tokens.mint(&tenant, time::Duration::seconds(ttl_secs));
     eprintln!(
         "open this while `atlas-stripe serve` runs; the token expires in {} min:",

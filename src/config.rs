@@ -1,7 +1,16 @@
-//! Layered settings: the embedded `config/default.toml`, then the file named by `--config`
-//! (or `config/$ATLAS_STRIPE_ENVIRONMENT.toml`), then `ATLAS_STRIPE__SECTION__KEY` variables.
+//! Layered settings, each layer over the one before: the embedded `config/default.toml`,
+//! then `config/$ATLAS_STRIPE_ENVIRONMENT.toml` when that variable is set, then the file
+//! named by `--config`, then `ATLAS_STRIPE__SECTION__KEY` variables.
+//!
+//! An unknown key is an error naming it and where it was set; every number is checked
+//! against a sensible range in [`Settings::validate`]; in production
+//! (`ATLAS_STRIPE_ENVIRONMENT=production`) development secrets are never generated and
+//! `webhooks.public_base_url` must be a public https address.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,16 +18,23 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use crate::crypto::{Keyring, MasterKeyId};
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 const ENV_PREFIX: &str = "ATLAS_STRIPE";
-/// Settings that are lists; given as one string (variable or override) they split on ','.
-const LIST_KEYS: [&str; 2] = ["stripe.required_resources", "webhooks.enabled_events"];
+/// Names the environment whose file (`config/$ATLAS_STRIPE_ENVIRONMENT.toml`) is layered.
+pub const ENVIRONMENT_VAR: &str = "ATLAS_STRIPE_ENVIRONMENT";
+/// The environment with the production rules.
+pub const PRODUCTION: &str = "production";
+/// Where the environments' files are looked for, relative to the working directory.
+const CONFIG_DIR: &str = "config";
+/// The origin `config` gives values read from variables.
+const FROM_VARIABLES: &str = "the environment";
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
     pub database: DatabaseSettings,
@@ -31,16 +47,33 @@ pub struct Settings {
     pub accounting: AccountingSettings,
     pub dev: DevSettings,
     pub log: LogSettings,
+    /// `ATLAS_STRIPE_ENVIRONMENT` when set (`production` turns on the production rules).
+    /// Not a setting: it chooses which file is layered.
+    #[serde(skip)]
+    pub environment: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServerSettings {
     pub bind: String,
     pub body_limit_bytes: usize,
     pub shutdown_grace_ms: u64,
+    /// How long a client may take to send a request's head.
+    pub header_read_timeout_ms: u64,
+    /// How long a client may take to send a request's body.
+    pub body_read_timeout_ms: u64,
+    /// How long a kept-alive connection may sit idle.
+    pub idle_timeout_ms: u64,
+    /// Connections served at once per process.
+    pub max_connections: usize,
+    /// Origins (`scheme://host[:port]`) allowed to call the API from a browser.
+    #[serde(deserialize_with = "list")]
+    pub cors_allowed_origins: Vec<String>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     /// May carry a password, hence secret.
     pub url: SecretString,
@@ -71,6 +104,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StripeSettings {
     pub api_base: String,
     pub api_version: String,
@@ -80,6 +114,7 @@ pub struct StripeSettings {
     pub retry_base_delay_ms: u64,
     pub retry_max_delay_ms: u64,
     pub probe_deadline_ms: u64,
+    #[serde(deserialize_with = "list")]
     pub required_resources: Vec<String>,
 }
 
@@ -90,6 +125,7 @@ impl StripeSettings {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CryptoSettings {
     pub master_keys: Option<SecretString>,
     pub active_key_id: Option<String>,
@@ -97,18 +133,28 @@ pub struct CryptoSettings {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuthSettings {
     pub tenant_token_secret: Option<SecretString>,
     pub tenant_token_leeway_secs: u64,
+    /// A tenant token whose `exp` is further away than this (plus the leeway) is refused.
+    pub tenant_token_max_ttl_secs: u64,
+    /// When set, a tenant token's `iss` must equal it.
+    pub tenant_token_issuer: Option<String>,
+    /// When set, a tenant token's `aud` must name it.
+    pub tenant_token_audience: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LimitSettings {
     pub connect_attempts_per_minute: u32,
+    /// Verify requests per tenant per minute.
     pub verify_attempts_per_minute: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReverifySettings {
     pub enabled: bool,
     pub interval_secs: u64,
@@ -122,25 +168,30 @@ pub struct ReverifySettings {
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WebhookSettings {
     pub public_base_url: String,
+    #[serde(deserialize_with = "list")]
     pub enabled_events: Vec<String>,
     pub tolerance_secs: i64,
     pub body_limit_bytes: usize,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AccountingSettings {
     pub flush_interval_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DevSettings {
     pub generate_secrets: bool,
     pub secrets_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
     pub filter: String,
@@ -151,6 +202,40 @@ pub struct LogSettings {
 pub enum LogFormat {
     Pretty,
     Json,
+}
+
+/// A list setting: an array in a file, or one string split on ',' (a variable). Entries are
+/// trimmed and empty ones dropped, so an empty variable is an empty list.
+fn list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    struct ListVisitor;
+    impl<'de> serde::de::Visitor<'de> for ListVisitor {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of strings, or one comma-separated string")
+        }
+        fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
+            Ok(value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<String>()? {
+                let item = item.trim();
+                if !item.is_empty() {
+                    items.push(item.to_owned());
+                }
+            }
+            Ok(items)
+        }
+    }
+    deserializer.deserialize_any(ListVisitor)
 }
 
 /// The secrets a running service needs, resolved and validated.
@@ -175,85 +260,316 @@ pub enum SettingsError {
     },
 }
 
+/// Where the layers come from. [`Settings::load`] reads the process; tests name them.
+struct Layers {
+    /// `ATLAS_STRIPE_ENVIRONMENT`.
+    environment: Option<String>,
+    /// Where `$environment.toml` is.
+    config_dir: PathBuf,
+    /// `--config`.
+    file: Option<PathBuf>,
+    /// The variables; `None` reads the process environment.
+    vars: Option<HashMap<String, String>>,
+}
+
 impl Settings {
-    /// Loads the layers. `overrides` (key, value) pairs come last; tests use them.
+    /// Loads the layers: `config/default.toml` (embedded), `config/$ATLAS_STRIPE_ENVIRONMENT.toml`
+    /// when that variable is set, `file` (`--config`), `ATLAS_STRIPE__…` variables, then the
+    /// `overrides` (key, value) pairs, which tests use. Validates the result.
     pub fn load(file: Option<&Path>, overrides: &[(&str, &str)]) -> Result<Self, SettingsError> {
+        let environment = match std::env::var(ENVIRONMENT_VAR) {
+            Ok(name) => Some(name),
+            Err(std::env::VarError::NotPresent) => None,
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(SettingsError::Invalid(format!(
+                    "{ENVIRONMENT_VAR} is not valid UTF-8"
+                )))
+            }
+        };
+        let layers = Layers {
+            environment,
+            config_dir: PathBuf::from(CONFIG_DIR),
+            file: file.map(Path::to_owned),
+            vars: None,
+        };
+        Self::load_layers(&layers, overrides)
+    }
+
+    fn load_layers(layers: &Layers, overrides: &[(&str, &str)]) -> Result<Self, SettingsError> {
         let mut builder = config::Config::builder().add_source(config::File::from_str(
             DEFAULT_TOML,
             config::FileFormat::Toml,
         ));
-        match file {
-            Some(path) => builder = builder.add_source(config::File::from(path).required(true)),
-            None => {
-                if let Ok(env) = std::env::var("ATLAS_STRIPE_ENVIRONMENT") {
-                    let path = PathBuf::from("config").join(format!("{env}.toml"));
-                    builder = builder.add_source(config::File::from(path).required(true));
-                }
+        if let Some(name) = &layers.environment {
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid {
+                return Err(SettingsError::Invalid(format!(
+                    "{ENVIRONMENT_VAR} must name an environment (letters, digits, '-' and '_'), \
+                     e.g. {PRODUCTION}; unset it for development"
+                )));
             }
+            let path = layers.config_dir.join(format!("{name}.toml"));
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        if let Some(path) = &layers.file {
+            builder = builder.add_source(config::File::from(path.as_path()).required(true));
         }
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
                 .separator("__")
-                .list_separator(",")
-                .with_list_parse_key(LIST_KEYS[0])
-                .with_list_parse_key(LIST_KEYS[1]),
+                .source(layers.vars.clone()),
         );
         for (key, value) in overrides {
-            builder = if LIST_KEYS.contains(key) {
-                builder.set_override(*key, value.split(',').map(str::trim).collect::<Vec<_>>())?
-            } else {
-                builder.set_override(*key, *value)?
-            };
+            builder = builder.set_override(*key, *value)?;
         }
-        let settings: Settings = builder.build()?.try_deserialize()?;
-        settings.validate()?;
+        let merged = builder.build()?;
+        let origin = |key: &str| describe_origin(&merged, key, overrides);
+        let mut settings: Settings = match merged.clone().try_deserialize() {
+            Ok(settings) => settings,
+            Err(err) => return Err(explain_load_error(err, &merged, overrides)),
+        };
+        settings.environment = layers.environment.clone();
+        settings.check(&origin)?;
         Ok(settings)
     }
 
-    fn validate(&self) -> Result<(), SettingsError> {
-        let invalid = |m: &str| Err(SettingsError::Invalid(m.to_owned()));
-        if self.stripe.required_resources.is_empty() {
-            return invalid("stripe.required_resources lists no resource");
-        }
-        for name in &self.stripe.required_resources {
-            crate::domain::Resource::parse(name)
-                .map_err(|e| SettingsError::Invalid(format!("stripe.required_resources: {e}")))?;
-        }
-        if !(self.stripe.api_base.starts_with("https://")
-            || self.stripe.api_base.starts_with("http://"))
-        {
-            return invalid("stripe.api_base must be an http(s) URL");
-        }
-        if self.limits.connect_attempts_per_minute == 0 {
-            return invalid("limits.connect_attempts_per_minute must be at least 1");
-        }
-        let base = self.webhooks.public_base_url.trim_end_matches('/');
-        if !(base.starts_with("https://") || base.starts_with("http://"))
-            || base.contains(['?', '#'])
-        {
-            return invalid(
-                "webhooks.public_base_url must be an http(s) URL without query or fragment",
-            );
-        }
-        if self.webhooks.enabled_events.is_empty() {
-            return invalid("webhooks.enabled_events lists no event");
-        }
-        let r = &self.reverify;
-        if r.batch == 0 || r.concurrency == 0 || r.stripe_requests_per_second == 0 || r.tick_ms == 0
-        {
-            return invalid("reverify.batch, concurrency, tick_ms and stripe_requests_per_second must be at least 1");
-        }
-        if r.stripe_requests_per_second < self.stripe.required_resources.len() as u32 {
-            return invalid("reverify.stripe_requests_per_second must allow one verification (one request per required resource)");
-        }
-        Ok(())
+    /// Whether the production rules apply (`ATLAS_STRIPE_ENVIRONMENT=production`).
+    pub fn is_production(&self) -> bool {
+        self.environment.as_deref() == Some(PRODUCTION)
     }
 
-    /// Resolves the keyring and token secrets; generates development ones when allowed.
+    /// Checks every value against a sensible range, and the production rules. `load` calls
+    /// it (and then also says which layer set a refused value).
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        self.check(&|_| None)
+    }
+
+    fn check(&self, origin: &dyn Fn(&str) -> Option<String>) -> Result<(), SettingsError> {
+        let problems = self.problems();
+        if problems.0.is_empty() {
+            return Ok(());
+        }
+        let lines: Vec<String> = problems
+            .0
+            .into_iter()
+            .map(|(key, message)| match origin(&key) {
+                Some(layer) => format!("{key} {message} (set in {layer})"),
+                None => format!("{key} {message}"),
+            })
+            .collect();
+        Err(SettingsError::Invalid(lines.join("; ")))
+    }
+
+    fn problems(&self) -> Problems {
+        let mut p = Problems::default();
+        let production = self.is_production();
+
+        let s = &self.server;
+        p.range(
+            "server.body_limit_bytes",
+            s.body_limit_bytes,
+            1024..=1 << 20,
+        );
+        p.range("server.shutdown_grace_ms", s.shutdown_grace_ms, 0..=300_000);
+        p.range(
+            "server.header_read_timeout_ms",
+            s.header_read_timeout_ms,
+            1..=300_000,
+        );
+        p.range(
+            "server.body_read_timeout_ms",
+            s.body_read_timeout_ms,
+            1..=300_000,
+        );
+        p.range("server.idle_timeout_ms", s.idle_timeout_ms, 1..=3_600_000);
+        p.range("server.max_connections", s.max_connections, 1..=100_000);
+        if s.bind.trim().is_empty() {
+            p.push("server.bind", "is empty; give host:port, e.g. 0.0.0.0:8080");
+        }
+        for origin in &s.cors_allowed_origins {
+            if let Some(problem) = origin_problem(origin) {
+                p.push("server.cors_allowed_origins", problem);
+            }
+        }
+
+        let d = &self.database;
+        p.range("database.max_connections", d.max_connections, 1..=1000);
+        p.range(
+            "database.acquire_timeout_ms",
+            d.acquire_timeout_ms,
+            1..=300_000,
+        );
+        let url = d.url.expose_secret();
+        if !(url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.starts_with("sqlite:"))
+        {
+            p.push(
+                "database.url",
+                "must be a postgres:// (or postgresql://) or sqlite: URL",
+            );
+        }
+
+        let st = &self.stripe;
+        if http_url_problem(&st.api_base).is_some() {
+            p.push(
+                "stripe.api_base",
+                "must be an http(s) URL with a host and without query or fragment",
+            );
+        }
+        if st.api_version.trim().is_empty() || st.api_version.contains(char::is_whitespace) {
+            p.push(
+                "stripe.api_version",
+                "must be a Stripe API version, e.g. 2023-08-16",
+            );
+        }
+        p.range(
+            "stripe.connect_timeout_ms",
+            st.connect_timeout_ms,
+            1..=60_000,
+        );
+        p.range(
+            "stripe.request_timeout_ms",
+            st.request_timeout_ms,
+            1..=300_000,
+        );
+        p.range("stripe.max_retries", st.max_retries, 0..=10);
+        p.range(
+            "stripe.retry_base_delay_ms",
+            st.retry_base_delay_ms,
+            1..=60_000,
+        );
+        p.range(
+            "stripe.retry_max_delay_ms",
+            st.retry_max_delay_ms,
+            st.retry_base_delay_ms.max(1)..=300_000,
+        );
+        p.range(
+            "stripe.probe_deadline_ms",
+            st.probe_deadline_ms,
+            1..=600_000,
+        );
+        if st.required_resources.is_empty() {
+            p.push("stripe.required_resources", "lists no resource");
+        }
+        for name in &st.required_resources {
+            if let Err(e) = crate::domain::Resource::parse(name) {
+                p.push(
+                    "stripe.required_resources",
+                    format!("lists a resource Atlas does not know: {e}"),
+                );
+            }
+        }
+
+        let a = &self.auth;
+        p.range(
+            "auth.tenant_token_leeway_secs",
+            a.tenant_token_leeway_secs,
+            0..=300,
+        );
+        p.range(
+            "auth.tenant_token_max_ttl_secs",
+            a.tenant_token_max_ttl_secs,
+            1..=86_400,
+        );
+        for (key, value) in [
+            ("auth.tenant_token_issuer", &a.tenant_token_issuer),
+            ("auth.tenant_token_audience", &a.tenant_token_audience),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                p.push(key, "is empty; leave it unset to not check the claim");
+            }
+        }
+
+        let l = &self.limits;
+        p.range(
+            "limits.connect_attempts_per_minute",
+            l.connect_attempts_per_minute,
+            1..=1_000_000,
+        );
+        p.range(
+            "limits.verify_attempts_per_minute",
+            l.verify_attempts_per_minute,
+            1..=1_000_000,
+        );
+
+        let r = &self.reverify;
+        // Zero interval and retry: due at every tick (tests use it).
+        p.range("reverify.interval_secs", r.interval_secs, 0..=30 * 86_400);
+        p.range("reverify.jitter_secs", r.jitter_secs, 0..=r.interval_secs);
+        p.range("reverify.retry_secs", r.retry_secs, 0..=86_400);
+        p.range("reverify.tick_ms", r.tick_ms, 1..=3_600_000);
+        p.range("reverify.batch", r.batch, 1..=10_000);
+        p.range("reverify.concurrency", r.concurrency, 1..=256);
+        // A lease must outlast the probe it covers, or a second process probes again.
+        let min_lease = st.probe_deadline_ms.div_ceil(1000).max(1);
+        p.range("reverify.lease_secs", r.lease_secs, min_lease..=86_400);
+        let one_verification = st.required_resources.len().max(1) as u32;
+        p.range(
+            "reverify.stripe_requests_per_second",
+            r.stripe_requests_per_second,
+            one_verification..=10_000,
+        );
+
+        let w = &self.webhooks;
+        if let Some(problem) = public_base_url_problem(&w.public_base_url, production) {
+            p.push("webhooks.public_base_url", problem);
+        }
+        if w.enabled_events.is_empty() {
+            p.push("webhooks.enabled_events", "lists no event");
+        }
+        if w.enabled_events
+            .iter()
+            .any(|e| e.contains(|c: char| !(c.is_ascii_alphanumeric() || "._*".contains(c))))
+        {
+            p.push(
+                "webhooks.enabled_events",
+                "must list Stripe event types, e.g. invoice.paid",
+            );
+        }
+        p.range("webhooks.tolerance_secs", w.tolerance_secs, 1..=3600);
+        p.range(
+            "webhooks.body_limit_bytes",
+            w.body_limit_bytes,
+            1024..=16 << 20,
+        );
+
+        p.range(
+            "accounting.flush_interval_ms",
+            self.accounting.flush_interval_ms,
+            1..=3_600_000,
+        );
+
+        if self.dev.generate_secrets {
+            if production {
+                p.push(
+                    "dev.generate_secrets",
+                    "= true is refused in production: production never generates development \
+                     secrets; remove it and give every secret (crypto.master_keys, \
+                     crypto.active_key_id, crypto.fingerprint_key, auth.tenant_token_secret)",
+                );
+            } else if self.dev.secrets_file.as_os_str().is_empty() {
+                p.push("dev.secrets_file", "is empty");
+            }
+        }
+
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
+            p.push("log.filter", format!("is not a log filter ({e})"));
+        }
+        p
+    }
+
+    /// Resolves the keyring and token secrets; generates development ones when allowed
+    /// (never in production).
     pub fn secrets(&self) -> Result<Secrets, SettingsError> {
         let mut generated_into = None;
-        let dev = if self.dev.generate_secrets && self.missing_any_secret() {
+        let may_generate = self.dev.generate_secrets && !self.is_production();
+        let dev = if may_generate && self.missing_any_secret() {
             generated_into = Some(self.dev.secrets_file.clone());
             Some(DevSecrets::load_or_create(&self.dev.secrets_file)?)
         } else {
@@ -262,8 +578,8 @@ impl Settings {
         let pick = |configured: &Option<SecretString>, dev: Option<&SecretString>, name: &str| {
             configured.clone().or_else(|| dev.cloned()).ok_or_else(|| {
                 SettingsError::Invalid(format!(
-                    "{name} is not set (set ATLAS_STRIPE__{}); refusing to start without it",
-                    name.to_uppercase().replace('.', "__")
+                    "{name} is not set (set {}); refusing to start without it",
+                    variable_for(name)
                 ))
             })
         };
@@ -317,6 +633,254 @@ impl Settings {
             || self.crypto.fingerprint_key.is_none()
             || self.auth.tenant_token_secret.is_none()
     }
+}
+
+/// What `validate` found: (dotted key, what is wrong) pairs.
+#[derive(Default)]
+struct Problems(Vec<(String, String)>);
+
+impl Problems {
+    fn push(&mut self, key: &str, message: impl Into<String>) {
+        self.0.push((key.to_owned(), message.into()));
+    }
+
+    fn range<T: PartialOrd + fmt::Display + Copy>(
+        &mut self,
+        key: &str,
+        value: T,
+        range: RangeInclusive<T>,
+    ) {
+        if !range.contains(&value) {
+            self.push(
+                key,
+                format!("must be {} to {}, not {value}", range.start(), range.end()),
+            );
+        }
+    }
+}
+
+/// `crypto.master_keys` → `ATLAS_STRIPE__CRYPTO__MASTER_KEYS`.
+fn variable_for(key: &str) -> String {
+    format!("{ENV_PREFIX}__{}", key.to_uppercase().replace('.', "__"))
+}
+
+/// Where the value of `key` came from, in words an operator can act on.
+fn describe_origin(
+    merged: &config::Config,
+    key: &str,
+    overrides: &[(&str, &str)],
+) -> Option<String> {
+    let value = key
+        .split('.')
+        .try_fold(&merged.cache, |value, part| match &value.kind {
+            config::ValueKind::Table(table) => table.get(part),
+            _ => None,
+        })?;
+    let (leaf_key, origin) = first_leaf(key, value);
+    Some(match origin {
+        Some(FROM_VARIABLES) => format!("variable {}", variable_for(&leaf_key)),
+        Some(path) => path.to_owned(),
+        None if overrides.iter().any(|(k, _)| leaf_key.starts_with(k)) => "an override".to_owned(),
+        None => "the built-in config/default.toml".to_owned(),
+    })
+}
+
+/// A table's origin is its first leaf's (tables made by merging have none of their own).
+fn first_leaf<'a>(key: &str, value: &'a config::Value) -> (String, Option<&'a str>) {
+    if let config::ValueKind::Table(table) = &value.kind {
+        if let Some((child, value)) = table.iter().min_by(|a, b| a.0.cmp(b.0)) {
+            return first_leaf(&format!("{key}.{child}"), value);
+        }
+    }
+    (key.to_owned(), value.origin())
+}
+
+/// An unknown key is reported with its dotted name and where it was set; other errors as
+/// `config` words them.
+fn explain_load_error(
+    err: config::ConfigError,
+    merged: &config::Config,
+    overrides: &[(&str, &str)],
+) -> SettingsError {
+    let (section, message) = match &err {
+        config::ConfigError::At {
+            error,
+            key: Some(key),
+            ..
+        } => (Some(key.clone()), error.to_string()),
+        config::ConfigError::Message(message) => (None, message.clone()),
+        _ => return SettingsError::Load(err),
+    };
+    // serde's words: "unknown field `bnd`, expected one of `bind`, …"
+    let Some((field, expected)) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+    else {
+        return SettingsError::Load(err);
+    };
+    let key = match section {
+        Some(section) => format!("{section}.{field}"),
+        None => field.to_owned(),
+    };
+    let mut text = format!("unknown setting {key}");
+    if let Some(layer) = describe_origin(merged, &key, overrides) {
+        text.push_str(&format!(" (set in {layer})"));
+    }
+    let expected = expected.trim_start_matches(',').trim();
+    if !expected.is_empty() {
+        text.push_str(&format!("; {expected}"));
+    }
+    SettingsError::Invalid(text)
+}
+
+/// Why `raw` is not an http(s) URL with a host, and without query, fragment or credentials.
+fn http_url_problem(raw: &str) -> Option<String> {
+    let url = match url::Url::parse(raw.trim()) {
+        Ok(url) => url,
+        Err(e) => return Some(format!("is not a URL ({e})")),
+    };
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Some("must be an http(s) URL with a host".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Some("must have no query or fragment".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Some("must not carry credentials".into());
+    }
+    None
+}
+
+/// Why Stripe could not deliver webhooks under `raw`. Outside production only the shape is
+/// checked (a loopback address is fine for development and tests); in production it must
+/// be https on a host that is neither loopback, private, link-local nor a local name.
+/// Only literal addresses and reserved names are judged: a public name may still resolve
+/// to a private address.
+fn public_base_url_problem(raw: &str, production: bool) -> Option<String> {
+    let hint = format!(
+        "set {}=https://<the public address Stripe reaches this service at>",
+        variable_for("webhooks.public_base_url")
+    );
+    if raw.trim().is_empty() {
+        return Some(if production {
+            format!("is not set: in production Stripe must be able to deliver webhooks; {hint}")
+        } else {
+            "is empty".into()
+        });
+    }
+    if let Some(problem) = http_url_problem(raw) {
+        return Some(problem);
+    }
+    if !production {
+        return None;
+    }
+    let url = url::Url::parse(raw.trim()).ok()?;
+    if url.scheme() != "https" {
+        return Some(format!(
+            "must be an https URL in production, not {}; {hint}",
+            url.scheme()
+        ));
+    }
+    let host = url.host()?;
+    let why = match &host {
+        url::Host::Domain(name) => local_name(name),
+        url::Host::Ipv4(ip) => non_public_v4(*ip),
+        url::Host::Ipv6(ip) => non_public_v6(*ip),
+    }?;
+    Some(format!(
+        "points at {host}, {why}, which Stripe cannot reach; {hint}"
+    ))
+}
+
+/// Names that never resolve to a public address.
+fn local_name(name: &str) -> Option<&'static str> {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if name == "localhost" || name.ends_with(".localhost") {
+        Some("a localhost name")
+    } else if !name.contains('.') {
+        Some("a single-label name (not a public DNS name)")
+    } else if name.ends_with(".local")
+        || name.ends_with(".internal")
+        || name.ends_with(".home.arpa")
+    {
+        Some("a local-network name")
+    } else {
+        None
+    }
+}
+
+fn non_public_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let [a, b, ..] = ip.octets();
+    Some(if ip.is_unspecified() || a == 0 {
+        "an unspecified address"
+    } else if ip.is_loopback() {
+        "a loopback address"
+    } else if ip.is_private() {
+        "a private (RFC 1918) address"
+    } else if ip.is_link_local() {
+        "a link-local address"
+    } else if a == 100 && (b & 0xc0) == 64 {
+        "a carrier-grade NAT (100.64.0.0/10) address"
+    } else if ip.is_broadcast() || ip.is_multicast() || a >= 240 {
+        "a broadcast, multicast or reserved address"
+    } else if ip.is_documentation() {
+        "a documentation address"
+    } else {
+        return None;
+    })
+}
+
+fn non_public_v6(ip: Ipv6Addr) -> Option<&'static str> {
+    let s = ip.segments();
+    // IPv4-mapped (::ffff:a.b.c.d), NAT64 (64:ff9b::a.b.c.d) and the deprecated
+    // IPv4-compatible (::a.b.c.d) forms carry an IPv4 address.
+    let [.., hi, lo] = s;
+    let embedded = Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    if ip.to_ipv4_mapped().is_some()
+        || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+        || (s[..6] == [0; 6] && !ip.is_loopback() && !ip.is_unspecified())
+    {
+        return non_public_v4(embedded);
+    }
+    Some(if ip.is_unspecified() {
+        "an unspecified address"
+    } else if ip.is_loopback() {
+        "a loopback address"
+    } else if ip.is_unique_local() {
+        "a unique-local (fc00::/7) address"
+    } else if ip.is_unicast_link_local() || (s[0] & 0xffc0) == 0xfec0 {
+        "a link-local or site-local address"
+    } else if ip.is_multicast() {
+        "a multicast address"
+    } else if s[0] == 0x2001 && s[1] == 0x0db8 {
+        "a documentation address"
+    } else {
+        return None;
+    })
+}
+
+/// Why `raw` is not a browser origin as a browser sends it: `scheme://host[:port]`, lower
+/// case, without path (not even '/'), query, fragment or the scheme's default port.
+fn origin_problem(raw: &str) -> Option<String> {
+    let not_origin = || {
+        Some(format!(
+            "lists {raw:?}, which is not an origin scheme://host[:port] (http or https, no \
+             path, not even a trailing '/')"
+        ))
+    };
+    let Ok(url) = url::Url::parse(raw) else {
+        return not_origin();
+    };
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return not_origin();
+    }
+    let origin = url.origin().ascii_serialization();
+    if origin != raw {
+        return Some(format!(
+            "lists {raw:?}, which is not an origin scheme://host[:port]; did you mean {origin:?}?"
+        ));
+    }
+    None
 }
 
 /// Development secrets, kept in a 0600 file so sealed keys still open after a restart.
@@ -382,6 +946,49 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// Loads with named layers, never the process environment.
+    fn load_with(
+        environment: Option<&str>,
+        config_dir: &Path,
+        file: Option<&Path>,
+        vars: &[(&str, &str)],
+    ) -> Result<Settings, SettingsError> {
+        let layers = Layers {
+            environment: environment.map(str::to_owned),
+            config_dir: config_dir.to_owned(),
+            file: file.map(Path::to_owned),
+            vars: Some(
+                vars.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+        };
+        Settings::load_layers(&layers, &[])
+    }
+
+    /// A config directory holding the shipped `production.toml`.
+    fn production_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("production.toml"),
+            include_str!("../config/production.toml"),
+        )
+        .unwrap();
+        dir
+    }
+
+    const PUBLIC_URL: (&str, &str) = (
+        "ATLAS_STRIPE__WEBHOOKS__PUBLIC_BASE_URL",
+        "https://stripe.atlas.example",
+    );
+
+    fn error(result: Result<Settings, SettingsError>) -> String {
+        match result {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
     #[test]
     fn redacts_database_passwords() {
         assert_eq!(
@@ -429,5 +1036,375 @@ mod tests {
         settings.stripe.required_resources.push("charges".into());
         let err = settings.validate().unwrap_err().to_string();
         assert!(err.contains("unknown Stripe resource \"charges\""), "{err}");
+    }
+
+    /// default.toml, then $ENV.toml, then --config, then variables; --config does not
+    /// replace the environment's file.
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("staging.toml"),
+            "[server]\nbind = \"10.0.0.1:9000\"\n[limits]\nconnect_attempts_per_minute = 7\n\
+             verify_attempts_per_minute = 7\n[log]\nfilter = \"debug\"\n",
+        )
+        .unwrap();
+        let file = dir.path().join("mine.toml");
+        std::fs::write(
+            &file,
+            "[limits]\nconnect_attempts_per_minute = 8\n[log]\nfilter = \"info\"\n",
+        )
+        .unwrap();
+        let s = load_with(
+            Some("staging"),
+            dir.path(),
+            Some(&file),
+            &[("ATLAS_STRIPE__LOG__FILTER", "warn")],
+        )
+        .unwrap();
+        assert_eq!(s.server.bind, "10.0.0.1:9000", "the environment's file");
+        assert_eq!(
+            s.limits.verify_attempts_per_minute, 7,
+            "the environment's file"
+        );
+        assert_eq!(s.limits.connect_attempts_per_minute, 8, "--config over it");
+        assert_eq!(s.log.filter, "warn", "variables over --config");
+        assert_eq!(s.server.body_limit_bytes, 16384, "default.toml under all");
+
+        let err = error(load_with(Some("nowhere"), dir.path(), Some(&file), &[]));
+        assert!(
+            err.contains("nowhere.toml"),
+            "a named environment needs its file: {err}"
+        );
+        for bad in ["", "../production", "prod uction"] {
+            let err = error(load_with(Some(bad), dir.path(), None, &[]));
+            assert!(err.contains(ENVIRONMENT_VAR), "{err}");
+        }
+    }
+
+    #[test]
+    fn production_never_generates_development_secrets() {
+        let dir = production_dir();
+        let file = dir.path().join("mine.toml");
+        std::fs::write(&file, "[dev]\ngenerate_secrets = true\n").unwrap();
+        let err = error(load_with(
+            Some(PRODUCTION),
+            dir.path(),
+            Some(&file),
+            &[PUBLIC_URL],
+        ));
+        assert!(
+            err.contains("dev.generate_secrets") && err.contains("mine.toml"),
+            "names the setting and the file: {err}"
+        );
+        let err = error(load_with(
+            Some(PRODUCTION),
+            dir.path(),
+            None,
+            &[PUBLIC_URL, ("ATLAS_STRIPE__DEV__GENERATE_SECRETS", "true")],
+        ));
+        assert!(
+            err.contains("dev.generate_secrets")
+                && err.contains("ATLAS_STRIPE__DEV__GENERATE_SECRETS"),
+            "names the setting and the variable: {err}"
+        );
+
+        // Even when a caller flips it afterwards, secrets() generates nothing.
+        let secrets_file = dir.path().join("dev-secrets.toml");
+        let mut settings = load_with(
+            Some(PRODUCTION),
+            dir.path(),
+            None,
+            &[
+                PUBLIC_URL,
+                (
+                    "ATLAS_STRIPE__DEV__SECRETS_FILE",
+                    secrets_file.to_str().unwrap(),
+                ),
+            ],
+        )
+        .unwrap();
+        assert!(settings.is_production());
+        settings.dev.generate_secrets = true;
+        let err = settings.secrets().err().expect("refused").to_string();
+        assert!(err.contains("crypto.master_keys is not set"), "{err}");
+        assert!(!secrets_file.exists(), "nothing generated");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = error(load_with(
+            None,
+            dir.path(),
+            None,
+            &[("ATLAS_STRIPE__SERVER__BND", "0.0.0.0:80")],
+        ));
+        assert!(
+            err.contains("unknown setting server.bnd")
+                && err.contains("ATLAS_STRIPE__SERVER__BND")
+                && err.contains("`bind`"),
+            "{err}"
+        );
+        assert!(!err.contains("0.0.0.0:80"), "values are not echoed: {err}");
+
+        let file = dir.path().join("typo.toml");
+        std::fs::write(&file, "[auth]\ntenant_token_secrte = \"hunter2\"\n").unwrap();
+        let err = error(load_with(None, dir.path(), Some(&file), &[]));
+        assert!(
+            err.contains("unknown setting auth.tenant_token_secrte") && err.contains("typo.toml"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "values are not echoed: {err}");
+
+        let err = error(load_with(
+            None,
+            dir.path(),
+            None,
+            &[("ATLAS_STRIPE__SERVERR__BIND", "x")],
+        ));
+        assert!(
+            err.contains("unknown setting serverr") && err.contains("ATLAS_STRIPE__SERVERR__BIND"),
+            "{err}"
+        );
+        let err = Settings::load(None, &[("limits.connect_attempts", "5")])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("unknown setting limits.connect_attempts"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_number_is_checked_and_the_error_names_it() {
+        let cases = [
+            ("server.body_limit_bytes", "0"),
+            ("server.body_limit_bytes", "1000000000"),
+            ("server.shutdown_grace_ms", "86400000"),
+            ("server.header_read_timeout_ms", "0"),
+            ("server.body_read_timeout_ms", "0"),
+            ("server.idle_timeout_ms", "0"),
+            ("server.max_connections", "0"),
+            ("database.max_connections", "0"),
+            ("database.acquire_timeout_ms", "0"),
+            ("stripe.connect_timeout_ms", "0"),
+            ("stripe.request_timeout_ms", "0"),
+            ("stripe.max_retries", "1000"),
+            ("stripe.retry_base_delay_ms", "0"),
+            ("stripe.retry_max_delay_ms", "100"),
+            ("stripe.probe_deadline_ms", "0"),
+            ("auth.tenant_token_leeway_secs", "86400"),
+            ("auth.tenant_token_max_ttl_secs", "0"),
+            ("auth.tenant_token_max_ttl_secs", "31536000"),
+            ("limits.connect_attempts_per_minute", "0"),
+            ("limits.verify_attempts_per_minute", "0"),
+            ("reverify.jitter_secs", "999999"),
+            ("reverify.tick_ms", "0"),
+            ("reverify.batch", "0"),
+            ("reverify.concurrency", "0"),
+            ("reverify.lease_secs", "5"),
+            ("reverify.stripe_requests_per_second", "2"),
+            ("webhooks.tolerance_secs", "0"),
+            ("webhooks.tolerance_secs", "-5"),
+            ("webhooks.body_limit_bytes", "0"),
+            ("accounting.flush_interval_ms", "0"),
+            ("accounting.flush_interval_ms", "86400000"),
+        ];
+        for (key, value) in cases {
+            let err = error(Settings::load(None, &[(key, value)]));
+            assert!(
+                err.contains(&format!("{key} must be")),
+                "{key} = {value}: {err}"
+            );
+        }
+        // Which layer set it.
+        let dir = tempfile::tempdir().unwrap();
+        let err = error(load_with(
+            None,
+            dir.path(),
+            None,
+            &[("ATLAS_STRIPE__ACCOUNTING__FLUSH_INTERVAL_MS", "0")],
+        ));
+        assert!(
+            err.contains("accounting.flush_interval_ms must be 1 to 3600000, not 0")
+                && err.contains("ATLAS_STRIPE__ACCOUNTING__FLUSH_INTERVAL_MS"),
+            "{err}"
+        );
+        // A value that is not a number at all.
+        let err = error(Settings::load(None, &[("server.max_connections", "many")]));
+        assert!(err.contains("server.max_connections"), "{err}");
+        // Everything else too.
+        for (key, value) in [
+            ("log.filter", "info,[[["),
+            ("auth.tenant_token_issuer", " "),
+            ("stripe.api_base", "ftp://api.stripe.com"),
+            ("database.url", "mysql://db/atlas"),
+            ("webhooks.enabled_events", ""),
+            ("stripe.required_resources", "customers,charges"),
+        ] {
+            let err = error(Settings::load(None, &[(key, value)]));
+            assert!(err.contains(key), "{key} = {value}: {err}");
+        }
+        // The defaults pass, and the new settings have them.
+        let s = Settings::load(None, &[]).unwrap();
+        assert_eq!(
+            (
+                s.server.header_read_timeout_ms,
+                s.server.body_read_timeout_ms,
+                s.server.idle_timeout_ms,
+                s.server.max_connections,
+                s.limits.verify_attempts_per_minute,
+                s.auth.tenant_token_max_ttl_secs,
+            ),
+            (10_000, 30_000, 60_000, 1024, 6, 3600)
+        );
+        assert!(s.server.cors_allowed_origins.is_empty());
+        assert_eq!(s.auth.tenant_token_issuer, None);
+        assert_eq!(s.auth.tenant_token_audience, None);
+    }
+
+    #[test]
+    fn list_settings_split_a_variable_on_commas() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load_with(
+            None,
+            dir.path(),
+            None,
+            &[
+                (
+                    "ATLAS_STRIPE__SERVER__CORS_ALLOWED_ORIGINS",
+                    "https://app.atlas.example, http://localhost:3000",
+                ),
+                (
+                    "ATLAS_STRIPE__WEBHOOKS__ENABLED_EVENTS",
+                    "invoice.paid,invoice.payment_failed",
+                ),
+                ("ATLAS_STRIPE__STRIPE__REQUIRED_RESOURCES", "customers"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            s.server.cors_allowed_origins,
+            ["https://app.atlas.example", "http://localhost:3000"]
+        );
+        assert_eq!(
+            s.webhooks.enabled_events,
+            ["invoice.paid", "invoice.payment_failed"]
+        );
+        assert_eq!(s.stripe.required_resources, ["customers"]);
+        let s = load_with(
+            None,
+            dir.path(),
+            None,
+            &[("ATLAS_STRIPE__SERVER__CORS_ALLOWED_ORIGINS", "")],
+        )
+        .unwrap();
+        assert!(s.server.cors_allowed_origins.is_empty());
+    }
+
+    #[test]
+    fn cors_origins_must_be_origins() {
+        for good in [
+            "https://app.atlas.example",
+            "http://localhost:3000",
+            "https://[::1]:8443",
+        ] {
+            let s = Settings::load(None, &[("server.cors_allowed_origins", good)]).unwrap();
+            assert_eq!(s.server.cors_allowed_origins, [good]);
+        }
+        for bad in [
+            "*",
+            "app.atlas.example",
+            "https://app.atlas.example/",
+            "https://app.atlas.example/path",
+            "https://app.atlas.example?x=1",
+            "https://APP.atlas.example",
+            "https://app.atlas.example:443",
+            "ftp://app.atlas.example",
+            "https://user@app.atlas.example",
+            "null",
+        ] {
+            let err = error(Settings::load(
+                None,
+                &[("server.cors_allowed_origins", bad)],
+            ));
+            assert!(err.contains("server.cors_allowed_origins"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn production_needs_a_public_https_webhook_url() {
+        let dir = production_dir();
+        let prod = |url: Option<&str>| {
+            let mut vars = vec![];
+            if let Some(url) = url {
+                vars.push(("ATLAS_STRIPE__WEBHOOKS__PUBLIC_BASE_URL", url));
+            }
+            load_with(Some(PRODUCTION), dir.path(), None, &vars)
+        };
+        let err = error(prod(None));
+        assert!(
+            err.contains("webhooks.public_base_url is not set")
+                && err.contains("production.toml")
+                && err.contains("ATLAS_STRIPE__WEBHOOKS__PUBLIC_BASE_URL"),
+            "{err}"
+        );
+        for bad in [
+            "",
+            "stripe.atlas.example",
+            "http://stripe.atlas.example",
+            "https://127.0.0.1",
+            "https://127.1:8443",
+            "https://2130706433",
+            "https://localhost",
+            "https://LOCALHOST.:8443",
+            "https://api.localhost",
+            "https://atlas-stripe:8080",
+            "https://printer.local",
+            "https://10.1.2.3",
+            "https://172.16.0.1",
+            "https://172.31.255.255",
+            "https://192.168.1.10",
+            "https://169.254.169.254",
+            "https://100.64.0.1",
+            "https://100.127.255.254",
+            "https://0.0.0.0",
+            "https://255.255.255.255",
+            "https://[::]",
+            "https://[::1]",
+            "https://[fd00::1]",
+            "https://[fc00::1]",
+            "https://[fe80::1]",
+            "https://[::ffff:10.0.0.1]",
+            "https://[::ffff:127.0.0.1]",
+            "https://[64:ff9b::a00:1]",
+            "https://stripe.atlas.example?x=1",
+            "https://user:pw@stripe.atlas.example",
+        ] {
+            let err = error(prod(Some(bad)));
+            assert!(
+                err.contains("webhooks.public_base_url")
+                    && err.contains("ATLAS_STRIPE__WEBHOOKS__PUBLIC_BASE_URL"),
+                "{bad:?}: {err}"
+            );
+            assert!(!err.contains("pw@"), "credentials are not echoed: {err}");
+        }
+        for good in [
+            "https://stripe.atlas.example",
+            "https://stripe.atlas.example:8443/atlas-stripe/",
+            "https://8.8.8.8",
+            "https://100.128.0.1",
+            "https://172.32.0.1",
+            "https://[2606:4700::1111]",
+        ] {
+            let s = prod(Some(good)).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(s.webhooks.public_base_url, good);
+        }
+        // Outside production a loopback URL is the default, and fine.
+        let s = load_with(None, dir.path(), None, &[]).unwrap();
+        assert_eq!(s.webhooks.public_base_url, "http://127.0.0.1:8080");
+        assert!(!s.is_production());
     }
 }

@@ -122,9 +122,9 @@ impl Application {
             key_fetches,
             store,
             keyring,
-            tenant_tokens: Arc::new(TenantTokens::new(
+            tenant_tokens: Arc::new(TenantTokens::from_settings(
                 &secrets.tenant_token_secret,
-                settings.auth.tenant_token_leeway_secs,
+                &settings.auth,
             )),
             connections,
         };

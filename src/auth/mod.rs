@@ -5,4 +5,4 @@ mod service_token;
 mod tenant_token;
 
 pub use service_token::{IssuedServiceToken, PresentedServiceToken, Scope, ServiceTokenHash};
-pub use tenant_token::{TenantTokenError, TenantTokens};
+pub use tenant_token::{TenantTokenError, TenantTokenPolicy, TenantTokens};

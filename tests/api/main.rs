@@ -7,6 +7,7 @@ mod stripe_mock;
 
 mod auth;
 mod cli;
+mod config_checks;
 mod connect;
 mod connect_page;
 mod docs;
