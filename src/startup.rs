@@ -16,6 +16,7 @@ use crate::connection::{ConnectPolicy, ConnectionService, Reverifier, VerifySche
 use crate::crypto::Fingerprinter;
 use crate::domain::Resource;
 use crate::http::{self, AppState};
+use crate::server::ServerLimits;
 use crate::store::{self, Store};
 use crate::stripe::{StripeClient, StripeClientConfig};
 
@@ -23,6 +24,7 @@ pub struct Application {
     listener: TcpListener,
     router: axum::Router,
     shutdown_grace: Duration,
+    limits: ServerLimits,
     background: Vec<JoinHandle<()>>,
     stop_background: tokio::sync::watch::Sender<bool>,
 }
@@ -132,6 +134,12 @@ impl Application {
             listener,
             router: http::router(state, settings.server.body_limit_bytes),
             shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
+            limits: ServerLimits {
+                header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
+                body_read_timeout: Duration::from_millis(settings.server.body_read_timeout_ms),
+                idle_timeout: Duration::from_millis(settings.server.idle_timeout_ms),
+                max_connections: settings.server.max_connections,
+            },
             background,
             stop_background: stop_tx,
         })
@@ -147,23 +155,17 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: draining in-flight requests");
-            let _ = stopping_tx.send(true);
-        });
-        let grace = self.shutdown_grace;
-        let result = tokio::select! {
-            result = serve => result,
-            _ = async move {
-                let _ = stopping_rx.wait_for(|stopping| *stopping).await;
-                tokio::time::sleep(grace).await;
-            } => {
-                tracing::warn!("shutdown grace period elapsed with requests still in flight");
-                Ok(())
-            }
-        };
+        let drained = crate::server::serve(
+            self.listener,
+            self.router,
+            self.limits,
+            shutdown,
+            self.shutdown_grace,
+        )
+        .await;
+        if !drained {
+            tracing::warn!("shutdown grace period elapsed with requests still in flight");
+        }
         // The router (and with it every sender) is gone: background writers flush and end,
         // and the re-verifier stops after the connection it is on.
         let _ = self.stop_background.send(true);
@@ -175,7 +177,7 @@ impl Application {
                 tracing::error!("a background writer did not finish flushing in time");
             }
         }
-        result
+        Ok(())
     }
 }
 

@@ -40,6 +40,8 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("The request body is larger than {0} bytes.")]
     PayloadTooLarge(usize),
+    #[error("The request body did not arrive in time; send it whole, without pauses.")]
+    RequestTimeout,
     #[error("{0}")]
     InvalidRequest(String),
     #[error("{0}")]
@@ -102,6 +104,7 @@ impl ApiError {
             Self::WebhookRejected => (S::BAD_REQUEST, "webhook_rejected"),
             Self::UnsupportedMediaType => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::RequestTimeout => (S::REQUEST_TIMEOUT, "request_timeout"),
             Self::ModeMismatch { .. } => (S::UNPROCESSABLE_ENTITY, "mode_mismatch"),
             Self::KeyRejected(_) => (S::UNPROCESSABLE_ENTITY, "key_rejected"),
             Self::MissingPermissions { .. } => (S::UNPROCESSABLE_ENTITY, "missing_permissions"),

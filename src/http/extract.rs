@@ -32,6 +32,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AppJson<T> {
             .await
             .map_err(|rejection| match rejection {
                 JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType,
+                r if crate::server::is_body_deadline(&r) => ApiError::RequestTimeout,
                 r if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                     ApiError::PayloadTooLarge(limit)
                 }

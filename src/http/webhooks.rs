@@ -61,9 +61,13 @@ pub async fn receive(
         .ok_or(ApiError::UnknownWebhookConnection)?;
     // The raw bytes are what Stripe signed: read them as sent, within the limit.
     let limit = state.webhook_body_limit;
-    let body = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if crate::server::is_body_deadline(&e) {
+            ApiError::RequestTimeout
+        } else {
+            ApiError::PayloadTooLarge(limit)
+        }
+    })?;
     let secret = state.keyring.open(&target.context, &target.sealed)?;
     let signature = headers
         .get("stripe-signature")

@@ -19,6 +19,7 @@ mod ops;
 mod outage;
 mod races;
 mod secrets;
+mod slow_clients;
 mod store;
 mod tenants;
 mod webhooks;
