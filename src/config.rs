@@ -67,6 +67,8 @@ pub struct ServerSettings {
     pub idle_timeout_ms: u64,
     /// Connections served at once per process.
     pub max_connections: usize,
+    /// How often the readiness and gauge snapshot is refreshed from the database.
+    pub health_refresh_ms: u64,
     /// Origins (`scheme://host[:port]`) allowed to call the API from a browser.
     #[serde(deserialize_with = "list")]
     pub cors_allowed_origins: Vec<String>,
@@ -388,6 +390,11 @@ impl Settings {
         );
         p.range("server.idle_timeout_ms", s.idle_timeout_ms, 1..=3_600_000);
         p.range("server.max_connections", s.max_connections, 1..=100_000);
+        p.range(
+            "server.health_refresh_ms",
+            s.health_refresh_ms,
+            50..=3_600_000,
+        );
         if s.bind.trim().is_empty() {
             p.push("server.bind", "is empty; give host:port, e.g. 0.0.0.0:8080");
         }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod connection;
 pub mod crypto;
 pub mod domain;
+pub mod health;
 pub mod http;
 pub mod rotation;
 pub mod server;

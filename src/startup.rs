@@ -15,6 +15,7 @@ use crate::config::{redact_url, Settings};
 use crate::connection::{ConnectPolicy, ConnectionService, Reverifier, VerifySchedule};
 use crate::crypto::Fingerprinter;
 use crate::domain::Resource;
+use crate::health::HealthMonitor;
 use crate::http::{self, AppState};
 use crate::server::ServerLimits;
 use crate::store::{self, Store};
@@ -108,7 +109,9 @@ impl Application {
             Duration::from_millis(settings.accounting.flush_interval_ms),
         );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut background = vec![accounting];
+        let health = HealthMonitor::start(store.clone(), keyring.clone()).await;
+        let refresh = Duration::from_millis(settings.server.health_refresh_ms);
+        let mut background = vec![accounting, health.clone().spawn(refresh, stop_rx.clone())];
         if settings.reverify.enabled {
             let reverifier = Reverifier::new(
                 store.clone(),
@@ -129,6 +132,7 @@ impl Application {
                 &settings.auth,
             )),
             connections,
+            health,
         };
         Ok(Self {
             listener,

@@ -13,6 +13,7 @@ pub struct AppState {
     pub keyring: Arc<Keyring>,
     pub tenant_tokens: Arc<TenantTokens>,
     pub connections: Arc<ConnectionService>,
+    pub health: Arc<crate::health::HealthMonitor>,
     pub key_fetches: KeyFetchRecorder,
     pub webhook_tolerance_secs: i64,
     pub webhook_body_limit: usize,

@@ -166,6 +166,8 @@ pub fn test_overrides<'a>(
 ) -> Vec<(&'a str, &'a str)> {
     vec![
         ("server.bind", "127.0.0.1:0"),
+        // The health snapshot behind /readyz and /metrics gauges, refreshed often in tests.
+        ("server.health_refresh_ms", "50"),
         ("database.url", db.url.as_str()),
         ("database.max_connections", "5"),
         ("stripe.api_base", stripe_uri),
@@ -396,4 +398,20 @@ pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) 
         "request_id matches x-request-id"
     );
     body
+}
+
+/// Waits until `check` holds, trying every 20 ms for up to 5 s: for what the service
+/// reports from a snapshot refreshed in the background (`/readyz`, `/metrics` gauges).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..250 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("never happened: {what}");
 }

@@ -18,6 +18,7 @@ backend_tests!(
     webhook_uploads_to_unknown_ids_are_refused_before_the_body,
     endless_chunked_answers_from_stripe_are_cut_off,
     scope_is_judged_before_parameters,
+    scrapes_and_probes_never_reach_the_database,
 );
 
 /// The HTTP series lines in `/metrics` (one per label set).
@@ -208,5 +209,38 @@ async fn scope_is_judged_before_parameters(backend: Backend) {
         assert_error(send(&none).await.unwrap(), 403, "insufficient_scope").await;
         let body = assert_error(send(&all).await.unwrap(), 400, "invalid_request").await;
         assert!(!body.to_string().contains("bad id"), "{path}: {body}");
+    }
+}
+
+/// Probes and scrapes read the health snapshot: with a refresh far away, a thousand of
+/// them after a connect still report the state of the last refresh, so none of them read
+/// the database.
+async fn scrapes_and_probes_never_reach_the_database(backend: Backend) {
+    let app = spawn_app_with(backend, &[("server.health_refresh_ms", "3600000")]).await;
+    app.create_tenant("ten_1", atlas_stripe::domain::Mode::Test)
+        .await;
+    crate::stripe_mock::answer_all(&app.stripe, crate::stripe_mock::Answer::Granted).await;
+    assert_eq!(
+        app.connect("ten_1", &key("rk_test_", "Scrp"))
+            .await
+            .status(),
+        201
+    );
+    for _ in 0..500 {
+        let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+        assert_eq!(ready.status(), 200);
+        let text = app
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            text.contains(r#"atlas_connections{status="active"} 0"#),
+            "{text}"
+        );
     }
 }

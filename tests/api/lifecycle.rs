@@ -10,7 +10,7 @@ use reqwest::Method;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::backend_tests;
-use crate::helpers::{assert_error, json, spawn_app_with, Backend, TestApp};
+use crate::helpers::{assert_error, eventually, json, spawn_app_with, Backend, TestApp};
 use crate::stripe_mock::{answer_all, grant_all_but, key, Answer};
 
 backend_tests!(
@@ -249,6 +249,7 @@ async fn readiness_names_a_missing_master_key(backend: Backend) {
         "not_ready",
     )
     .await;
+    // The first look happens before the twin serves: no wait needed.
     let keyring_check = body["error"]["checks"]["keyring"].as_str().unwrap();
     assert!(keyring_check.contains("test1"), "{keyring_check}");
     assert_eq!(body["error"]["checks"]["database"], "ok");
@@ -262,9 +263,18 @@ async fn metrics_expose_the_named_series(backend: Backend) {
     app.stripe.reset().await;
     answer_all(&app.stripe, Answer::Granted).await;
     app.connect("ten_1", &key("rk_test_", "Met2")).await;
-    let response = app.http.get(app.url("/metrics")).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    let text = response.text().await.unwrap();
+    let scrape = || async {
+        let response = app.http.get(app.url("/metrics")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
+    };
+    eventually("the gauges count the connection", || async {
+        scrape()
+            .await
+            .contains(r#"atlas_connections{status="active"} 1"#)
+    })
+    .await;
+    let text = scrape().await;
     for series in [
         r#"atlas_http_requests_total{route="/v1/tenants/{tenant_id}/stripe/connection",method="POST",status="201"}"#,
         r#"atlas_http_request_duration_seconds_bucket{route="/v1/tenants/{tenant_id}/stripe/connection",method="POST",le="0.1"}"#,

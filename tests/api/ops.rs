@@ -1,5 +1,5 @@
 use crate::backend_tests;
-use crate::helpers::{assert_error, json, spawn_app, Backend};
+use crate::helpers::{assert_error, eventually, json, spawn_app, Backend};
 
 backend_tests!(
     health_and_readiness_answer,
@@ -64,8 +64,12 @@ async fn readiness_fails_naming_the_database_when_postgres_is_gone() {
         .execute(&mut admin)
         .await
         .unwrap();
-    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
-    let body = assert_error(ready, 503, "not_ready").await;
+    let ready = || async { app.http.get(app.url("/readyz")).send().await.unwrap() };
+    eventually("readiness sees the database gone", || async {
+        ready().await.status() == 503
+    })
+    .await;
+    let body = assert_error(ready().await, 503, "not_ready").await;
     assert_eq!(body["error"]["checks"]["database"], "failed");
     assert_eq!(body["error"]["checks"]["keyring"], "ok");
     assert!(

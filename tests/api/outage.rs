@@ -10,7 +10,7 @@ use std::time::Duration;
 use atlas_stripe::auth::Scope;
 use atlas_stripe::domain::{random_id, Mode};
 
-use crate::helpers::{assert_error, spawn_app_with, Backend, TestApp};
+use crate::helpers::{assert_error, eventually, spawn_app_with, Backend, TestApp};
 
 /// A throwaway cluster: initdb'd in a temporary folder, as `nobody` when run as root
 /// (initdb refuses root), on a free port.
@@ -157,8 +157,12 @@ async fn a_database_outage_is_a_retryable_503_and_heals_without_a_restart() {
         let body = assert_error(response, 503, "service_unavailable").await;
         assert_eq!(body["error"]["retryable"], true);
     }
-    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
-    let body = assert_error(ready, 503, "not_ready").await;
+    let ready = || async { app.http.get(app.url("/readyz")).send().await.unwrap() };
+    eventually("readiness sees the database gone", || async {
+        ready().await.status() == 503
+    })
+    .await;
+    let body = assert_error(ready().await, 503, "not_ready").await;
     assert_eq!(body["error"]["checks"]["database"], "failed");
 
     cluster.pg_ctl("start");
@@ -176,6 +180,8 @@ async fn a_database_outage_is_a_retryable_503_and_heals_without_a_restart() {
         "the key fetch answers again once the database is back"
     );
     assert_eq!(put(random_id("ten_", 8)).await.unwrap().status(), 201);
-    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
-    assert_eq!(ready.status(), 200);
+    eventually("readiness sees the database back", || async {
+        ready().await.status() == 200
+    })
+    .await;
 }
