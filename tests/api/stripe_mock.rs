@@ -180,7 +180,38 @@ pub fn probe_delayed(resource: Resource, answer: Answer, delay: Duration) -> Moc
         })
 }
 
-/// Every probe answers `answer`; webhook endpoints behave like Stripe's (a fresh set).
+/// Stripe's answer to a URL it does not know: 404 `invalid_request_error` with no `code`
+/// ("Unrecognized request URL"). A probe that drifted off Stripe's paths gets this, and it
+/// must never read as "granted".
+pub struct UnknownUrl;
+
+impl Respond for UnknownUrl {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        ResponseTemplate::new(404)
+            .insert_header("stripe-version", "2023-08-16")
+            .set_body_json(json!({"error": {
+                "message": format!(
+                    "Unrecognized request URL ({}: {}). Please see https://stripe.com/docs or we can help at https://support.stripe.com/.",
+                    request.method.as_str(),
+                    request.url.path()
+                ),
+                "type": "invalid_request_error",
+            }}))
+    }
+}
+
+/// Answers every request no other mock matches the way Stripe answers an unknown URL
+/// (lowest priority, so every specific mock wins).
+pub async fn mount_unknown_urls(server: &MockServer) {
+    Mock::given(wiremock::matchers::any())
+        .respond_with(UnknownUrl)
+        .with_priority(u8::MAX)
+        .mount(server)
+        .await;
+}
+
+/// Every probe answers `answer`; webhook endpoints behave like Stripe's (a fresh set);
+/// any other path is unknown to Stripe.
 pub async fn answer_all(server: &MockServer, answer: Answer) -> FakeEndpoints {
     for resource in Resource::ALL {
         probe(resource, answer).mount(server).await;
@@ -211,6 +242,38 @@ pub fn probes(requests: &[Request]) -> Vec<&Request> {
         .iter()
         .filter(|r| r.method.as_str() == "POST" && r.url.path() != "/v1/webhook_endpoints")
         .collect()
+}
+
+/// Every request in `requests` authenticated with exactly `api_key` (a verification that
+/// opened the wrong key, or sent another, fails here: the mocks answer any key).
+#[track_caller]
+pub fn assert_bearer(requests: &[Request], api_key: &str) {
+    assert!(!requests.is_empty(), "no request reached Stripe");
+    let expected = format!("Bearer {api_key}");
+    for request in requests {
+        let sent = request
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        assert!(
+            sent == expected,
+            "{} {} was sent with another key (…{})",
+            request.method,
+            request.url.path(),
+            &sent[sent.len().saturating_sub(4)..]
+        );
+    }
+}
+
+/// An RFC 3339 timestamp from a response body.
+#[track_caller]
+pub fn timestamp(value: &serde_json::Value) -> time::OffsetDateTime {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a timestamp: {value}"));
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{text}: {e}"))
 }
 
 /// A well-formed key of the given prefix (built at run time: no key-shaped literal is
@@ -266,8 +329,10 @@ fn form_value(body: &[u8], name: &str) -> Option<String> {
 }
 
 impl FakeEndpoints {
-    /// Mounts create, retrieve and delete of webhook endpoints on `server`.
+    /// Mounts create, retrieve and delete of webhook endpoints on `server`, and Stripe's
+    /// answer to unknown URLs for everything else.
     pub async fn mount(&self, server: &MockServer) {
+        mount_unknown_urls(server).await;
         Mock::given(method("POST"))
             .and(path_regex(r"^/v1/webhook_endpoints$"))
             .respond_with(self.clone())
