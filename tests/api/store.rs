@@ -74,17 +74,41 @@ async fn tenant_story(backend: Backend) {
         store.upsert_tenant(&t, Mode::Test, &Actor::Cli).await,
         Err(StoreError::TenantHasConnection)
     ));
-    // Concurrent creates of one tenant: exactly one is Created.
-    let other = tenant("ten_2");
-    let results = futures_util::future::join_all(
-        (0..4).map(|_| store.upsert_tenant(&other, Mode::Test, &Actor::Cli)),
-    )
-    .await;
-    let created = results
-        .iter()
-        .filter(|r| matches!(r, Ok(TenantWrite::Created)))
-        .count();
-    assert_eq!(created, 1, "{results:?}");
+    // Concurrent creates of one tenant, each on its own task and released together: every
+    // one succeeds, exactly one creates and the others find it unchanged (a loser that
+    // errors is a failure). Several rounds, so the pool has connections enough for a race.
+    for round in 0..10 {
+        let other = tenant(&format!("ten_race{round}"));
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+        let results = futures_util::future::join_all((0..8).map(|_| {
+            let (store, other, start) = (store.clone(), other.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                store.upsert_tenant(&other, Mode::Test, &Actor::Cli).await
+            })
+        }))
+        .await;
+        let mut outcomes: Vec<String> = results
+            .into_iter()
+            .map(|joined| match joined.expect("task") {
+                Ok(write) => format!("{write:?}"),
+                Err(e) => panic!("round {round}: a concurrent create failed: {e}"),
+            })
+            .collect();
+        outcomes.sort();
+        let mut expected = vec!["Unchanged".to_owned(); 7];
+        expected.push("Created".to_owned());
+        expected.sort();
+        assert_eq!(outcomes, expected, "round {round}");
+        let tenant_created = store
+            .audit_trail(Some(&other))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.action == "tenant.created")
+            .count();
+        assert_eq!(tenant_created, 1, "one creation audited");
+    }
 }
 
 async fn service_token_story(backend: Backend) {
@@ -192,21 +216,31 @@ async fn connection_story(backend: Backend) {
         Err(StoreError::ModeChanged(Mode::Test))
     ));
 
-    let SaveOutcome::Created(created) = store
-        .save_connection(&new_connection("ten_1", Mode::Test, "sec_1"), &Actor::Cli)
-        .await
-        .unwrap()
+    // Microsecond precision (what both backends keep), with every digit significant.
+    let verified_at = time::macros::datetime!(2024-02-29 23:59:58.123457 UTC);
+    let mut first = new_connection("ten_1", Mode::Test, "sec_1");
+    first.verified_at = verified_at;
+    let before = atlas_stripe::store::now();
+    let SaveOutcome::Created(created) = store.save_connection(&first, &Actor::Cli).await.unwrap()
     else {
         panic!("first save creates");
     };
+    let after = atlas_stripe::store::now();
     let found = store.find_connection(&t).await.unwrap().unwrap();
     assert_eq!(found.connection_id, created.connection_id);
-    assert_eq!(found.sealed, created.sealed);
+    assert_eq!(found.sealed, first.sealed, "the sealed bytes round-trip");
     assert_eq!(found.permissions, report(&[]));
     assert_eq!(found.warnings, vec![Warning::SecretKeyFullAccess]);
     assert_eq!(
-        found.connected_at, created.connected_at,
+        (created.verified_at, found.verified_at),
+        (verified_at, verified_at),
         "timestamps round-trip exactly"
+    );
+    assert_eq!(found.connected_at, created.connected_at);
+    assert!(
+        before <= found.connected_at && found.connected_at <= after,
+        "connected_at is the time of the save: {before} <= {} <= {after}",
+        found.connected_at
     );
 
     let SaveOutcome::Replaced(replaced) = store
@@ -223,10 +257,11 @@ async fn connection_story(backend: Backend) {
     assert_eq!(replaced.secret_id, "sec_2");
 
     // A verification of the replaced key is dropped; of the current one, recorded.
+    let reverified_at = time::macros::datetime!(2024-03-01 00:00:01.000001 UTC);
     let verification = Verification {
         status: ConnectionStatus::NeedsAttention,
         permissions: report(&[Resource::Coupons]),
-        verified_at: time::OffsetDateTime::now_utc(),
+        verified_at: reverified_at,
         next_verify_at: time::OffsetDateTime::now_utc(),
     };
     assert!(store
@@ -241,6 +276,16 @@ async fn connection_story(backend: Backend) {
         .unwrap();
     assert_eq!(verified.status, ConnectionStatus::NeedsAttention);
     assert_eq!(verified.permissions.missing(), vec![Resource::Coupons]);
+    assert_eq!(verified.verified_at, reverified_at, "exactly the input");
+    assert_eq!(
+        store
+            .find_connection(&t)
+            .await
+            .unwrap()
+            .unwrap()
+            .verified_at,
+        reverified_at
+    );
 
     assert_eq!(store.list_connections(None).await.unwrap().len(), 1);
     assert_eq!(
