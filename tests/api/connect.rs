@@ -379,34 +379,47 @@ async fn stripe_should_retry_false_is_honoured(backend: Backend) {
     assert_eq!(customer_calls, 1);
 }
 
+/// A probe that hangs (Stripe accepts the connection and never answers) ends in a retryable
+/// 502 within bounds: the per-attempt timeout when it is the shorter, the probe deadline
+/// when that is.
 async fn a_hang_returns_within_the_configured_bound(backend: Backend) {
-    let app = spawn_app_with(
-        backend,
-        &[
-            ("stripe.request_timeout_ms", "300"),
-            ("stripe.max_retries", "1"),
-            ("stripe.probe_deadline_ms", "1500"),
-        ],
-    )
-    .await;
-    app.create_tenant("ten_1", Mode::Test).await;
-    probe_delayed(
-        Resource::WebhookEndpoints,
-        Answer::Granted,
-        Duration::from_secs(30),
-    )
-    .with_priority(1)
-    .mount(&app.stripe)
-    .await;
-    answer_all(&app.stripe, Answer::Granted).await;
-    let started = Instant::now();
-    let response = app.connect("ten_1", &key("rk_test_", "Aaaa")).await;
-    let elapsed = started.elapsed();
-    assert_error(response, 502, "stripe_unavailable").await;
-    // Two attempts of 300 ms and a short backoff; never the 30 s hang.
-    assert!(elapsed < Duration::from_millis(1500), "took {elapsed:?}");
-    assert!(elapsed >= Duration::from_millis(600), "took {elapsed:?}");
-    assert_nothing_stored(&app).await;
+    // (request timeout, retries, probe deadline, at least, under)
+    let cases = [
+        // Two attempts of 300 ms and a short backoff end it before the 1.5 s deadline.
+        ("300", "1", "1500", 600, 1500),
+        // One attempt alone (5 s) outlasts the deadline: the deadline (800 ms) ends it.
+        ("5000", "2", "800", 800, 2000),
+    ];
+    for (request_timeout, retries, deadline, at_least_ms, under_ms) in cases {
+        let app = spawn_app_with(
+            backend,
+            &[
+                ("stripe.request_timeout_ms", request_timeout),
+                ("stripe.max_retries", retries),
+                ("stripe.probe_deadline_ms", deadline),
+            ],
+        )
+        .await;
+        app.create_tenant("ten_1", Mode::Test).await;
+        probe_delayed(
+            Resource::WebhookEndpoints,
+            Answer::Granted,
+            Duration::from_secs(30),
+        )
+        .with_priority(1)
+        .mount(&app.stripe)
+        .await;
+        answer_all(&app.stripe, Answer::Granted).await;
+        let started = Instant::now();
+        let response = app.connect("ten_1", &key("rk_test_", "Aaaa")).await;
+        let elapsed = started.elapsed();
+        assert_error(response, 502, "stripe_unavailable").await;
+        let case =
+            format!("timeout {request_timeout} ms, deadline {deadline} ms: took {elapsed:?}");
+        assert!(elapsed < Duration::from_millis(under_ms), "{case}");
+        assert!(elapsed >= Duration::from_millis(at_least_ms), "{case}");
+        assert_nothing_stored(&app).await;
+    }
 }
 
 async fn an_html_body_is_inconclusive(backend: Backend) {
@@ -572,7 +585,7 @@ async fn replacing_keeps_the_old_key_until_the_new_one_is_verified(backend: Back
 
 async fn concurrent_connects_leave_one_consistent_connection(backend: Backend) {
     let app = app_with_tenant(backend, Mode::Test).await;
-    answer_all(&app.stripe, Answer::Granted).await;
+    let endpoints = answer_all(&app.stripe, Answer::Granted).await;
     let keys: Vec<String> = (0..6)
         .map(|i| key("rk_test_", &format!("Cc{i:02}")))
         .collect();
@@ -603,6 +616,18 @@ async fn concurrent_connects_leave_one_consistent_connection(backend: Backend) {
     let opened = String::from_utf8(plaintext.to_vec()).unwrap();
     assert!(keys.contains(&opened));
     assert!(opened.ends_with(&record.key_last4));
+    // Every connect registered or kept an endpoint on Stripe; the losers' endpoints were
+    // deleted again: exactly one is left, and it is the stored one.
+    let left: Vec<String> = endpoints.endpoints().into_iter().map(|e| e.id).collect();
+    let stored = record.webhook.as_ref().expect("a stored endpoint");
+    assert_eq!(
+        left,
+        std::slice::from_ref(&stored.endpoint_id),
+        "endpoints left on Stripe besides the stored one"
+    );
+    assert!(endpoints.endpoints().iter().all(|e| e
+        .url
+        .ends_with(&format!("/webhooks/stripe/{}", record.connection_id))));
 }
 
 async fn connect_attempts_are_rate_limited_per_tenant(backend: Backend) {

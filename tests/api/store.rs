@@ -325,10 +325,100 @@ async fn connection_story(backend: Backend) {
     );
 }
 
+/// Claimer A leases `held` in a transaction left open (as a claim in flight does) on its own
+/// connection; claimer B claims everything through the store meanwhile. Returns what each
+/// ended up with.
+///
+/// PostgreSQL: B skips the rows A holds (`FOR UPDATE SKIP LOCKED`) and returns at once,
+/// without them, while A's transaction is still open.
+///
+/// SQLite has one writer at a time, so nothing can be skipped: the equivalent guarantee is
+/// that B's claim waits until A commits (it cannot finish while A's write is open) and then
+/// sees A's leases, so it takes only the rest.
+async fn claim_while_another_claim_is_open(
+    db: &TestDatabase,
+    store: &std::sync::Arc<dyn Store>,
+    held: &[&str],
+    now: time::OffsetDateTime,
+    lease: time::OffsetDateTime,
+) -> (Vec<TenantId>, Vec<TenantId>) {
+    use sqlx::Connection;
+    use std::time::Duration;
+    let in_list = held
+        .iter()
+        .map(|t| format!("'{t}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let lease_a = format!(
+        "UPDATE stripe_connections SET lease_owner = 'proc_a', lease_until = $1 \
+         WHERE tenant_id IN ({in_list})"
+    );
+    let expected_a: Vec<TenantId> = held.iter().map(|t| tenant(t)).collect();
+    match db.backend {
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            let mut tx = conn.begin().await.unwrap();
+            let leased = sqlx::query(&lease_a)
+                .bind(lease)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            assert_eq!(leased.rows_affected(), held.len() as u64);
+            // A's transaction is open: B must not wait for the rows it holds.
+            let b = tokio::time::timeout(
+                Duration::from_secs(3),
+                store.claim_due_connections("proc_b", now, lease, 10),
+            )
+            .await
+            .expect("the claim waited for rows another claimer holds (no SKIP LOCKED?)")
+            .unwrap();
+            for t in &b {
+                assert!(!expected_a.contains(t), "B took {t:?}, held by A");
+            }
+            tx.commit().await.unwrap();
+            (expected_a, b)
+        }
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let leased = sqlx::query(&lease_a)
+                .bind(lease)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(leased.rows_affected(), held.len() as u64);
+            let mut claim_b = {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .claim_due_connections("proc_b", now, lease, 10)
+                        .await
+                        .unwrap()
+                })
+            };
+            assert!(
+                tokio::time::timeout(Duration::from_millis(300), &mut claim_b)
+                    .await
+                    .is_err(),
+                "B claimed while A's write was open"
+            );
+            sqlx::query("COMMIT").execute(&mut conn).await.unwrap();
+            let b = tokio::time::timeout(Duration::from_secs(4), claim_b)
+                .await
+                .expect("B never got the writer lock")
+                .unwrap();
+            (expected_a, b)
+        }
+    }
+}
+
 /// Due connections are leased to one claimer at a time; a lease expires; a release
 /// reschedules; revoked connections are never claimed.
 async fn leases_story(backend: Backend) {
-    let (_db, store) = store(backend).await;
+    let (db, store) = store(backend).await;
     let now = time::OffsetDateTime::now_utc();
     for i in 0..10 {
         let id = format!("ten_{i}");
@@ -347,12 +437,11 @@ async fn leases_story(backend: Backend) {
             .unwrap();
     }
     let lease = now + time::Duration::minutes(2);
-    // Two claimers at once, each asking for everything: disjoint, together all nine.
-    let (a, b) = tokio::join!(
-        store.claim_due_connections("proc_a", now, lease, 10),
-        store.claim_due_connections("proc_b", now, lease, 10),
-    );
-    let (a, b) = (a.unwrap(), b.unwrap());
+    // Two claimers at once. Claimer A is caught mid-claim: its transaction has leased four
+    // due rows and not committed. Claimer B, asking for everything, must not wait for A
+    // nor take A's rows.
+    let held = ["ten_0", "ten_1", "ten_2", "ten_3"];
+    let (a, b) = claim_while_another_claim_is_open(&db, &store, &held, now, lease).await;
     let mut all: Vec<TenantId> = a.iter().chain(b.iter()).cloned().collect();
     all.sort();
     all.dedup();

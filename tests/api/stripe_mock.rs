@@ -298,7 +298,35 @@ struct FakeState {
     next: u32,
     refuse: bool,
     omit_secret: bool,
-    delay: Option<Duration>,
+    gate: Option<GateInside>,
+}
+
+/// The mock's side of a [`RegistrationGate`].
+struct GateInside {
+    arrived: tokio::sync::mpsc::UnboundedSender<String>,
+    go: std::sync::mpsc::Receiver<()>,
+}
+
+/// Holds the next registration after Stripe has created the endpoint and before it answers,
+/// until the test says go: the test acts at a known point of the connect flow (no sleeps).
+pub struct RegistrationGate {
+    arrived: tokio::sync::mpsc::UnboundedReceiver<String>,
+    go: std::sync::mpsc::Sender<()>,
+}
+
+impl RegistrationGate {
+    /// Waits until a registration has arrived (and the endpoint exists on Stripe); its id.
+    pub async fn arrived(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(10), self.arrived.recv())
+            .await
+            .expect("no webhook registration arrived")
+            .expect("gate dropped")
+    }
+
+    /// Lets Stripe answer the held registration.
+    pub fn release(&self) {
+        let _ = self.go.send(());
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -384,8 +412,15 @@ impl FakeEndpoints {
         self.inner.lock().unwrap().omit_secret = omit;
     }
 
-    pub fn delay_registration(&self, delay: Duration) {
-        self.inner.lock().unwrap().delay = Some(delay);
+    /// Holds the next registration at the gate returned (see [`RegistrationGate`]).
+    pub fn gate_registration(&self) -> RegistrationGate {
+        let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        self.inner.lock().unwrap().gate = Some(GateInside {
+            arrived: arrived_tx,
+            go: go_rx,
+        });
+        RegistrationGate { arrived, go }
     }
 }
 
@@ -437,11 +472,15 @@ impl Respond for FakeEndpoints {
                 if state.omit_secret {
                     body.as_object_mut().unwrap().remove("secret");
                 }
-                let template = ResponseTemplate::new(200).set_body_json(body);
-                match state.delay {
-                    Some(delay) => template.set_delay(delay),
-                    None => template,
+                let gate = state.gate.take();
+                drop(state);
+                if let Some(gate) = gate {
+                    // The endpoint exists on Stripe; the answer waits for the test. (This
+                    // blocks the mock server's own thread, which serves nothing else now.)
+                    let _ = gate.arrived.send(id.clone());
+                    let _ = gate.go.recv_timeout(Duration::from_secs(10));
                 }
+                ResponseTemplate::new(200).set_body_json(body)
             }
             verb => {
                 let id = path.rsplit('/').next().unwrap_or_default().to_owned();
