@@ -177,6 +177,7 @@ fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
     let output = server.wait_with_output().unwrap();
     let logs = String::from_utf8(output.stderr).unwrap();
     let mut request_lines = 0;
+    let mut handler_queries = 0;
     for line in logs.lines().filter(|l| !l.trim().is_empty()) {
         let entry: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
@@ -186,9 +187,26 @@ fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
             request_lines += 1;
             assert_eq!(entry["span"]["request_id"], "trace-me-42", "{line}");
         }
+        // A line written deep inside a handler, not by the middleware: sqlx's query log
+        // while /readyz checks the database. It carries the request's id only when the
+        // handler runs inside the request's span.
+        let in_readyz_request = entry["spans"].as_array().is_some_and(|spans| {
+            spans.iter().any(|s| {
+                s["name"] == "request"
+                    && s["request_id"] == "trace-me-42"
+                    && s["route"] == "/readyz"
+            })
+        });
+        if entry["target"] == "sqlx::query" && in_readyz_request {
+            handler_queries += 1;
+        }
     }
     assert!(
         request_lines >= 2,
         "both requests logged inside their span:\n{logs}"
+    );
+    assert!(
+        handler_queries >= 1,
+        "no database query of /readyz carries the request id:\n{logs}"
     );
 }
