@@ -2,8 +2,12 @@
 //! ten delivered twice), each stored durably before its 2xx.
 //!
 //! Run through `scripts/bench-webhooks`, which starts a throwaway PostgreSQL and sets
-//! `ATLAS_TEST_POSTGRES_URL`. `TENANTS` (default 1) spreads the events over that many
-//! connected tenants: events of one tenant are sequenced under its row lock.
+//! `ATLAS_TEST_POSTGRES_URL` (the bench works in a fresh database of its own there).
+//! `TENANTS` (default 1) spreads the events over that many connected tenants: events of
+//! one tenant are sequenced under its row lock.
+//!
+//! `ATLAS_BENCH_QUICK=1` sends 4 × 20 events (plus redeliveries) and asserts the same, for
+//! the test command.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,12 +22,28 @@ use atlas_stripe::store::{Actor, NewConnection, StoredState, StoredWebhook, Webh
 use atlas_stripe::stripe::webhooks::sign;
 use secrecy::ExposeSecret;
 
-const SENDERS: usize = 32;
-const PER_SENDER: usize = 500;
-
 #[tokio::main]
 async fn main() {
-    let url = std::env::var("ATLAS_TEST_POSTGRES_URL").expect("run through scripts/bench-webhooks");
+    let quick = std::env::var_os("ATLAS_BENCH_QUICK").is_some_and(|v| v != "0");
+    let (senders_n, per_sender): (usize, usize) = if quick { (4, 20) } else { (32, 500) };
+    let admin =
+        std::env::var("ATLAS_TEST_POSTGRES_URL").expect("run through scripts/bench-webhooks");
+    // A database of its own, so the count of stored events is this run's alone.
+    let name = random_id("bench_", 16).to_lowercase();
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .expect("connect to the cluster");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create the bench database");
+    }
+    let url = format!(
+        "{}/{name}",
+        admin.rsplit_once('/').expect("a URL with a database").0
+    );
     let tenants: usize = std::env::var("TENANTS")
         .ok()
         .and_then(|t| t.parse().ok())
@@ -117,16 +137,16 @@ async fn main() {
 
     let http = reqwest::Client::new();
     let started = Instant::now();
-    let senders = (0..SENDERS).map(|s| {
+    let senders = (0..senders_n).map(|s| {
         let http = http.clone();
         let base = base.clone();
         let connections = connections.clone();
         tokio::spawn(async move {
             let (connection_id, secret) = &connections[s % connections.len()];
             let url = format!("{base}/webhooks/stripe/{connection_id}");
-            let mut latencies = Vec::with_capacity(PER_SENDER + PER_SENDER / 10);
+            let mut latencies = Vec::with_capacity(per_sender + per_sender / 10);
             let mut failures = 0;
-            for i in 0..PER_SENDER {
+            for i in 0..per_sender {
                 let body = serde_json::json!({
                     "id": format!("evt_s{s}_{i}"), "object": "event", "type": "invoice.paid",
                     "created": 1_700_000_000, "livemode": false, "api_version": "2023-08-16",
@@ -170,10 +190,11 @@ async fn main() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    let unique = (SENDERS * PER_SENDER) as i64;
+    let unique = (senders_n * per_sender) as i64;
     println!(
-        "webhook intake, {SENDERS} senders, {tenants} tenant(s): {} deliveries in {:.2} s = {:.0} deliveries/s; \
+        "webhook intake{}, {senders_n} senders, {tenants} tenant(s): {} deliveries in {:.2} s = {:.0} deliveries/s; \
          p50 {:.1} ms, p99 {:.1} ms; non-2xx {failures}; stored {stored} of {unique} unique events{}",
+        if quick { " (quick mode)" } else { "" },
         latencies.len(),
         elapsed.as_secs_f64(),
         latencies.len() as f64 / elapsed.as_secs_f64(),

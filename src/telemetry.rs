@@ -1,6 +1,7 @@
 //! Logging. Secrets never reach a log line: they are typed (`SecretString`, `StripeKey`)
 //! with redacting `Debug`, and request spans carry the matched route, not the URI.
 
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
@@ -9,13 +10,28 @@ use crate::config::{LogFormat, LogSettings};
 pub fn init(settings: &LogSettings) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.filter));
+    let _ = init_with_writer(filter, settings.format, std::io::stderr);
+}
+
+/// What [`init`] installs, writing to `writer`: the same format, and the same bridge from
+/// the `log` crate (`try_init` installs a `LogTracer`), so whatever a dependency logs
+/// through `log` (reqwest among them) lands where tracing's events do. Tests capture the
+/// production output with it. Fails when a global subscriber is already installed.
+pub fn init_with_writer<W>(
+    filter: EnvFilter,
+    format: LogFormat,
+    writer: W,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match settings.format {
+        .with_writer(writer);
+    match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.try_init(),
-    };
+    }
 }
 
 /// The process-wide Prometheus recorder (installed on first use; every app in a process

@@ -243,10 +243,39 @@ mod tests {
     fn each_seal_uses_a_fresh_data_key_and_nonce() {
         let ring = keyring(&["k1"], "k1");
         let ctx = context("ten_a", Mode::Test);
-        let a = ring.seal(&ctx, b"same").unwrap();
-        let b = ring.seal(&ctx, b"same").unwrap();
-        assert_ne!(a.ciphertext, b.ciphertext);
-        assert_ne!(a.wrapped_key, b.wrapped_key);
+        // Each layer is stored as `nonce (12 bytes) || ciphertext || tag`.
+        let nonce = |sealed: &[u8]| sealed[..12].to_vec();
+        let seals: Vec<SealedSecret> = (0..16).map(|_| ring.seal(&ctx, b"same").unwrap()).collect();
+        for (i, a) in seals.iter().enumerate() {
+            for b in &seals[i + 1..] {
+                assert_ne!(
+                    nonce(&a.ciphertext),
+                    nonce(&b.ciphertext),
+                    "the secret layer reused a nonce"
+                );
+                assert_ne!(
+                    nonce(&a.wrapped_key),
+                    nonce(&b.wrapped_key),
+                    "the data-key layer reused a nonce"
+                );
+                // A fresh data key: b's ciphertext does not open under a's data key (with one
+                // data key for both, this mix would open).
+                let mixed = SealedSecret {
+                    master_key_id: a.master_key_id.clone(),
+                    wrapped_key: a.wrapped_key.clone(),
+                    ciphertext: b.ciphertext.clone(),
+                };
+                assert_eq!(
+                    ring.open(&ctx, &mixed),
+                    Err(CryptoError::Open),
+                    "two seals share a data key"
+                );
+            }
+        }
+        // The mix is a real test: each seal opens on its own.
+        for sealed in &seals {
+            assert_eq!(ring.open(&ctx, sealed).unwrap().as_slice(), b"same");
+        }
     }
 
     #[test]

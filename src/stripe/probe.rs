@@ -2,8 +2,13 @@
 //!
 //! Each probe updates an object that cannot exist (a random id). Stripe checks a restricted
 //! key's permission for the endpoint before it looks the object up, so 403 means the
-//! permission is missing and 404/400 `invalid_request_error` means it is granted. Never an
-//! empty *create*: `POST /v1/customers` with no body creates a real customer.
+//! permission is missing and 404 `resource_missing` (the random object was looked up and
+//! not found) means it is granted. A 404 without that code is not proof: Stripe answers a
+//! URL it does not know ("Unrecognized request URL") with 404 `invalid_request_error` and
+//! no code, so a probe path that drifted would otherwise prove every permission. No 400
+//! proves access (a probe sends no parameters to get wrong); every other answer is
+//! inconclusive. Never an empty *create*: `POST /v1/customers` with no body creates a real
+//! customer.
 
 use std::time::Duration;
 
@@ -64,13 +69,19 @@ enum Verdict {
 fn judge(reply: &StripeReply) -> Verdict {
     match reply.status {
         403 => Verdict::Access(Access::Missing),
-        404 | 400 if reply.error_type() == Some("invalid_request_error") => {
+        // The object was looked up, so the permission check before it passed.
+        404 if reply.error_type() == Some("invalid_request_error")
+            && reply.error_code() == Some("resource_missing") =>
+        {
             Verdict::Access(Access::Granted)
         }
         401 => Verdict::Rejected {
             expired: reply.error_code() == Some("api_key_expired"),
         },
-        status => Verdict::Inconclusive(format!("unexpected answer {status}")),
+        status => Verdict::Inconclusive(format!(
+            "unexpected answer {status} ({})",
+            reply.error_code().unwrap_or("no error code")
+        )),
     }
 }
 
@@ -138,38 +149,105 @@ mod tests {
         }
     }
 
+    fn reply(status: u16, body: serde_json::Value) -> StripeReply {
+        StripeReply { status, body }
+    }
+
+    fn granted(v: Verdict) -> bool {
+        matches!(v, Verdict::Access(Access::Granted))
+    }
+
+    fn inconclusive(v: Verdict) -> bool {
+        matches!(v, Verdict::Inconclusive(_))
+    }
+
+    /// Stripe's answer to an update of an object that does not exist.
+    fn resource_missing(object: &str, id: &str) -> serde_json::Value {
+        json!({"error": {
+            "code": "resource_missing",
+            "doc_url": "https://stripe.com/docs/error-codes/resource-missing",
+            "message": format!("No such {object}: '{id}'"),
+            "param": "id",
+            "type": "invalid_request_error",
+        }})
+    }
+
     #[test]
-    fn judges_by_status_and_error_type() {
-        let reply = |status, body| StripeReply { status, body };
-        let missing =
-            json!({"error": {"type": "invalid_request_error", "code": "resource_missing"}});
+    fn a_404_resource_missing_is_granted() {
+        for (object, id) in [
+            ("customer", "cus_atlasprobeAbc"),
+            ("checkout.session", "cs_atlasprobeAbc"),
+            ("coupon", "atlasprobeAbc"),
+            ("invoice", "in_atlasprobeAbc"),
+            ("webhook endpoint", "we_atlasprobeAbc"),
+        ] {
+            assert!(granted(judge(&reply(404, resource_missing(object, id)))));
+        }
+    }
+
+    #[test]
+    fn an_unrecognized_url_is_inconclusive_never_granted() {
+        // Exactly what Stripe answers for a path it does not know: no `code`.
+        let unrecognized = json!({"error": {
+            "type": "invalid_request_error",
+            "message": "Unrecognized request URL (POST: /v1/customerz/cus_atlasprobeAbc). \
+                        Please see https://stripe.com/docs or we can help at https://support.stripe.com/.",
+        }});
+        assert!(inconclusive(judge(&reply(404, unrecognized.clone()))));
+        // A 404 with some other code, or of another type, is no proof either.
+        let other_code = json!({"error": {"type": "invalid_request_error", "code": "url_invalid"}});
+        assert!(inconclusive(judge(&reply(404, other_code))));
+        let api_error = json!({"error": {"type": "api_error", "code": "resource_missing"}});
+        assert!(inconclusive(judge(&reply(404, api_error))));
+    }
+
+    #[test]
+    fn no_400_proves_access() {
+        let missing = resource_missing("customer", "cus_1");
+        assert!(inconclusive(judge(&reply(400, missing))));
+        for code in ["parameter_unknown", "parameter_missing", "resource_missing"] {
+            let body = json!({"error": {"type": "invalid_request_error", "code": code}});
+            assert!(inconclusive(judge(&reply(400, body))), "{code}");
+        }
+        let no_code = json!({"error": {"type": "invalid_request_error", "message": "bad"}});
+        assert!(inconclusive(judge(&reply(400, no_code))));
+    }
+
+    #[test]
+    fn a_403_is_missing_whatever_its_body() {
+        let denied = json!({"error": {
+            "message": "The provided key 'rk_test_***Abcd' does not have the required permissions for this endpoint on account 'acct_1'.",
+            "type": "invalid_request_error",
+        }});
         assert!(matches!(
-            judge(&reply(404, missing.clone())),
-            Verdict::Access(Access::Granted)
-        ));
-        assert!(matches!(
-            judge(&reply(400, missing.clone())),
-            Verdict::Access(Access::Granted)
-        ));
-        assert!(matches!(
-            judge(&reply(403, missing.clone())),
+            judge(&reply(403, denied)),
             Verdict::Access(Access::Missing)
         ));
-        let api = json!({"error": {"type": "api_error"}});
-        assert!(matches!(judge(&reply(400, api)), Verdict::Inconclusive(_)));
-        assert!(matches!(
-            judge(&reply(200, json!({"id": "cus_1"}))),
-            Verdict::Inconclusive(_)
-        ));
+    }
+
+    #[test]
+    fn a_401_rejects_the_key_and_says_whether_it_expired() {
         let expired =
             json!({"error": {"type": "invalid_request_error", "code": "api_key_expired"}});
         assert!(matches!(
             judge(&reply(401, expired)),
             Verdict::Rejected { expired: true }
         ));
+        let invalid = json!({"error": {"type": "invalid_request_error", "message": "Invalid API Key provided: rk_test_****Abcd"}});
         assert!(matches!(
-            judge(&reply(401, missing)),
+            judge(&reply(401, invalid)),
             Verdict::Rejected { expired: false }
         ));
+    }
+
+    #[test]
+    fn anything_else_is_inconclusive() {
+        // A success would mean the random object existed (or the probe created something).
+        assert!(inconclusive(judge(&reply(200, json!({"id": "cus_1"})))));
+        for status in [402, 405, 409, 410, 429, 500, 503] {
+            let body =
+                json!({"error": {"type": "invalid_request_error", "code": "resource_missing"}});
+            assert!(inconclusive(judge(&reply(status, body))), "{status}");
+        }
     }
 }

@@ -215,6 +215,55 @@ mod tests {
         }
     }
 
+    /// Known answers computed outside this crate, e.g.
+    /// `printf '%s' "$t.$body" | openssl dgst -sha256 -hmac "$secret"` (and Python's `hmac`):
+    /// a bug shared by `sign` and `verify_signature` cannot pass these.
+    const VECTORS: [(&str, i64, &str, &str); 3] = [
+        (
+            "whsec_test_secret_for_unit_tests",
+            1_700_000_000,
+            r#"{"id":"evt_1","object":"event","type":"invoice.paid"}"#,
+            "6ebfc2ec2bf776c64f4585005e5d344e52cc0afd22b352d1fccaa9ad622799c9",
+        ),
+        (
+            "whsec_5f2b1c7e9a0d4e8f",
+            1_614_556_800,
+            "",
+            "2313acb46eeaf9def7f3b37a91682c27d56aa41662242c4a856f55154418bfcb",
+        ),
+        (
+            "whsec_\u{e9}\u{e8}",
+            1,
+            "caf\u{e9} \u{2013} \"quoted\"\n",
+            "e9f1cee33dc0e35d9a4df0d1c9bea75ab35ceb90b28a6988c6358f0c100027be",
+        ),
+    ];
+
+    #[test]
+    fn signatures_match_known_answers() {
+        for (secret, t, body, hex) in VECTORS {
+            assert_eq!(
+                sign(secret.as_bytes(), t, body.as_bytes()),
+                hex,
+                "sign {secret}"
+            );
+            let header = format!("t={t},v1={hex}");
+            assert_eq!(
+                verify_signature(&header, body.as_bytes(), secret.as_bytes(), t, 300),
+                Ok(()),
+                "verify {secret}"
+            );
+            // One flipped digit no longer verifies.
+            let last = if hex.ends_with('0') { "1" } else { "0" };
+            let flipped = format!("t={t},v1={}{last}", &hex[..63]);
+            assert_eq!(
+                verify_signature(&flipped, body.as_bytes(), secret.as_bytes(), t, 300),
+                Err(SignatureError::Mismatch),
+                "flipped {secret}"
+            );
+        }
+    }
+
     #[test]
     fn endpoint_ids_are_checked() {
         assert!(valid_endpoint_id("we_1NxAbc"));

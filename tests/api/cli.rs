@@ -161,11 +161,15 @@ fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
             .env("RUST_LOG", "debug")
             .stderr(Stdio::piped());
     });
-    // A plain HTTP/1.1 request by hand: an error path (no token) and a readiness check.
-    for path in ["/internal/v1/connections", "/readyz"] {
+    // Plain HTTP/1.1 requests by hand: an error path (no token), and a webhook delivery to
+    // an unknown connection, which the handler looks up in the database.
+    for (method, path) in [
+        ("GET", "/internal/v1/connections"),
+        ("POST", "/webhooks/stripe/con_unknown"),
+    ] {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nx-request-id: trace-me-42\r\nConnection: close\r\n\r\n").unwrap();
+        write!(stream, "{method} {path} HTTP/1.1\r\nHost: x\r\nx-request-id: trace-me-42\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
         let mut answer = String::new();
         stream.read_to_string(&mut answer).unwrap();
         assert!(answer.contains("x-request-id: trace-me-42"), "{answer}");
@@ -177,6 +181,7 @@ fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
     let output = server.wait_with_output().unwrap();
     let logs = String::from_utf8(output.stderr).unwrap();
     let mut request_lines = 0;
+    let mut handler_queries = 0;
     for line in logs.lines().filter(|l| !l.trim().is_empty()) {
         let entry: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
@@ -186,9 +191,26 @@ fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
             request_lines += 1;
             assert_eq!(entry["span"]["request_id"], "trace-me-42", "{line}");
         }
+        // A line written deep inside a handler, not by the middleware: sqlx's query log
+        // while the receiver looks the connection up. It carries the request's id only
+        // when the handler runs inside the request's span.
+        let in_webhook_request = entry["spans"].as_array().is_some_and(|spans| {
+            spans.iter().any(|s| {
+                s["name"] == "request"
+                    && s["request_id"] == "trace-me-42"
+                    && s["route"] == "/webhooks/stripe/{connection_id}"
+            })
+        });
+        if entry["target"] == "sqlx::query" && in_webhook_request {
+            handler_queries += 1;
+        }
     }
     assert!(
         request_lines >= 2,
         "both requests logged inside their span:\n{logs}"
+    );
+    assert!(
+        handler_queries >= 1,
+        "no database query of the webhook receiver carries the request id:\n{logs}"
     );
 }

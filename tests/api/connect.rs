@@ -9,7 +9,8 @@ use wiremock::Mock;
 use crate::backend_tests;
 use crate::helpers::{assert_error, json, spawn_app, spawn_app_with, Backend, TestApp};
 use crate::stripe_mock::{
-    answer_all, grant_all_but, key, probe, probe_delayed, probe_path, probes, Answer, StripeAnswer,
+    answer_all, assert_bearer, grant_all_but, key, probe, probe_delayed, probe_path, probes,
+    timestamp, Answer, StripeAnswer,
 };
 
 backend_tests!(
@@ -25,6 +26,7 @@ backend_tests!(
     stripe_should_retry_false_is_honoured,
     a_hang_returns_within_the_configured_bound,
     an_html_body_is_inconclusive,
+    an_unrecognized_url_never_proves_a_permission,
     probes_overlap_in_time,
     replacing_keeps_the_old_key_until_the_new_one_is_verified,
     concurrent_connects_leave_one_consistent_connection,
@@ -377,34 +379,47 @@ async fn stripe_should_retry_false_is_honoured(backend: Backend) {
     assert_eq!(customer_calls, 1);
 }
 
+/// A probe that hangs (Stripe accepts the connection and never answers) ends in a retryable
+/// 502 within bounds: the per-attempt timeout when it is the shorter, the probe deadline
+/// when that is.
 async fn a_hang_returns_within_the_configured_bound(backend: Backend) {
-    let app = spawn_app_with(
-        backend,
-        &[
-            ("stripe.request_timeout_ms", "300"),
-            ("stripe.max_retries", "1"),
-            ("stripe.probe_deadline_ms", "1500"),
-        ],
-    )
-    .await;
-    app.create_tenant("ten_1", Mode::Test).await;
-    probe_delayed(
-        Resource::WebhookEndpoints,
-        Answer::Granted,
-        Duration::from_secs(30),
-    )
-    .with_priority(1)
-    .mount(&app.stripe)
-    .await;
-    answer_all(&app.stripe, Answer::Granted).await;
-    let started = Instant::now();
-    let response = app.connect("ten_1", &key("rk_test_", "Aaaa")).await;
-    let elapsed = started.elapsed();
-    assert_error(response, 502, "stripe_unavailable").await;
-    // Two attempts of 300 ms and a short backoff; never the 30 s hang.
-    assert!(elapsed < Duration::from_millis(1500), "took {elapsed:?}");
-    assert!(elapsed >= Duration::from_millis(600), "took {elapsed:?}");
-    assert_nothing_stored(&app).await;
+    // (request timeout, retries, probe deadline, at least, under)
+    let cases = [
+        // Two attempts of 300 ms and a short backoff end it before the 1.5 s deadline.
+        ("300", "1", "1500", 600, 1500),
+        // One attempt alone (5 s) outlasts the deadline: the deadline (800 ms) ends it.
+        ("5000", "2", "800", 800, 2000),
+    ];
+    for (request_timeout, retries, deadline, at_least_ms, under_ms) in cases {
+        let app = spawn_app_with(
+            backend,
+            &[
+                ("stripe.request_timeout_ms", request_timeout),
+                ("stripe.max_retries", retries),
+                ("stripe.probe_deadline_ms", deadline),
+            ],
+        )
+        .await;
+        app.create_tenant("ten_1", Mode::Test).await;
+        probe_delayed(
+            Resource::WebhookEndpoints,
+            Answer::Granted,
+            Duration::from_secs(30),
+        )
+        .with_priority(1)
+        .mount(&app.stripe)
+        .await;
+        answer_all(&app.stripe, Answer::Granted).await;
+        let started = Instant::now();
+        let response = app.connect("ten_1", &key("rk_test_", "Aaaa")).await;
+        let elapsed = started.elapsed();
+        assert_error(response, 502, "stripe_unavailable").await;
+        let case =
+            format!("timeout {request_timeout} ms, deadline {deadline} ms: took {elapsed:?}");
+        assert!(elapsed < Duration::from_millis(under_ms), "{case}");
+        assert!(elapsed >= Duration::from_millis(at_least_ms), "{case}");
+        assert_nothing_stored(&app).await;
+    }
 }
 
 async fn an_html_body_is_inconclusive(backend: Backend) {
@@ -435,6 +450,46 @@ async fn an_html_body_is_inconclusive(backend: Backend) {
         "stripe_unavailable",
     )
     .await;
+    assert_nothing_stored(&app).await;
+}
+
+/// Stripe answers a URL it does not know with 404 `invalid_request_error` and no `code`. A
+/// probe path that drifted gets exactly that, for every key: it must not prove anything.
+async fn an_unrecognized_url_never_proves_a_permission(backend: Backend) {
+    let app = app_with_tenant(backend, Mode::Test).await;
+    // Stripe knows four of the probe paths; the Customers probe lands on an unknown URL.
+    for resource in Resource::ALL {
+        if resource != Resource::Customers {
+            probe(resource, Answer::Granted).mount(&app.stripe).await;
+        }
+    }
+    crate::stripe_mock::FakeEndpoints::default()
+        .mount(&app.stripe)
+        .await;
+    let body = assert_error(
+        app.connect("ten_1", &key("rk_test_", "Unrl")).await,
+        502,
+        "stripe_unavailable",
+    )
+    .await;
+    assert_eq!(body["error"]["retryable"], true);
+    let requests = app.stripe_requests().await;
+    let customer_probe = requests
+        .iter()
+        .find(|r| r.url.path().starts_with("/v1/customers/"))
+        .expect("the customers probe was sent");
+    assert!(
+        customer_probe.url.path().starts_with("/v1/customers/cus_"),
+        "{}",
+        customer_probe.url
+    );
+    // Nothing registered on Stripe, nothing stored here.
+    assert!(
+        !requests
+            .iter()
+            .any(|r| r.url.path() == "/v1/webhook_endpoints"),
+        "an endpoint was registered for an unproven key"
+    );
     assert_nothing_stored(&app).await;
 }
 
@@ -530,7 +585,7 @@ async fn replacing_keeps_the_old_key_until_the_new_one_is_verified(backend: Back
 
 async fn concurrent_connects_leave_one_consistent_connection(backend: Backend) {
     let app = app_with_tenant(backend, Mode::Test).await;
-    answer_all(&app.stripe, Answer::Granted).await;
+    let endpoints = answer_all(&app.stripe, Answer::Granted).await;
     let keys: Vec<String> = (0..6)
         .map(|i| key("rk_test_", &format!("Cc{i:02}")))
         .collect();
@@ -561,6 +616,18 @@ async fn concurrent_connects_leave_one_consistent_connection(backend: Backend) {
     let opened = String::from_utf8(plaintext.to_vec()).unwrap();
     assert!(keys.contains(&opened));
     assert!(opened.ends_with(&record.key_last4));
+    // Every connect registered or kept an endpoint on Stripe; the losers' endpoints were
+    // deleted again: exactly one is left, and it is the stored one.
+    let left: Vec<String> = endpoints.endpoints().into_iter().map(|e| e.id).collect();
+    let stored = record.webhook.as_ref().expect("a stored endpoint");
+    assert_eq!(
+        left,
+        std::slice::from_ref(&stored.endpoint_id),
+        "endpoints left on Stripe besides the stored one"
+    );
+    assert!(endpoints.endpoints().iter().all(|e| e
+        .url
+        .ends_with(&format!("/webhooks/stripe/{}", record.connection_id))));
 }
 
 async fn connect_attempts_are_rate_limited_per_tenant(backend: Backend) {
@@ -600,13 +667,32 @@ async fn connect_attempts_are_rate_limited_per_tenant(backend: Backend) {
 async fn verify_moves_status_with_what_stripe_says(backend: Backend) {
     let app = app_with_tenant(backend, Mode::Test).await;
     answer_all(&app.stripe, Answer::Granted).await;
-    let connected = json(app.connect("ten_1", &key("rk_test_", "Aaaa")).await).await;
+    let api_key = key("rk_test_", "Aaaa");
+    let connected = json(app.connect("ten_1", &api_key).await).await;
+    // Every verification below must probe with the stored key, opened: the mocks answer
+    // any key, so the bearer is checked on every request.
+    let (app_ref, key_ref) = (&app, api_key.as_str());
+    let sent_with_the_key = || async move {
+        let requests = app_ref.stripe_requests().await;
+        assert_bearer(&requests, key_ref);
+        requests.len()
+    };
+    sent_with_the_key().await;
+    app.stripe.reset().await;
+    answer_all(&app.stripe, Answer::Granted).await;
 
     let verify = || app.tenant_request(Method::POST, "ten_1", "/verify");
-    // Still granted: active, verified_at moves.
+    // Still granted: active, verified_at moves forward.
     let body = json(verify().await).await;
     assert_eq!(body["status"], "active");
-    assert!(body["verified_at"].as_str() >= connected["verified_at"].as_str());
+    assert!(
+        timestamp(&body["verified_at"]) > timestamp(&connected["verified_at"]),
+        "verified_at did not move: {} then {}",
+        connected["verified_at"],
+        body["verified_at"]
+    );
+    assert_eq!(sent_with_the_key().await, 5, "five probes, nothing else");
+    let mut last_verified = timestamp(&body["verified_at"]);
 
     // A permission removed on the dashboard.
     app.stripe.reset().await;
@@ -614,24 +700,35 @@ async fn verify_moves_status_with_what_stripe_says(backend: Backend) {
     let body = json(verify().await).await;
     assert_eq!(body["status"], "needs_attention");
     assert_eq!(body["permissions"]["invoices"], "missing");
+    assert!(timestamp(&body["verified_at"]) > last_verified);
+    last_verified = timestamp(&body["verified_at"]);
+    sent_with_the_key().await;
 
     // Stripe unavailable: 502 and nothing changes.
     app.stripe.reset().await;
     answer_all(&app.stripe, Answer::ServerError { should_retry: None }).await;
     assert_error(verify().await, 502, "stripe_unavailable").await;
+    sent_with_the_key().await;
     let shown = json(app.tenant_request(Method::GET, "ten_1", "").await).await;
     assert_eq!(shown["status"], "needs_attention");
+    assert_eq!(timestamp(&shown["verified_at"]), last_verified);
 
     // The key was rolled: revoked.
     app.stripe.reset().await;
     answer_all(&app.stripe, Answer::InvalidKey).await;
-    assert_eq!(json(verify().await).await["status"], "revoked");
+    let body = json(verify().await).await;
+    assert_eq!(body["status"], "revoked");
+    assert!(timestamp(&body["verified_at"]) > last_verified);
+    last_verified = timestamp(&body["verified_at"]);
+    sent_with_the_key().await;
 
     // Permission restored and key valid again: active.
     app.stripe.reset().await;
     answer_all(&app.stripe, Answer::Granted).await;
-    assert_eq!(json(verify().await).await["status"], "active");
-    app.stripe_requests().await;
+    let body = json(verify().await).await;
+    assert_eq!(body["status"], "active");
+    assert!(timestamp(&body["verified_at"]) > last_verified);
+    sent_with_the_key().await;
 }
 
 async fn disconnect_deletes_the_sealed_key(backend: Backend) {

@@ -174,34 +174,58 @@ async fn wait_for_tallies(
 
 async fn every_fetch_is_tallied_per_token_and_tenant(backend: Backend) {
     let (app, _) = connected_app(backend, &[("accounting.flush_interval_ms", "50")]).await;
+    app.create_tenant("ten_2", Mode::Live).await;
+    assert_eq!(
+        app.connect("ten_2", &key("rk_live_", "Two2"))
+            .await
+            .status(),
+        201
+    );
     let a = app.service_token(&[Scope::KeysRead]).await;
     let b = app.service_token(&[Scope::KeysRead]).await;
+    // A refused fetch is not a fetch: a token without keys:read is answered 403, and is
+    // tallied nowhere (sent first, so its tally would be flushed before the others').
+    let ops = app.service_token(&[Scope::OpsRead]).await;
+    for tenant in ["ten_1", "ten_2"] {
+        assert_error(
+            fetch(&app, tenant, Some(&ops)).await,
+            403,
+            "insufficient_scope",
+        )
+        .await;
+    }
     for _ in 0..3 {
         assert_eq!(fetch(&app, "ten_1", Some(&a)).await.status(), 200);
     }
     for _ in 0..2 {
         assert_eq!(fetch(&app, "ten_1", Some(&b)).await.status(), 200);
     }
-    // A refused fetch is not a fetch.
-    app.service_token(&[Scope::OpsRead]).await;
-    let tallies = wait_for_tallies(&app, "ten_1", 5).await;
-    let id = |t: &str| t.split('_').nth(1).unwrap().to_owned();
-    let mut counts: Vec<(String, i64)> = tallies
-        .iter()
-        .map(|t| (t.token_id.clone(), t.fetch_count))
-        .collect();
-    counts.sort();
-    let mut expected = vec![(id(&a), 3), (id(&b), 2)];
-    expected.sort();
-    // Both fit one minute unless the test straddles a minute boundary.
-    let mut merged: std::collections::BTreeMap<String, i64> = Default::default();
-    for (token, count) in counts {
-        *merged.entry(token).or_default() += count;
+    assert_eq!(fetch(&app, "ten_2", Some(&a)).await.status(), 200);
+    for _ in 0..4 {
+        assert_eq!(fetch(&app, "ten_2", Some(&b)).await.status(), 200);
     }
-    assert_eq!(merged.into_iter().collect::<Vec<_>>(), expected);
-    for tally in &tallies {
-        assert_eq!(tally.window_start.second(), 0);
-        assert!(tally.last_fetched_at >= tally.window_start);
+    let id = |t: &str| t.split('_').nth(1).unwrap().to_owned();
+    for (tenant, expected_total, expected) in [
+        ("ten_1", 5, vec![(id(&a), 3), (id(&b), 2)]),
+        ("ten_2", 5, vec![(id(&a), 1), (id(&b), 4)]),
+    ] {
+        let tallies = wait_for_tallies(&app, tenant, expected_total).await;
+        // Both fit one minute unless the test straddles a minute boundary.
+        let mut merged: std::collections::BTreeMap<String, i64> = Default::default();
+        for tally in &tallies {
+            assert_eq!(tally.tenant_id.as_str(), tenant);
+            *merged.entry(tally.token_id.clone()).or_default() += tally.fetch_count;
+            assert_eq!(tally.window_start.second(), 0);
+            assert!(tally.last_fetched_at >= tally.window_start);
+        }
+        let mut expected = expected;
+        expected.sort();
+        assert_eq!(
+            merged.into_iter().collect::<Vec<_>>(),
+            expected,
+            "{tenant}: the refused token ({}) must not appear",
+            id(&ops)
+        );
     }
 }
 

@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::backend_tests;
 use crate::helpers::{assert_error, eventually, json, spawn_app_with, Backend, TestApp};
-use crate::stripe_mock::{answer_all, grant_all_but, key, Answer};
+use crate::stripe_mock::{answer_all, assert_bearer, grant_all_but, key, timestamp, Answer};
 
 backend_tests!(
     background_reverification_moves_every_status,
@@ -49,17 +49,22 @@ async fn background_reverification_moves_every_status(backend: Backend) {
     let app = spawn_app_with(backend, &EAGER).await;
     app.create_tenant("ten_1", Mode::Test).await;
     answer_all(&app.stripe, Answer::Granted).await;
-    assert_eq!(
-        app.connect("ten_1", &key("rk_test_", "Bgv1"))
-            .await
-            .status(),
-        201
-    );
+    let api_key = key("rk_test_", "Bgv1");
+    let connected = app.connect("ten_1", &api_key).await;
+    assert_eq!(connected.status(), 201);
+    let connected = json(connected).await;
+    // The mocks answer any key: every re-verification must have sent the stored one.
+    let (app_ref, key_ref) = (&app, api_key.as_str());
+    let sent_with_the_key = || async move {
+        assert_bearer(&app_ref.stripe_requests().await, key_ref);
+    };
 
     app.stripe.reset().await;
     grant_all_but(&app.stripe, &[Resource::Coupons]).await;
     let summary = wait_for_status(&app, "needs_attention").await;
     assert_eq!(summary["permissions"]["coupons"], "missing");
+    assert!(timestamp(&summary["verified_at"]) > timestamp(&connected["verified_at"]));
+    sent_with_the_key().await;
 
     // Stripe down: nothing changes, however often it is tried.
     app.stripe.reset().await;
@@ -69,17 +74,21 @@ async fn background_reverification_moves_every_status(backend: Backend) {
         app.stripe.received_requests().await.unwrap().len() >= 5,
         "it did try"
     );
+    sent_with_the_key().await;
     assert_eq!(status(&app).await["status"], "needs_attention");
 
     app.stripe.reset().await;
     answer_all(&app.stripe, Answer::Granted).await;
-    wait_for_status(&app, "active").await;
+    let summary = wait_for_status(&app, "active").await;
+    assert!(timestamp(&summary["verified_at"]) > timestamp(&connected["verified_at"]));
+    sent_with_the_key().await;
 
     app.stripe.reset().await;
     answer_all(&app.stripe, Answer::ExpiredKey).await;
     wait_for_status(&app, "revoked").await;
     // A revoked key is not probed again.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    sent_with_the_key().await;
     app.stripe.reset().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(app.stripe.received_requests().await.unwrap().is_empty());
@@ -98,7 +107,6 @@ async fn background_reverification_moves_every_status(backend: Backend) {
         reverifications.contains(&"needs_attention") && reverifications.contains(&"revoked"),
         "{reverifications:?}"
     );
-    app.stripe_requests().await;
 }
 
 async fn a_grown_required_set_flags_connections_at_their_next_verification(backend: Backend) {
@@ -109,12 +117,8 @@ async fn a_grown_required_set_flags_connections_at_their_next_verification(backe
     .await;
     app.create_tenant("ten_1", Mode::Test).await;
     grant_all_but(&app.stripe, &[Resource::Invoices]).await;
-    assert_eq!(
-        app.connect("ten_1", &key("rk_test_", "Grow"))
-            .await
-            .status(),
-        201
-    );
+    let api_key = key("rk_test_", "Grow");
+    assert_eq!(app.connect("ten_1", &api_key).await.status(), 201);
     assert_eq!(status(&app).await["status"], "active");
 
     // A restart that requires every resource, with the usual six-hour interval: the
@@ -133,6 +137,7 @@ async fn a_grown_required_set_flags_connections_at_their_next_verification(backe
     let summary = wait_for_status(&restarted, "needs_attention").await;
     assert_eq!(summary["permissions"]["invoices"], "missing");
     assert_eq!(summary["permissions"]["webhook_endpoints"], "granted");
+    assert_bearer(&restarted.stripe_requests().await, &api_key);
 }
 
 fn rotated(app: &TestApp) -> (String, Keyring) {
@@ -255,37 +260,127 @@ async fn readiness_names_a_missing_master_key(backend: Backend) {
     assert_eq!(body["error"]["checks"]["database"], "ok");
 }
 
+/// The value of one series in Prometheus text (0 when absent).
+fn series_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().expect("a number"))
+}
+
+async fn scrape(app: &TestApp) -> String {
+    let response = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap()
+}
+
 async fn metrics_expose_the_named_series(backend: Backend) {
     let app = spawn_app_with(backend, &[]).await;
     app.create_tenant("ten_1", Mode::Test).await;
+    // Counters are process-wide: this test reads how much they moved. Under nextest each
+    // test has the process to itself and the moves are exact; under `cargo test` other
+    // tests run beside it and can only add.
+    let alone = std::env::var_os("NEXTEST").is_some();
+    const CONNECT: &str = r#"route="/v1/tenants/{tenant_id}/stripe/connection",method="POST""#;
+    let counters = [
+        (
+            format!("atlas_http_requests_total{{{CONNECT},status=\"422\"}}"),
+            1.0,
+        ),
+        (
+            format!("atlas_http_requests_total{{{CONNECT},status=\"201\"}}"),
+            1.0,
+        ),
+        (
+            format!("atlas_http_request_duration_seconds_count{{{CONNECT}}}"),
+            2.0,
+        ),
+        (
+            r#"atlas_stripe_requests_total{endpoint="/v1/coupons/{coupon}",outcome="403"}"#
+                .to_owned(),
+            1.0,
+        ),
+        (
+            r#"atlas_stripe_requests_total{endpoint="/v1/coupons/{coupon}",outcome="404"}"#
+                .to_owned(),
+            1.0,
+        ),
+        (
+            r#"atlas_stripe_requests_total{endpoint="/v1/webhook_endpoints",outcome="200"}"#
+                .to_owned(),
+            1.0,
+        ),
+        (
+            r#"atlas_probe_results_total{resource="coupons",result="missing"}"#.to_owned(),
+            1.0,
+        ),
+        (
+            r#"atlas_probe_results_total{resource="coupons",result="granted"}"#.to_owned(),
+            1.0,
+        ),
+        (
+            r#"atlas_probe_results_total{resource="invoices",result="granted"}"#.to_owned(),
+            2.0,
+        ),
+    ];
+    let before = scrape(&app).await;
+
     grant_all_but(&app.stripe, &[Resource::Coupons]).await;
-    app.connect("ten_1", &key("rk_test_", "Met1")).await;
+    assert_error(
+        app.connect("ten_1", &key("rk_test_", "Met1")).await,
+        422,
+        "missing_permissions",
+    )
+    .await;
     app.stripe.reset().await;
     answer_all(&app.stripe, Answer::Granted).await;
-    app.connect("ten_1", &key("rk_test_", "Met2")).await;
-    let scrape = || async {
-        let response = app.http.get(app.url("/metrics")).send().await.unwrap();
-        assert_eq!(response.status(), 200);
-        response.text().await.unwrap()
-    };
-    eventually("the gauges count the connection", || async {
-        scrape()
+    assert_eq!(
+        app.connect("ten_1", &key("rk_test_", "Met2"))
             .await
-            .contains(r#"atlas_connections{status="active"} 1"#)
+            .status(),
+        201
+    );
+
+    // The gauges come from the health snapshot, refreshed in the background.
+    eventually("the gauges count the connection", || async {
+        let text = scrape(&app).await;
+        series_value(&text, r#"atlas_connections{status="active"}"#) == 1.0
     })
     .await;
-    let text = scrape().await;
-    for series in [
-        r#"atlas_http_requests_total{route="/v1/tenants/{tenant_id}/stripe/connection",method="POST",status="201"}"#,
-        r#"atlas_http_request_duration_seconds_bucket{route="/v1/tenants/{tenant_id}/stripe/connection",method="POST",le="0.1"}"#,
-        r#"atlas_stripe_requests_total{endpoint="/v1/coupons/{coupon}",outcome="403"}"#,
-        r#"atlas_probe_results_total{resource="coupons",result="missing"}"#,
-        r#"atlas_probe_results_total{resource="invoices",result="granted"}"#,
-        r#"atlas_connections{status="active"} 1"#,
-        r#"atlas_sealed_keys{master_key_id="test1"} 2"#,
-    ] {
-        assert!(text.contains(series), "missing {series} in:\n{text}");
+    let text = scrape(&app).await;
+    for (series, moved) in &counters {
+        let delta = series_value(&text, series) - series_value(&before, series);
+        if alone {
+            assert_eq!(
+                delta, *moved,
+                "{series} moved by {delta}, not {moved}:\n{text}"
+            );
+        } else {
+            assert!(
+                delta >= *moved,
+                "{series} moved by {delta}, not {moved}:\n{text}"
+            );
+        }
     }
+    // A bucket of the latency histogram, and the gauges read from this app's database.
+    for series in [
+        format!("atlas_http_request_duration_seconds_bucket{{{CONNECT},le=\"10\"}}"),
+        r#"atlas_connections{status="active"}"#.to_owned(),
+        r#"atlas_sealed_keys{master_key_id="test1"}"#.to_owned(),
+    ] {
+        assert!(
+            text.contains(&format!("{series} ")),
+            "missing {series} in:\n{text}"
+        );
+    }
+    assert_eq!(
+        series_value(&text, r#"atlas_connections{status="active"}"#),
+        1.0
+    );
+    assert_eq!(
+        series_value(&text, r#"atlas_sealed_keys{master_key_id="test1"}"#),
+        2.0,
+        "the key and the webhook secret"
+    );
     assert!(
         !text.contains("ten_1"),
         "tenant ids stay out of metric labels"

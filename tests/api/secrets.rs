@@ -27,19 +27,20 @@ impl Write for Captured {
     }
 }
 
-/// Every log line of this process at trace level, as the app would print with RUST_LOG=trace.
+/// Every log line of this process at trace level, as the service prints them with
+/// `RUST_LOG=trace`: installed through production's own initialisation, so lines that
+/// dependencies write through the `log` crate (reqwest's among them) are captured too.
 fn captured_logs() -> &'static Captured {
     static LOGS: OnceLock<Captured> = OnceLock::new();
     LOGS.get_or_init(|| {
         let captured = Captured::default();
         let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::set_global_default(subscriber)
-            .expect("the canary test owns the global subscriber");
+        atlas_stripe::telemetry::init_with_writer(
+            tracing_subscriber::EnvFilter::new("trace"),
+            atlas_stripe::config::LogFormat::Pretty,
+            move || writer.clone(),
+        )
+        .expect("the canary test owns the global subscriber");
         captured
     })
 }
@@ -208,6 +209,16 @@ async fn a_canary_key_leaks_nowhere(backend: Backend) {
         "the capture saw this test's requests"
     );
     assert!(logs.contains("TRACE"), "the capture is at trace level");
+    // reqwest logs through the `log` crate: its line for the connection to Stripe proves
+    // the bridge is there (without it, reqwest's lines, its verbose connection dump of raw
+    // request bytes and `Authorization` among them, would never be captured).
+    let stripe_host = app.stripe.uri().trim_start_matches("http://").to_owned();
+    assert!(
+        logs.lines().any(|line| line.contains("reqwest::connect")
+            && line.contains("starting new connection")
+            && line.contains(&stripe_host)),
+        "no line from the log crate was captured"
+    );
     assert!(!logs.contains(&canary), "a log line holds the key");
     assert!(
         !logs.contains(&canary[8..]),

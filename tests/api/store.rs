@@ -74,17 +74,41 @@ async fn tenant_story(backend: Backend) {
         store.upsert_tenant(&t, Mode::Test, &Actor::Cli).await,
         Err(StoreError::TenantHasConnection)
     ));
-    // Concurrent creates of one tenant: exactly one is Created.
-    let other = tenant("ten_2");
-    let results = futures_util::future::join_all(
-        (0..4).map(|_| store.upsert_tenant(&other, Mode::Test, &Actor::Cli)),
-    )
-    .await;
-    let created = results
-        .iter()
-        .filter(|r| matches!(r, Ok(TenantWrite::Created)))
-        .count();
-    assert_eq!(created, 1, "{results:?}");
+    // Concurrent creates of one tenant, each on its own task and released together: every
+    // one succeeds, exactly one creates and the others find it unchanged (a loser that
+    // errors is a failure). Several rounds, so the pool has connections enough for a race.
+    for round in 0..10 {
+        let other = tenant(&format!("ten_race{round}"));
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+        let results = futures_util::future::join_all((0..8).map(|_| {
+            let (store, other, start) = (store.clone(), other.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                store.upsert_tenant(&other, Mode::Test, &Actor::Cli).await
+            })
+        }))
+        .await;
+        let mut outcomes: Vec<String> = results
+            .into_iter()
+            .map(|joined| match joined.expect("task") {
+                Ok(write) => format!("{write:?}"),
+                Err(e) => panic!("round {round}: a concurrent create failed: {e}"),
+            })
+            .collect();
+        outcomes.sort();
+        let mut expected = vec!["Unchanged".to_owned(); 7];
+        expected.push("Created".to_owned());
+        expected.sort();
+        assert_eq!(outcomes, expected, "round {round}");
+        let tenant_created = store
+            .audit_trail(Some(&other))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.action == "tenant.created")
+            .count();
+        assert_eq!(tenant_created, 1, "one creation audited");
+    }
 }
 
 async fn service_token_story(backend: Backend) {
@@ -193,21 +217,31 @@ async fn connection_story(backend: Backend) {
         Err(StoreError::ModeChanged(Mode::Test))
     ));
 
-    let SaveOutcome::Created(created) = store
-        .save_connection(&new_connection("ten_1", Mode::Test, "sec_1"), &Actor::Cli)
-        .await
-        .unwrap()
+    // Microsecond precision (what both backends keep), with every digit significant.
+    let verified_at = time::macros::datetime!(2024-02-29 23:59:58.123457 UTC);
+    let mut first = new_connection("ten_1", Mode::Test, "sec_1");
+    first.verified_at = verified_at;
+    let before = atlas_stripe::clock::now();
+    let SaveOutcome::Created(created) = store.save_connection(&first, &Actor::Cli).await.unwrap()
     else {
         panic!("first save creates");
     };
+    let after = atlas_stripe::clock::now();
     let found = store.find_connection(&t).await.unwrap().unwrap();
     assert_eq!(found.connection_id, created.connection_id);
-    assert_eq!(found.sealed, created.sealed);
+    assert_eq!(found.sealed, first.sealed, "the sealed bytes round-trip");
     assert_eq!(found.permissions, report(&[]));
     assert_eq!(found.warnings, vec![Warning::SecretKeyFullAccess]);
     assert_eq!(
-        found.connected_at, created.connected_at,
+        (created.verified_at, found.verified_at),
+        (verified_at, verified_at),
         "timestamps round-trip exactly"
+    );
+    assert_eq!(found.connected_at, created.connected_at);
+    assert!(
+        before <= found.connected_at && found.connected_at <= after,
+        "connected_at is the time of the save: {before} <= {} <= {after}",
+        found.connected_at
     );
 
     // A save that read no connection, or another endpoint than the stored one, lost a race.
@@ -238,10 +272,11 @@ async fn connection_story(backend: Backend) {
     assert_eq!(replaced.secret_id, "sec_2");
 
     // A verification of the replaced key is dropped; of the current one, recorded.
+    let reverified_at = time::macros::datetime!(2024-03-01 00:00:01.000001 UTC);
     let verification = Verification {
         status: ConnectionStatus::NeedsAttention,
         permissions: report(&[Resource::Coupons]),
-        verified_at: time::OffsetDateTime::now_utc(),
+        verified_at: reverified_at,
         next_verify_at: time::OffsetDateTime::now_utc(),
     };
     assert!(store
@@ -256,6 +291,16 @@ async fn connection_story(backend: Backend) {
         .unwrap();
     assert_eq!(verified.status, ConnectionStatus::NeedsAttention);
     assert_eq!(verified.permissions.missing(), vec![Resource::Coupons]);
+    assert_eq!(verified.verified_at, reverified_at, "exactly the input");
+    assert_eq!(
+        store
+            .find_connection(&t)
+            .await
+            .unwrap()
+            .unwrap()
+            .verified_at,
+        reverified_at
+    );
 
     assert_eq!(store.list_connections(None, "", 10).await.unwrap().len(), 1);
     assert_eq!(
@@ -308,10 +353,100 @@ async fn connection_story(backend: Backend) {
     );
 }
 
+/// Claimer A leases `held` in a transaction left open (as a claim in flight does) on its own
+/// connection; claimer B claims everything through the store meanwhile. Returns what each
+/// ended up with.
+///
+/// PostgreSQL: B skips the rows A holds (`FOR UPDATE SKIP LOCKED`) and returns at once,
+/// without them, while A's transaction is still open.
+///
+/// SQLite has one writer at a time, so nothing can be skipped: the equivalent guarantee is
+/// that B's claim waits until A commits (it cannot finish while A's write is open) and then
+/// sees A's leases, so it takes only the rest.
+async fn claim_while_another_claim_is_open(
+    db: &TestDatabase,
+    store: &std::sync::Arc<dyn Store>,
+    held: &[&str],
+    now: time::OffsetDateTime,
+    lease: time::OffsetDateTime,
+) -> (Vec<TenantId>, Vec<TenantId>) {
+    use sqlx::Connection;
+    use std::time::Duration;
+    let in_list = held
+        .iter()
+        .map(|t| format!("'{t}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let lease_a = format!(
+        "UPDATE stripe_connections SET lease_owner = 'proc_a', lease_until = $1 \
+         WHERE tenant_id IN ({in_list})"
+    );
+    let expected_a: Vec<TenantId> = held.iter().map(|t| tenant(t)).collect();
+    match db.backend {
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            let mut tx = conn.begin().await.unwrap();
+            let leased = sqlx::query(&lease_a)
+                .bind(lease)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            assert_eq!(leased.rows_affected(), held.len() as u64);
+            // A's transaction is open: B must not wait for the rows it holds.
+            let b = tokio::time::timeout(
+                Duration::from_secs(3),
+                store.claim_due_connections("proc_b", now, lease, 10),
+            )
+            .await
+            .expect("the claim waited for rows another claimer holds (no SKIP LOCKED?)")
+            .unwrap();
+            for t in &b {
+                assert!(!expected_a.contains(t), "B took {t:?}, held by A");
+            }
+            tx.commit().await.unwrap();
+            (expected_a, b)
+        }
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let leased = sqlx::query(&lease_a)
+                .bind(lease)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(leased.rows_affected(), held.len() as u64);
+            let mut claim_b = {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .claim_due_connections("proc_b", now, lease, 10)
+                        .await
+                        .unwrap()
+                })
+            };
+            assert!(
+                tokio::time::timeout(Duration::from_millis(300), &mut claim_b)
+                    .await
+                    .is_err(),
+                "B claimed while A's write was open"
+            );
+            sqlx::query("COMMIT").execute(&mut conn).await.unwrap();
+            let b = tokio::time::timeout(Duration::from_secs(4), claim_b)
+                .await
+                .expect("B never got the writer lock")
+                .unwrap();
+            (expected_a, b)
+        }
+    }
+}
+
 /// Due connections are leased to one claimer at a time; a lease expires; a release
 /// reschedules; revoked connections are never claimed.
 async fn leases_story(backend: Backend) {
-    let (_db, store) = store(backend).await;
+    let (db, store) = store(backend).await;
     let now = time::OffsetDateTime::now_utc();
     for i in 0..10 {
         let id = format!("ten_{i}");
@@ -330,12 +465,11 @@ async fn leases_story(backend: Backend) {
             .unwrap();
     }
     let lease = now + time::Duration::minutes(2);
-    // Two claimers at once, each asking for everything: disjoint, together all nine.
-    let (a, b) = tokio::join!(
-        store.claim_due_connections("proc_a", now, lease, 10),
-        store.claim_due_connections("proc_b", now, lease, 10),
-    );
-    let (a, b) = (a.unwrap(), b.unwrap());
+    // Two claimers at once. Claimer A is caught mid-claim: its transaction has leased four
+    // due rows and not committed. Claimer B, asking for everything, must not wait for A
+    // nor take A's rows.
+    let held = ["ten_0", "ten_1", "ten_2", "ten_3"];
+    let (a, b) = claim_while_another_claim_is_open(&db, &store, &held, now, lease).await;
     let mut all: Vec<TenantId> = a.iter().chain(b.iter()).cloned().collect();
     all.sort();
     all.dedup();

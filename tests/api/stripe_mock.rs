@@ -180,7 +180,38 @@ pub fn probe_delayed(resource: Resource, answer: Answer, delay: Duration) -> Moc
         })
 }
 
-/// Every probe answers `answer`; webhook endpoints behave like Stripe's (a fresh set).
+/// Stripe's answer to a URL it does not know: 404 `invalid_request_error` with no `code`
+/// ("Unrecognized request URL"). A probe that drifted off Stripe's paths gets this, and it
+/// must never read as "granted".
+pub struct UnknownUrl;
+
+impl Respond for UnknownUrl {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        ResponseTemplate::new(404)
+            .insert_header("stripe-version", "2023-08-16")
+            .set_body_json(json!({"error": {
+                "message": format!(
+                    "Unrecognized request URL ({}: {}). Please see https://stripe.com/docs or we can help at https://support.stripe.com/.",
+                    request.method.as_str(),
+                    request.url.path()
+                ),
+                "type": "invalid_request_error",
+            }}))
+    }
+}
+
+/// Answers every request no other mock matches the way Stripe answers an unknown URL
+/// (lowest priority, so every specific mock wins).
+pub async fn mount_unknown_urls(server: &MockServer) {
+    Mock::given(wiremock::matchers::any())
+        .respond_with(UnknownUrl)
+        .with_priority(u8::MAX)
+        .mount(server)
+        .await;
+}
+
+/// Every probe answers `answer`; webhook endpoints behave like Stripe's (a fresh set);
+/// any other path is unknown to Stripe.
 pub async fn answer_all(server: &MockServer, answer: Answer) -> FakeEndpoints {
     for resource in Resource::ALL {
         probe(resource, answer).mount(server).await;
@@ -213,6 +244,38 @@ pub fn probes(requests: &[Request]) -> Vec<&Request> {
         .collect()
 }
 
+/// Every request in `requests` authenticated with exactly `api_key` (a verification that
+/// opened the wrong key, or sent another, fails here: the mocks answer any key).
+#[track_caller]
+pub fn assert_bearer(requests: &[Request], api_key: &str) {
+    assert!(!requests.is_empty(), "no request reached Stripe");
+    let expected = format!("Bearer {api_key}");
+    for request in requests {
+        let sent = request
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        assert!(
+            sent == expected,
+            "{} {} was sent with another key (…{})",
+            request.method,
+            request.url.path(),
+            &sent[sent.len().saturating_sub(4)..]
+        );
+    }
+}
+
+/// An RFC 3339 timestamp from a response body.
+#[track_caller]
+pub fn timestamp(value: &serde_json::Value) -> time::OffsetDateTime {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a timestamp: {value}"));
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{text}: {e}"))
+}
+
 /// A well-formed key of the given prefix (built at run time: no key-shaped literal is
 /// committed) whose last four characters are `last4`.
 pub fn key(prefix: &str, last4: &str) -> String {
@@ -236,9 +299,37 @@ struct FakeState {
     next: u32,
     refuse: bool,
     omit_secret: bool,
-    delay: Option<Duration>,
     /// Answers to a key ending in these four characters come this much later.
     key_delays: Vec<(String, Duration)>,
+    gate: Option<GateInside>,
+}
+
+/// The mock's side of a [`RegistrationGate`].
+struct GateInside {
+    arrived: tokio::sync::mpsc::UnboundedSender<String>,
+    go: std::sync::mpsc::Receiver<()>,
+}
+
+/// Holds the next registration after Stripe has created the endpoint and before it answers,
+/// until the test says go: the test acts at a known point of the connect flow (no sleeps).
+pub struct RegistrationGate {
+    arrived: tokio::sync::mpsc::UnboundedReceiver<String>,
+    go: std::sync::mpsc::Sender<()>,
+}
+
+impl RegistrationGate {
+    /// Waits until a registration has arrived (and the endpoint exists on Stripe); its id.
+    pub async fn arrived(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(10), self.arrived.recv())
+            .await
+            .expect("no webhook registration arrived")
+            .expect("gate dropped")
+    }
+
+    /// Lets Stripe answer the held registration.
+    pub fn release(&self) {
+        let _ = self.go.send(());
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -273,8 +364,10 @@ fn form_value(body: &[u8], name: &str) -> Option<String> {
 }
 
 impl FakeEndpoints {
-    /// Mounts create, retrieve and delete of webhook endpoints on `server`.
+    /// Mounts create, retrieve and delete of webhook endpoints on `server`, and Stripe's
+    /// answer to unknown URLs for everything else.
     pub async fn mount(&self, server: &MockServer) {
+        mount_unknown_urls(server).await;
         Mock::given(method("POST"))
             .and(path_regex(r"^/v1/webhook_endpoints$"))
             .respond_with(self.clone())
@@ -326,8 +419,15 @@ impl FakeEndpoints {
         self.inner.lock().unwrap().omit_secret = omit;
     }
 
-    pub fn delay_registration(&self, delay: Duration) {
-        self.inner.lock().unwrap().delay = Some(delay);
+    /// Holds the next registration at the gate returned (see [`RegistrationGate`]).
+    pub fn gate_registration(&self) -> RegistrationGate {
+        let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        self.inner.lock().unwrap().gate = Some(GateInside {
+            arrived: arrived_tx,
+            go: go_rx,
+        });
+        RegistrationGate { arrived, go }
     }
 
     /// Every answer to the key ending in `last4` comes `delay` late (the change itself is
@@ -404,11 +504,15 @@ impl FakeEndpoints {
                 if state.omit_secret {
                     body.as_object_mut().unwrap().remove("secret");
                 }
-                let template = ResponseTemplate::new(200).set_body_json(body);
-                match state.delay {
-                    Some(delay) => template.set_delay(delay),
-                    None => template,
+                let gate = state.gate.take();
+                drop(state);
+                if let Some(gate) = gate {
+                    // The endpoint exists on Stripe; the answer waits for the test. (This
+                    // blocks the mock server's own thread, which serves nothing else now.)
+                    let _ = gate.arrived.send(id.clone());
+                    let _ = gate.go.recv_timeout(Duration::from_secs(10));
                 }
+                ResponseTemplate::new(200).set_body_json(body)
             }
             verb => {
                 let id = path.rsplit('/').next().unwrap_or_default().to_owned();

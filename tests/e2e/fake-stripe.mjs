@@ -11,6 +11,11 @@
 // Any other suffix is treated like …Good. Probes answer after `delayMs`, so a test can see
 // the page's busy state. Webhook endpoints (create, retrieve, delete) are kept in memory,
 // as Stripe keeps them on the account, with the signing secret returned once at creation.
+//
+// A path Stripe does not know gets Stripe's own answer: 404 `invalid_request_error`, no
+// `code`, "Unrecognized request URL (…)". The service must never read that as a granted
+// permission. `state.unknownProbes` (a set of resource names) makes those probe paths
+// unknown, as if the service's probe path had drifted off Stripe's API.
 
 import http from 'node:http';
 import crypto from 'node:crypto';
@@ -31,7 +36,7 @@ function masked(key) {
 }
 
 export async function startFakeStripe({ delayMs = 0 } = {}) {
-  const state = { down: true, delayMs, requests: [], endpoints: new Map() };
+  const state = { down: true, delayMs, requests: [], endpoints: new Map(), unknownProbes: new Set() };
   const server = http.createServer((req, res) => {
     const chunks = [];
     req.on('data', (chunk) => chunks.push(chunk));
@@ -75,9 +80,16 @@ export async function startFakeStripe({ delayMs = 0 } = {}) {
         }
         return;
       }
-      const probe = req.method === 'POST' ? PROBES.find((p) => p.pattern.test(path)) : undefined;
+      const probe = req.method === 'POST'
+        ? PROBES.find((p) => p.pattern.test(path) && !state.unknownProbes.has(p.resource))
+        : undefined;
       if (!probe) {
-        send(404, { error: { type: 'invalid_request_error', message: `Unrecognized request URL (${req.method}: ${path}).` } });
+        send(404, {
+          error: {
+            type: 'invalid_request_error',
+            message: `Unrecognized request URL (${req.method}: ${path}). Please see https://stripe.com/docs or we can help at https://support.stripe.com/.`,
+          },
+        });
         return;
       }
       if (last4 === 'Revk') {
