@@ -136,7 +136,11 @@ impl Application {
         };
         Ok(Self {
             listener,
-            router: http::router(state, settings.server.body_limit_bytes),
+            router: http::router(
+                state,
+                settings.server.body_limit_bytes,
+                &settings.server.cors_allowed_origins,
+            ),
             shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
             limits: ServerLimits {
                 header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),

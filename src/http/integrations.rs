@@ -1,12 +1,15 @@
 //! Routes for the integrations modal, authorised by a tenant token.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use std::time::Duration;
+
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use secrecy::SecretString;
 use serde::Deserialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{AppJson, AuthorizedTenant};
@@ -14,17 +17,47 @@ use super::state::AppState;
 use super::summary::ConnectionSummary;
 use crate::store::{Actor, SaveOutcome};
 
-pub fn router() -> Router<AppState> {
+/// The tenant-facing routes. With `cors_allowed_origins`, exactly those browser origins may
+/// call them with a tenant token: only the methods and headers these routes use, no
+/// cookies. No other route answers a CORS preflight.
+pub fn router(cors_allowed_origins: &[String]) -> Router<AppState> {
+    let origins: Vec<HeaderValue> = (cors_allowed_origins.iter())
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    let connection = post(connect).get(show).delete(disconnect);
+    let verification = post(verify);
+    if origins.is_empty() {
+        return Router::new()
+            .route("/v1/tenants/{tenant_id}/stripe/connection", connection)
+            .route(
+                "/v1/tenants/{tenant_id}/stripe/connection/verify",
+                verification,
+            );
+    }
+    // OPTIONS must reach the route for the CORS layer to answer the preflight; an OPTIONS
+    // that is not a preflight gets what it got before.
+    let not_a_preflight = || async { ApiError::MethodNotAllowed };
     Router::new()
         .route(
             "/v1/tenants/{tenant_id}/stripe/connection",
-            post(connect).get(show).delete(disconnect),
+            connection.options(not_a_preflight),
         )
         .route(
             "/v1/tenants/{tenant_id}/stripe/connection/verify",
-            post(verify),
+            verification.options(not_a_preflight),
+        )
+        .layer(
+            CorsLayer::new()
+                .allow_origin(AllowOrigin::list(origins))
+                .allow_methods([Method::GET, Method::POST, Method::DELETE])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, REQUEST_ID])
+                .expose_headers([REQUEST_ID, header::RETRY_AFTER])
+                .allow_credentials(false)
+                .max_age(Duration::from_secs(600)),
         )
 }
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The modal's Activate.
 #[derive(Deserialize, utoipa::ToSchema)]

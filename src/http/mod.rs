@@ -27,12 +27,12 @@ use extract::BodyLimit;
 pub use state::AppState;
 pub use summary::ConnectionSummary;
 
-pub fn router(state: AppState, body_limit: usize) -> Router {
+pub fn router(state: AppState, body_limit: usize, cors_allowed_origins: &[String]) -> Router {
     Router::new()
         .merge(ops::router())
         .merge(openapi::router())
         .merge(connect_page::router())
-        .merge(integrations::router())
+        .merge(integrations::router(cors_allowed_origins))
         .merge(internal::router())
         .layer(DefaultBodyLimit::max(body_limit))
         // Stripe's events can be larger than any API body; the receiver applies its own limit.

@@ -10,6 +10,7 @@ mod cli;
 mod config_checks;
 mod connect;
 mod connect_page;
+mod cors;
 mod docs;
 mod hostile;
 mod keys;
