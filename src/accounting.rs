@@ -1,5 +1,6 @@
-//! Key-fetch accounting: every fetch is attributed to its service token and tenant, tallied
-//! per minute in memory and written in batches, so the hot path never waits on a write.
+//! Accounting of key fetches and proxied Stripe calls: each is attributed to its service
+//! token and tenant, tallied per minute in memory and written in batches, so the hot path
+//! never waits on a write.
 //!
 //! Loss window: tallies not yet flushed (at most `flush_interval`, plus the time a failing
 //! database takes to come back) are lost if the process is killed; a graceful shutdown
@@ -20,7 +21,17 @@ const QUEUE: usize = 65_536;
 /// Distinct (token, tenant, minute) tallies kept while the database is unreachable.
 const MAX_PENDING: usize = 200_000;
 
+/// What is tallied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Usage {
+    /// `GET …/stripe/key`.
+    KeyFetch,
+    /// A call through the Stripe proxy.
+    StripeCall,
+}
+
 struct Fetch {
+    usage: Usage,
     token_id: String,
     tenant_id: TenantId,
     at: OffsetDateTime,
@@ -41,7 +52,13 @@ impl KeyFetchRecorder {
     }
 
     pub async fn record(&self, token_id: &str, tenant_id: &TenantId) {
+        self.record_usage(Usage::KeyFetch, token_id, tenant_id)
+            .await
+    }
+
+    pub async fn record_usage(&self, usage: Usage, token_id: &str, tenant_id: &TenantId) {
         let fetch = Fetch {
+            usage,
             token_id: token_id.to_owned(),
             tenant_id: tenant_id.clone(),
             at: crate::clock::now(),
@@ -59,7 +76,7 @@ impl KeyFetchRecorder {
     }
 }
 
-type TallyKey = (String, TenantId, OffsetDateTime);
+type TallyKey = (Usage, String, TenantId, OffsetDateTime);
 
 fn minute_of(at: OffsetDateTime) -> OffsetDateTime {
     at.replace_second(0)
@@ -79,7 +96,7 @@ async fn write_tallies(
         tokio::select! {
             fetch = rx.recv() => match fetch {
                 Some(fetch) => {
-                    let key = (fetch.token_id, fetch.tenant_id, minute_of(fetch.at));
+                    let key = (fetch.usage, fetch.token_id, fetch.tenant_id, minute_of(fetch.at));
                     let entry = pending.entry(key).or_insert((0, fetch.at));
                     entry.0 += 1;
                     entry.1 = entry.1.max(fetch.at);
@@ -98,26 +115,30 @@ async fn flush(store: &dyn Store, pending: &mut HashMap<TallyKey, (i64, OffsetDa
     if pending.is_empty() {
         return;
     }
-    let tallies: Vec<KeyFetchTally> = pending
-        .iter()
-        .map(
-            |((token_id, tenant_id, window_start), (count, last))| KeyFetchTally {
-                token_id: token_id.clone(),
-                tenant_id: tenant_id.clone(),
-                window_start: *window_start,
-                fetch_count: *count,
-                last_fetched_at: *last,
-            },
-        )
-        .collect();
-    match store.record_key_fetches(&tallies).await {
+    let tallies = |usage: Usage| -> Vec<KeyFetchTally> {
+        (pending.iter())
+            .filter(|((kind, ..), _)| *kind == usage)
+            .map(
+                |((_, token_id, tenant_id, window_start), (count, last))| KeyFetchTally {
+                    token_id: token_id.clone(),
+                    tenant_id: tenant_id.clone(),
+                    window_start: *window_start,
+                    fetch_count: *count,
+                    last_fetched_at: *last,
+                },
+            )
+            .collect()
+    };
+    let (fetches, calls) = (tallies(Usage::KeyFetch), tallies(Usage::StripeCall));
+    let written = store.record_usage(&fetches, &calls).await;
+    match written {
         Ok(()) => pending.clear(),
         Err(e) => {
-            tracing::warn!(error = %e, tallies = tallies.len(), "could not write key-fetch tallies; will retry");
+            tracing::warn!(error = %e, tallies = pending.len(), "could not write usage tallies; will retry");
             if pending.len() > MAX_PENDING {
                 tracing::error!(
                     lost = pending.len(),
-                    "key-fetch tallies dropped: the database has been unreachable too long"
+                    "usage tallies dropped: the database has been unreachable too long"
                 );
                 pending.clear();
             }

@@ -45,6 +45,8 @@ pub struct Settings {
     pub reverify: ReverifySettings,
     pub webhooks: WebhookSettings,
     pub accounting: AccountingSettings,
+    pub internal: InternalSettings,
+    pub proxy: ProxySettings,
     pub dev: DevSettings,
     pub log: LogSettings,
     /// `ATLAS_STRIPE_ENVIRONMENT` when set (`production` turns on the production rules).
@@ -183,6 +185,30 @@ pub struct WebhookSettings {
 #[serde(deny_unknown_fields)]
 pub struct AccountingSettings {
     pub flush_interval_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InternalSettings {
+    /// `GET …/stripe/key`; off once every charging service calls Stripe through the proxy.
+    pub key_fetch_enabled: bool,
+}
+
+/// The Stripe proxy for charging services (`…/stripe/v1/{path}`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    /// `METHOD /v1/path/{template}` pairs that are forwarded; anything else is refused.
+    #[serde(deserialize_with = "list")]
+    pub allowed: Vec<String>,
+    pub body_limit_bytes: usize,
+    /// Calls per second smoothed per connected account, by the account's mode.
+    pub live_requests_per_second: u32,
+    pub test_requests_per_second: u32,
+    /// How long a call over the rate may wait for its turn before it is refused (429).
+    pub max_wait_ms: u64,
+    /// The longest a call may take, retries included (a caller may ask for less).
+    pub deadline_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -551,6 +577,26 @@ impl Settings {
             self.accounting.flush_interval_ms,
             1..=3_600_000,
         );
+
+        let x = &self.proxy;
+        for entry in &x.allowed {
+            if let Err(problem) = crate::proxy::Endpoint::parse(entry) {
+                p.push("proxy.allowed", problem);
+            }
+        }
+        p.range("proxy.body_limit_bytes", x.body_limit_bytes, 1024..=1 << 20);
+        p.range(
+            "proxy.live_requests_per_second",
+            x.live_requests_per_second,
+            1..=10_000,
+        );
+        p.range(
+            "proxy.test_requests_per_second",
+            x.test_requests_per_second,
+            1..=10_000,
+        );
+        p.range("proxy.max_wait_ms", x.max_wait_ms, 0..=60_000);
+        p.range("proxy.deadline_ms", x.deadline_ms, 100..=120_000);
 
         if self.dev.generate_secrets {
             if production {

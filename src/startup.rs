@@ -133,6 +133,9 @@ impl Application {
             )),
             connections,
             health,
+            proxy: crate::http::proxy::ProxyState::new(&settings.proxy)
+                .map_err(|e| anyhow::anyhow!("proxy.allowed: {e}"))?,
+            key_fetch_enabled: settings.internal.key_fetch_enabled,
         };
         Ok(Self {
             listener,

@@ -18,14 +18,17 @@ pub enum Scope {
     OpsRead,
     /// Read the events Stripe delivered for a tenant (charging services).
     EventsRead,
+    /// Call Stripe for a tenant through the proxy, which adds the key (charging services).
+    StripeCall,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 4] = [
+    pub const ALL: [Scope; 5] = [
         Self::TenantsWrite,
         Self::KeysRead,
         Self::OpsRead,
         Self::EventsRead,
+        Self::StripeCall,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -34,6 +37,7 @@ impl Scope {
             Self::KeysRead => "keys:read",
             Self::OpsRead => "ops:read",
             Self::EventsRead => "events:read",
+            Self::StripeCall => "stripe:call",
         }
     }
 

@@ -141,6 +141,11 @@ impl ConnectionService {
         }
     }
 
+    /// The Stripe client, shared with the proxy.
+    pub fn stripe(&self) -> &StripeClient {
+        &self.stripe
+    }
+
     /// The resources a key must be able to write.
     pub fn required(&self) -> &[Resource] {
         &self.required

@@ -28,6 +28,8 @@ pub enum ApiError {
     Unauthenticated,
     #[error("This token does not carry the {0} scope.")]
     InsufficientScope(&'static str),
+    #[error("The proxy does not forward this method and path (proxy.allowed).")]
+    EndpointNotAllowed,
     #[error("No Stripe connection exists for this tenant.")]
     NotConnected,
     #[error("No route matches this path.")]
@@ -94,6 +96,7 @@ impl ApiError {
         match self {
             Self::Unauthenticated => (S::UNAUTHORIZED, "unauthenticated"),
             Self::InsufficientScope(_) => (S::FORBIDDEN, "insufficient_scope"),
+            Self::EndpointNotAllowed => (S::FORBIDDEN, "endpoint_not_allowed"),
             Self::NotConnected => (S::NOT_FOUND, "not_connected"),
             Self::RouteNotFound => (S::NOT_FOUND, "not_found"),
             Self::UnknownWebhookConnection => (S::NOT_FOUND, "unknown_connection"),

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::marker::PhantomData;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, RawPathParams, Request};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -121,6 +121,11 @@ impl RequiredScope for EventsRead {
     const SCOPE: Scope = Scope::EventsRead;
 }
 
+pub struct StripeCall;
+impl RequiredScope for StripeCall {
+    const SCOPE: Scope = Scope::StripeCall;
+}
+
 /// An internal caller holding a valid, unrevoked service token with scope `S`. Extract it
 /// first: a caller without the scope learns nothing about the parameters (403 before 400).
 pub struct ServiceCaller<S> {
@@ -164,10 +169,14 @@ impl<S: Send + Sync> FromRequestParts<S> for TenantPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+        let params = RawPathParams::from_request_parts(parts, state)
             .await
             .map_err(|_| ApiError::RouteNotFound)?;
-        let tenant = parse_tenant_path(&raw)?;
+        let raw = (params.iter())
+            .find(|(name, _)| *name == "tenant_id")
+            .map(|(_, value)| value)
+            .ok_or(ApiError::RouteNotFound)?;
+        let tenant = parse_tenant_path(raw)?;
         tracing::Span::current().record("tenant_id", tenant.as_str());
         Ok(Self(tenant))
     }

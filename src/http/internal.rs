@@ -150,6 +150,10 @@ pub async fn fetch_key(
     presented: PresentedServiceToken,
     Path(raw_tenant): Path<String>,
 ) -> Result<Response, ApiError> {
+    if !state.key_fetch_enabled {
+        // internal.key_fetch_enabled = false: the proxy is the only way to use a key.
+        return Err(ApiError::RouteNotFound);
+    }
     let tenant = match parse_tenant_path(&raw_tenant) {
         Ok(tenant) => tenant,
         // Off the hot path: the token is judged (401, 403) before the parameter (400).

@@ -7,6 +7,7 @@ mod integrations;
 mod internal;
 mod openapi;
 mod ops;
+pub mod proxy;
 pub mod state;
 mod summary;
 mod webhooks;
@@ -35,8 +36,10 @@ pub fn router(state: AppState, body_limit: usize, cors_allowed_origins: &[String
         .merge(integrations::router(cors_allowed_origins))
         .merge(internal::router())
         .layer(DefaultBodyLimit::max(body_limit))
-        // Stripe's events can be larger than any API body; the receiver applies its own limit.
+        // Stripe's events, and the forms charging services send Stripe, can be larger than
+        // any API body: the receiver and the proxy apply limits of their own.
         .merge(webhooks::router())
+        .merge(proxy::router())
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(Extension(BodyLimit(body_limit)))

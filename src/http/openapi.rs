@@ -9,13 +9,13 @@ use utoipa::{Modify, OpenApi};
 use super::error::{ErrorBody, ErrorDetail};
 use super::state::AppState;
 use super::summary::ConnectionSummary;
-use super::{integrations, internal, ops, webhooks};
+use super::{integrations, internal, ops, proxy, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "atlas-stripe",
-        description = "Connects an Atlas tenant's Stripe account: verifies a pasted key without side effects, seals it, and serves it to charging services. Beyond the HTTP contract in docs/API.md: extra error codes (not_found, method_not_allowed, unsupported_media_type, payload_too_large, invalid_tenant_id, invalid_request, not_ready, internal_error) in the same error shape; the key fetch also returns `status`; an unknown tenant on connect is 404 not_connected, like a token for another tenant."
+        description = "Connects an Atlas tenant's Stripe account: verifies a pasted key without side effects, seals it, and serves it to charging services. Beyond the HTTP contract in docs/API.md: extra error codes (not_found, method_not_allowed, unsupported_media_type, payload_too_large, request_timeout, invalid_request, not_ready, concurrent_change, internal_error) in the same error shape; the key fetch also returns `status`; an unknown tenant on connect is 404 not_connected, like a token for another tenant."
     ),
     paths(
         integrations::connect,
@@ -30,6 +30,7 @@ use super::{integrations, internal, ops, webhooks};
         ops::metrics,
         webhooks::receive,
         internal::list_events,
+        proxy::forward,
         openapi_json,
     ),
     components(schemas(ConnectionSummary, ErrorBody, ErrorDetail)),
@@ -39,6 +40,7 @@ use super::{integrations, internal, ops, webhooks};
         (name = "internal", description = "Atlas's internal services; scoped service tokens"),
         (name = "ops", description = "Probes; open and revealing nothing secret"),
         (name = "webhooks", description = "Stripe's deliveries to the endpoint registered on each connected account"),
+        (name = "proxy", description = "Charging services call Stripe through this service, which adds the tenant's key; scope stripe:call"),
     )
 )]
 pub struct ApiDoc;

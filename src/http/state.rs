@@ -14,6 +14,9 @@ pub struct AppState {
     pub tenant_tokens: Arc<TenantTokens>,
     pub connections: Arc<ConnectionService>,
     pub health: Arc<crate::health::HealthMonitor>,
+    pub proxy: Arc<super::proxy::ProxyState>,
+    /// `internal.key_fetch_enabled`.
+    pub key_fetch_enabled: bool,
     pub key_fetches: KeyFetchRecorder,
     pub webhook_tolerance_secs: i64,
     pub webhook_body_limit: usize,

@@ -274,11 +274,22 @@ pub trait Store: Send + Sync + 'static {
         tenant: &TenantId,
     ) -> Result<Option<KeyFetch>, StoreError>;
 
-    /// Adds tallies of key fetches (accumulated off the request path) in one transaction.
-    async fn record_key_fetches(&self, tallies: &[KeyFetchTally]) -> Result<(), StoreError>;
+    /// Adds tallies of key fetches and of proxied Stripe calls (accumulated off the request
+    /// path) in one transaction.
+    async fn record_usage(
+        &self,
+        key_fetches: &[KeyFetchTally],
+        stripe_calls: &[KeyFetchTally],
+    ) -> Result<(), StoreError>;
 
     /// Key-fetch tallies for one tenant, oldest window first.
     async fn key_fetches(&self, tenant: &TenantId) -> Result<Vec<KeyFetchTally>, StoreError>;
+
+    /// Proxied-call tallies for one tenant, oldest window first.
+    async fn stripe_calls(&self, tenant: &TenantId) -> Result<Vec<KeyFetchTally>, StoreError>;
+
+    /// Makes the tenant's connection due for re-verification now (Stripe refused its key).
+    async fn mark_due_now(&self, tenant: &TenantId) -> Result<(), StoreError>;
 
     /// Takes one attempt of `kind` for `tenant` under a limit of `quota.per_period` attempts
     /// per `quota.period` (GCRA, kept in the database so every instance shares it). `Ok(None)`:

@@ -216,5 +216,20 @@ pub const TAKE_ATTEMPT: &str = "INSERT INTO attempt_limits (tenant_id, kind, tat
 pub const ATTEMPT_TAT: &str =
     "SELECT tat_micros FROM attempt_limits WHERE tenant_id = $1 AND kind = $2";
 
+/// Adds a tally of proxied calls, like `ADD_KEY_FETCHES`.
+pub const ADD_STRIPE_CALLS: &str = "INSERT INTO stripe_calls \
+    (token_id, tenant_id, window_start, call_count, last_called_at) VALUES ($1, $2, $3, $4, $5) \
+    ON CONFLICT (tenant_id, window_start, token_id) DO UPDATE SET \
+    call_count = stripe_calls.call_count + excluded.call_count, \
+    last_called_at = CASE WHEN excluded.last_called_at > stripe_calls.last_called_at \
+    THEN excluded.last_called_at ELSE stripe_calls.last_called_at END";
+
+pub const STRIPE_CALLS: &str = "SELECT token_id, tenant_id, window_start, \
+    call_count AS fetch_count, last_called_at AS last_fetched_at FROM stripe_calls \
+    WHERE tenant_id = $1 ORDER BY window_start, token_id";
+
+pub const MARK_DUE_NOW: &str = "UPDATE stripe_connections SET next_verify_at = $2 \
+    WHERE tenant_id = $1 AND status <> 'revoked' AND next_verify_at > $2";
+
 pub const KEY_FETCHES: &str = "SELECT token_id, tenant_id, window_start, fetch_count, \
     last_fetched_at FROM key_fetches WHERE tenant_id = $1 ORDER BY window_start, token_id";

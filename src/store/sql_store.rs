@@ -570,19 +570,46 @@ where
         row.map(TryInto::try_into).transpose()
     }
 
-    async fn record_key_fetches(&self, tallies: &[KeyFetchTally]) -> Result<(), StoreError> {
+    async fn record_usage(
+        &self,
+        key_fetches: &[KeyFetchTally],
+        stripe_calls: &[KeyFetchTally],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        for tally in tallies {
-            sqlx::query(queries::ADD_KEY_FETCHES)
-                .bind(tally.token_id.as_str())
-                .bind(tally.tenant_id.as_str())
-                .bind(tally.window_start)
-                .bind(tally.fetch_count)
-                .bind(tally.last_fetched_at)
-                .execute(&mut *tx)
-                .await?;
+        let usage = [
+            (queries::ADD_KEY_FETCHES, key_fetches),
+            (queries::ADD_STRIPE_CALLS, stripe_calls),
+        ];
+        for (statement, tallies) in usage {
+            for tally in tallies {
+                sqlx::query(statement)
+                    .bind(tally.token_id.as_str())
+                    .bind(tally.tenant_id.as_str())
+                    .bind(tally.window_start)
+                    .bind(tally.fetch_count)
+                    .bind(tally.last_fetched_at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn stripe_calls(&self, tenant: &TenantId) -> Result<Vec<KeyFetchTally>, StoreError> {
+        let rows: Vec<KeyFetchTallyRow> = sqlx::query_as(queries::STRIPE_CALLS)
+            .bind(tenant.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn mark_due_now(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        sqlx::query(queries::MARK_DUE_NOW)
+            .bind(tenant.as_str())
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

@@ -151,6 +151,115 @@ impl StripeClient {
         }
     }
 
+    /// Forwards a charging service's request and returns Stripe's answer as it came. Retries
+    /// only what `request.retry` says is safe, on the answers Stripe marks retryable
+    /// (`Stripe-Should-Retry`, 409, 429, 5xx) and on transport errors, within the deadline.
+    pub async fn forward(
+        &self,
+        key: &StripeKey,
+        request: &Forward,
+    ) -> Result<Forwarded, StripeFailure> {
+        let mut attempt = 0;
+        loop {
+            let left = request
+                .deadline
+                .saturating_duration_since(tokio::time::Instant::now());
+            let outcome = self.forward_once(key, request, left).await;
+            let retryable = match &outcome {
+                Ok((_, retryable)) => *retryable,
+                Err(StripeFailure::Timeout | StripeFailure::Transport) => true,
+                Err(_) => false,
+            };
+            let delay = self.backoff(attempt + 1);
+            let in_time = tokio::time::Instant::now() + delay < request.deadline;
+            if !(retryable && request.retry && attempt < self.config.max_retries && in_time) {
+                return outcome.map(|(reply, _)| reply);
+            }
+            attempt += 1;
+            tracing::debug!(endpoint = %request.endpoint, attempt, "retrying a forwarded request");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn forward_once(
+        &self,
+        key: &StripeKey,
+        request: &Forward,
+        left: Duration,
+    ) -> Result<(Forwarded, bool), StripeFailure> {
+        if left.is_zero() {
+            return Err(StripeFailure::Timeout);
+        }
+        let url = format!("{}{}", self.config.api_base, request.path_and_query);
+        let mut builder = self
+            .http
+            .request(request.method.clone(), url)
+            .timeout(left.min(self.config.request_timeout))
+            .bearer_auth(key.expose_secret())
+            .header("Stripe-Version", &self.config.api_version);
+        if let Some(idempotency_key) = &request.idempotency_key {
+            builder = builder.header("Idempotency-Key", idempotency_key);
+        }
+        if !request.body.is_empty() || request.method == reqwest::Method::POST {
+            builder = builder
+                .header(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-www-form-urlencoded"),
+                )
+                .body(request.body.clone());
+        }
+        let started = std::time::Instant::now();
+        let result = self.forward_read(builder).await;
+        let outcome = match &result {
+            Ok((reply, _)) => reply.status.to_string(),
+            Err(StripeFailure::Timeout) => "timeout".into(),
+            Err(StripeFailure::Transport) => "transport".into(),
+            Err(StripeFailure::Status(s)) => s.to_string(),
+            Err(StripeFailure::UnexpectedBody(s)) => format!("{s}_unexpected_body"),
+        };
+        metrics::counter!("atlas_stripe_requests_total", "endpoint" => request.endpoint.clone(), "outcome" => outcome).increment(1);
+        metrics::histogram!("atlas_stripe_request_duration_seconds", "endpoint" => request.endpoint.clone()).record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn forward_read(
+        &self,
+        builder: reqwest::RequestBuilder,
+    ) -> Result<(Forwarded, bool), StripeFailure> {
+        let response = match builder.send().await {
+            Ok(response) => response,
+            Err(e) if e.is_timeout() => return Err(StripeFailure::Timeout),
+            Err(_) => return Err(StripeFailure::Transport),
+        };
+        let status = response.status().as_u16();
+        let header = |name: &str| {
+            (response.headers().get(name))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let should_retry = header("Stripe-Should-Retry");
+        let request_id = header("Request-Id");
+        let idempotent_replayed = header("Idempotent-Replayed");
+        let retryable = match should_retry.as_deref() {
+            Some(v) if v.eq_ignore_ascii_case("true") => true,
+            Some(v) if v.eq_ignore_ascii_case("false") => false,
+            _ => matches!(status, 409 | 429) || status >= 500,
+        };
+        let body = match read_bounded(response, MAX_BODY).await {
+            Ok(body) => body,
+            Err(BoundedReadError::TooLarge) => return Err(StripeFailure::UnexpectedBody(status)),
+            Err(BoundedReadError::Read(e)) if e.is_timeout() => return Err(StripeFailure::Timeout),
+            Err(BoundedReadError::Read(_)) => return Err(StripeFailure::Transport),
+        };
+        let reply = Forwarded {
+            status,
+            body,
+            request_id,
+            idempotent_replayed,
+        };
+        Ok((reply, retryable))
+    }
+
     /// Full jitter: a random delay up to base·2^(attempt-1), capped.
     fn backoff(&self, attempt: u32) -> Duration {
         let exp = self
@@ -230,6 +339,31 @@ impl StripeClient {
         };
         classify(status, should_retry, &bytes)
     }
+}
+
+/// A charging service's request, forwarded as it came (the proxy), with the tenant's key.
+#[derive(Debug)]
+pub struct Forward {
+    pub method: reqwest::Method,
+    /// The allowlisted template it matched (for metrics and logs).
+    pub endpoint: String,
+    /// `/v1/…` and the query string, as the caller sent them.
+    pub path_and_query: String,
+    /// The form body, as the caller sent it.
+    pub body: axum::body::Bytes,
+    pub idempotency_key: Option<String>,
+    /// Whether the request is safe to send again (a GET, or a POST with an idempotency key).
+    pub retry: bool,
+    pub deadline: tokio::time::Instant,
+}
+
+/// Stripe's answer to a forwarded request, whatever its status.
+#[derive(Debug)]
+pub struct Forwarded {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub request_id: Option<String>,
+    pub idempotent_replayed: Option<String>,
 }
 
 pub(crate) enum BoundedReadError {

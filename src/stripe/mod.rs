@@ -6,6 +6,7 @@ mod probe;
 pub mod webhooks;
 
 pub use client::{
-    StripeClient, StripeClientConfig, StripeFailure, StripeMethod, StripeReply, StripeRequest,
+    Forward, Forwarded, StripeClient, StripeClientConfig, StripeFailure, StripeMethod, StripeReply,
+    StripeRequest,
 };
 pub use probe::{probe_request, probe_write_access, ProbeError};

@@ -18,6 +18,7 @@ mod lifecycle;
 mod limits;
 mod ops;
 mod outage;
+mod proxy;
 mod races;
 mod secrets;
 mod slow_clients;

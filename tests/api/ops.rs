@@ -96,15 +96,18 @@ async fn the_openapi_description_matches_the_routes() {
     assert_eq!(
         documented,
         [
+            "DELETE /internal/v1/tenants/{tenant_id}/stripe/v1/{path}",
             "DELETE /v1/tenants/{tenant_id}/stripe/connection",
             "GET /healthz",
             "GET /internal/v1/connections",
             "GET /internal/v1/tenants/{tenant_id}/stripe/events",
             "GET /internal/v1/tenants/{tenant_id}/stripe/key",
+            "GET /internal/v1/tenants/{tenant_id}/stripe/v1/{path}",
             "GET /metrics",
             "GET /openapi.json",
             "GET /readyz",
             "GET /v1/tenants/{tenant_id}/stripe/connection",
+            "POST /internal/v1/tenants/{tenant_id}/stripe/v1/{path}",
             "POST /v1/tenants/{tenant_id}/stripe/connection",
             "POST /v1/tenants/{tenant_id}/stripe/connection/verify",
             "POST /webhooks/stripe/{connection_id}",

@@ -169,6 +169,34 @@ async fn a_canary_key_leaks_nowhere(backend: Backend) {
         .unwrap();
     assert_eq!(fetched.status(), 200);
     assert!(fetched.text().await.unwrap().contains(&canary));
+    // ...and calls Stripe through the proxy, which adds the key (answers and headers of
+    // the proxy are checked with the other bodies below).
+    let caller = app
+        .service_token(&[atlas_stripe::auth::Scope::StripeCall])
+        .await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path("/v1/customers"))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_raw(
+            r#"{"id":"cus_Canary","object":"customer"}"#,
+            "application/json",
+        ))
+        .mount(&app.stripe)
+        .await;
+    let proxied = app
+        .http
+        .post(app.url(&format!(
+            "/internal/v1/tenants/{tenant}/stripe/v1/customers"
+        )))
+        .bearer_auth(&caller)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("email=canary%40example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(proxied.status(), 200);
+    let headers = format!("{:?}", proxied.headers());
+    assert!(!headers.contains(&canary), "the key in the proxy's headers");
+    bodies.push(proxied.text().await.unwrap());
     // ...and a master-key rotation re-wraps it.
     let k2 = atlas_stripe::crypto::Keyring::generate_entry(
         &atlas_stripe::crypto::MasterKeyId::parse("k2").unwrap(),

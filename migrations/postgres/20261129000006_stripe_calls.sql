@@ -1,0 +1,11 @@
+-- Calls through the Stripe proxy, per token, tenant and minute, like key_fetches: who
+-- called Stripe for which tenant, without one row per call and without the call itself.
+CREATE TABLE stripe_calls (
+    token_id        TEXT NOT NULL,
+    tenant_id       TEXT NOT NULL,
+    window_start    TIMESTAMPTZ NOT NULL,
+    call_count      BIGINT NOT NULL,
+    last_called_at  TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (tenant_id, window_start, token_id)
+);
+CREATE INDEX stripe_calls_token ON stripe_calls (token_id, window_start);

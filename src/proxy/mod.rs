@@ -1,0 +1,10 @@
+//! The Stripe proxy for charging services: they send their Stripe request to
+//! `/internal/v1/tenants/{id}/stripe/v1/{path}` and this service adds the tenant's key, so
+//! the key never leaves it. Only allowlisted endpoints are forwarded (`allowlist.rs`) and
+//! each connected account's calls are smoothed under Stripe's rate limits (`smoothing.rs`).
+
+mod allowlist;
+mod smoothing;
+
+pub use allowlist::{Allowlist, Endpoint};
+pub use smoothing::{AccountSmoothing, OverRate};

@@ -1,0 +1,473 @@
+//! The Stripe proxy: charging services call Stripe through us and never hold the key.
+
+use std::time::{Duration, Instant};
+
+use atlas_stripe::auth::Scope;
+use atlas_stripe::domain::{Mode, TenantId};
+use reqwest::Method;
+use serde_json::json;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, ResponseTemplate};
+
+use crate::backend_tests;
+use crate::helpers::{assert_error, eventually, spawn_app_with, Backend, TestApp};
+use crate::stripe_mock::{answer_all, key, Answer};
+
+backend_tests!(
+    forwards_the_request_and_passes_the_answer_back,
+    only_allowlisted_endpoints_are_forwarded,
+    scope_tenant_and_connection_state_are_checked,
+    only_what_is_safe_to_repeat_is_retried,
+    a_401_passes_back_and_makes_the_connection_due,
+    each_account_is_smoothed_under_its_rate,
+    the_key_fetch_can_be_turned_off,
+);
+
+struct Proxied {
+    app: TestApp,
+    token: String,
+    api_key: String,
+    /// How many requests the connect sent to Stripe (probes, the webhook registration).
+    connect_requests: usize,
+}
+
+async fn connected(backend: Backend, extra: &[(&str, &str)]) -> Proxied {
+    let app = spawn_app_with(backend, extra).await;
+    app.create_tenant("ten_1", Mode::Test).await;
+    answer_all(&app.stripe, Answer::Granted).await;
+    let api_key = key("rk_test_", "Prxy");
+    assert_eq!(app.connect("ten_1", &api_key).await.status(), 201);
+    let token = app.service_token(&[Scope::StripeCall]).await;
+    let connect_requests = app.stripe_requests().await.len();
+    Proxied {
+        app,
+        token,
+        api_key,
+        connect_requests,
+    }
+}
+
+impl Proxied {
+    fn call(&self, verb: Method, below_v1: &str) -> reqwest::RequestBuilder {
+        let url = self
+            .app
+            .url(&format!("/internal/v1/tenants/ten_1/stripe/v1/{below_v1}"));
+        self.app.http.request(verb, url).bearer_auth(&self.token)
+    }
+
+    /// The requests the app forwarded to Stripe (not the probes and webhook calls of the
+    /// connect), each checked against Stripe's contract.
+    async fn forwarded(&self) -> Vec<wiremock::Request> {
+        let requests = self.app.stripe_requests().await;
+        requests[self.connect_requests..].to_vec()
+    }
+}
+
+fn stripe_json(status: u16, body: serde_json::Value) -> ResponseTemplate {
+    ResponseTemplate::new(status)
+        .set_body_raw(body.to_string(), "application/json")
+        .insert_header("request-id", "req_Abc123")
+}
+
+async fn forwards_the_request_and_passes_the_answer_back(backend: Backend) {
+    let p = connected(backend, &[]).await;
+    let customer = json!({"id": "cus_Nw1", "object": "customer", "email": "ada@example.com"});
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(stripe_json(200, customer.clone()))
+        .mount(&p.app.stripe)
+        .await;
+    let card_error = json!({"error": {"type": "card_error", "code": "card_declined",
+        "message": "Your card was declined.", "decline_code": "insufficient_funds"}});
+    Mock::given(method("POST"))
+        .and(path("/v1/invoices/in_1Pay/pay"))
+        .respond_with(stripe_json(402, card_error.clone()))
+        .mount(&p.app.stripe)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/customers/cus_Nw1"))
+        .respond_with(stripe_json(200, customer.clone()))
+        .mount(&p.app.stripe)
+        .await;
+
+    let form = "email=ada%40example.com&metadata[order]=42";
+    let created = p
+        .call(Method::POST, "customers")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("idempotency-key", "order-42-create")
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    assert_eq!(created.headers()["request-id"], "req_Abc123");
+    assert!(
+        created.headers().get("idempotency-key").is_none(),
+        "the caller's own key"
+    );
+    let body = created.text().await.unwrap();
+    assert_eq!(body, customer.to_string(), "Stripe's body as it came");
+    assert!(!body.contains(&p.api_key));
+
+    let declined = p
+        .call(Method::POST, "invoices/in_1Pay/pay")
+        .header("idempotency-key", "pay-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        declined.status(),
+        402,
+        "Stripe's errors pass back unchanged"
+    );
+    assert_eq!(declined.text().await.unwrap(), card_error.to_string());
+
+    let retrieved = p
+        .call(Method::GET, "customers/cus_Nw1?expand[]=default_source")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retrieved.status(), 200);
+
+    let sent = p.forwarded().await;
+    let bearer = format!("Bearer {}", p.api_key);
+    let create = sent
+        .iter()
+        .find(|r| r.url.path() == "/v1/customers")
+        .unwrap();
+    assert_eq!(create.method.as_str(), "POST");
+    assert_eq!(
+        String::from_utf8_lossy(&create.body),
+        form,
+        "the form as sent"
+    );
+    assert_eq!(create.headers["authorization"], bearer.as_str());
+    assert_eq!(create.headers["idempotency-key"], "order-42-create");
+    assert_eq!(create.headers["stripe-version"], "2023-08-16");
+    let get = sent.iter().find(|r| r.method.as_str() == "GET").unwrap();
+    assert_eq!(get.url.query(), Some("expand[]=default_source"));
+    assert_eq!(get.headers["authorization"], bearer.as_str());
+
+    // Every call is tallied per token, tenant and minute; nothing of the call is kept.
+    let tenant = TenantId::parse("ten_1").unwrap();
+    eventually("three calls tallied", || async {
+        let tallies = p.app.store.stripe_calls(&tenant).await.unwrap();
+        tallies.iter().map(|t| t.fetch_count).sum::<i64>() == 3
+    })
+    .await;
+}
+
+async fn only_allowlisted_endpoints_are_forwarded(backend: Backend) {
+    let p = connected(backend, &[]).await;
+    let before = p.forwarded().await.len();
+    for (verb, below_v1) in [
+        (Method::POST, "charges"),
+        (Method::GET, "customers/search"),
+        (Method::DELETE, "customers/cus_1"),
+        (Method::POST, "invoices/in_1/pay/extra"),
+        (Method::GET, "customers/..%2Fcharges"),
+        (Method::PUT, "customers/cus_1"),
+        (Method::POST, "webhook_endpoints"),
+    ] {
+        let refused = p.call(verb.clone(), below_v1).send().await.unwrap();
+        assert_error(refused, 403, "endpoint_not_allowed").await;
+    }
+    assert_eq!(
+        p.forwarded().await.len(),
+        before,
+        "nothing refused reached Stripe"
+    );
+}
+
+async fn scope_tenant_and_connection_state_are_checked(backend: Backend) {
+    let p = connected(backend, &[]).await;
+    let keys_only = p.app.service_token(&[Scope::KeysRead]).await;
+    let url = p.app.url("/internal/v1/tenants/ten_1/stripe/v1/customers");
+    let forbidden = p
+        .app
+        .http
+        .get(&url)
+        .bearer_auth(keys_only)
+        .send()
+        .await
+        .unwrap();
+    assert_error(forbidden, 403, "insufficient_scope").await;
+    let anonymous = p.app.http.get(&url).send().await.unwrap();
+    assert_error(anonymous, 401, "unauthenticated").await;
+    p.app.create_tenant("ten_2", Mode::Test).await;
+    let other = p
+        .app
+        .http
+        .get(p.app.url("/internal/v1/tenants/ten_2/stripe/v1/customers"))
+        .bearer_auth(&p.token)
+        .send()
+        .await
+        .unwrap();
+    assert_error(other, 404, "not_connected").await;
+    // Stripe refuses the key: the connection is revoked, and the proxy stops using it.
+    p.app.stripe.reset().await;
+    Mock::given(wiremock::matchers::any())
+        .respond_with(stripe_json(
+            401,
+            json!({"error": {"type": "invalid_request_error",
+                "message": "Invalid API Key provided: rk_test_****Prxy"}}),
+        ))
+        .mount(&p.app.stripe)
+        .await;
+    let verified = p.app.tenant_request(Method::POST, "ten_1", "/verify").await;
+    assert_eq!(verified.status(), 200);
+    let revoked = p.call(Method::GET, "customers").send().await.unwrap();
+    assert_error(revoked, 409, "connection_not_active").await;
+}
+
+async fn only_what_is_safe_to_repeat_is_retried(backend: Backend) {
+    let p = connected(backend, &[("stripe.max_retries", "2")]).await;
+    let overloaded = || {
+        stripe_json(
+            500,
+            json!({"error": {"type": "api_error", "message": "An error occurred."}}),
+        )
+    };
+    // A GET: retried after a 500, and the second answer comes back.
+    Mock::given(method("GET"))
+        .and(path("/v1/customers"))
+        .respond_with(overloaded())
+        .up_to_n_times(1)
+        .mount(&p.app.stripe)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/customers"))
+        .respond_with(stripe_json(
+            200,
+            json!({"object": "list", "data": [], "has_more": false}),
+        ))
+        .mount(&p.app.stripe)
+        .await;
+    // POSTs: always 500.
+    for endpoint in ["/v1/coupons", "/v1/invoiceitems"] {
+        Mock::given(method("POST"))
+            .and(path(endpoint))
+            .respond_with(overloaded())
+            .mount(&p.app.stripe)
+            .await;
+    }
+    let listed = p
+        .call(Method::GET, "customers?limit=3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+
+    // No idempotency key: sent once, under one we made up and return.
+    let once = p
+        .call(Method::POST, "coupons")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("percent_off=10")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(once.status(), 500, "Stripe's answer, passed back");
+    let made_up = once.headers()["idempotency-key"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+
+    // The caller's idempotency key: safe to repeat, so repeated.
+    let repeated = p
+        .call(Method::POST, "invoiceitems")
+        .header("idempotency-key", "item-7")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("customer=cus_1&amount=500&currency=usd")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(repeated.status(), 500);
+    assert!(repeated.headers().get("idempotency-key").is_none());
+
+    let sent = p.forwarded().await;
+    let count = |verb: &str, endpoint: &str| {
+        (sent.iter())
+            .filter(|r| r.method.as_str() == verb && r.url.path() == endpoint)
+            .count()
+    };
+    assert_eq!(count("GET", "/v1/customers"), 2, "the GET was retried once");
+    assert_eq!(
+        count("POST", "/v1/coupons"),
+        1,
+        "a POST without a key is sent once"
+    );
+    assert_eq!(
+        count("POST", "/v1/invoiceitems"),
+        3,
+        "with a key: the tries allowed"
+    );
+    let coupon = sent.iter().find(|r| r.url.path() == "/v1/coupons").unwrap();
+    assert_eq!(coupon.headers["idempotency-key"], made_up.as_str());
+}
+
+async fn a_401_passes_back_and_makes_the_connection_due(backend: Backend) {
+    let p = connected(backend, &[]).await;
+    let rejected = json!({"error": {"type": "invalid_request_error",
+        "message": "Invalid API Key provided: rk_test_****Prxy"}});
+    Mock::given(method("GET"))
+        .and(path("/v1/invoices"))
+        .respond_with(stripe_json(401, rejected.clone()))
+        .mount(&p.app.stripe)
+        .await;
+    let answer = p.call(Method::GET, "invoices").send().await.unwrap();
+    assert_eq!(answer.status(), 401);
+    assert_eq!(answer.text().await.unwrap(), rejected.to_string());
+    let now = atlas_stripe::clock::now();
+    let due = p
+        .app
+        .store
+        .claim_due_connections("test", now, now + time::Duration::minutes(1), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        due,
+        [TenantId::parse("ten_1").unwrap()],
+        "re-verified at once"
+    );
+}
+
+async fn each_account_is_smoothed_under_its_rate(backend: Backend) {
+    let p = connected(
+        backend,
+        &[
+            ("proxy.test_requests_per_second", "1"),
+            ("proxy.max_wait_ms", "0"),
+        ],
+    )
+    .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/coupons"))
+        .respond_with(stripe_json(
+            200,
+            json!({"object": "list", "data": [], "has_more": false}),
+        ))
+        .mount(&p.app.stripe)
+        .await;
+    assert_eq!(
+        p.call(Method::GET, "coupons")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let limited = p.call(Method::GET, "coupons").send().await.unwrap();
+    assert_eq!(limited.headers()["retry-after"], "1");
+    let body = assert_error(limited, 429, "rate_limited").await;
+    assert_eq!(body["error"]["retryable"], true);
+    assert_eq!(
+        p.forwarded().await.len(),
+        1,
+        "the refused call did not reach Stripe"
+    );
+
+    // With room to wait, the next call waits for its turn instead.
+    let waiting = connected(
+        backend,
+        &[
+            ("proxy.test_requests_per_second", "1"),
+            ("proxy.max_wait_ms", "2000"),
+        ],
+    )
+    .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/coupons"))
+        .respond_with(stripe_json(
+            200,
+            json!({"object": "list", "data": [], "has_more": false}),
+        ))
+        .mount(&waiting.app.stripe)
+        .await;
+    assert_eq!(
+        waiting
+            .call(Method::GET, "coupons")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let started = Instant::now();
+    assert_eq!(
+        waiting
+            .call(Method::GET, "coupons")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+async fn the_key_fetch_can_be_turned_off(backend: Backend) {
+    let p = connected(backend, &[("internal.key_fetch_enabled", "false")]).await;
+    let keys = p.app.service_token(&[Scope::KeysRead]).await;
+    let fetch = p
+        .app
+        .http
+        .get(p.app.url("/internal/v1/tenants/ten_1/stripe/key"))
+        .bearer_auth(keys)
+        .send()
+        .await
+        .unwrap();
+    let body = assert_error(fetch, 404, "not_found").await;
+    assert!(!body.to_string().contains(&p.api_key));
+    Mock::given(method("GET"))
+        .and(path("/v1/customers"))
+        .respond_with(stripe_json(
+            200,
+            json!({"object": "list", "data": [], "has_more": false}),
+        ))
+        .mount(&p.app.stripe)
+        .await;
+    assert_eq!(
+        p.call(Method::GET, "customers")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+/// Every endpoint the proxy forwards by default exists, with that method, in Stripe's API
+/// (the committed contract extract), and each has its parameters extracted so that the
+/// contract check covers what the proxy forwards.
+#[test]
+fn the_default_allowlist_is_stripes_own_endpoints() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let defaults: toml::Value =
+        toml::from_str(&std::fs::read_to_string(format!("{root}/config/default.toml")).unwrap())
+            .unwrap();
+    let contract: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}/tests/fixtures/stripe-contract.json")).unwrap(),
+    )
+    .unwrap();
+    let allowed = defaults["proxy"]["allowed"].as_array().unwrap();
+    assert!(allowed.len() > 20);
+    for entry in allowed {
+        let entry = entry.as_str().unwrap();
+        let (verb, template) = entry.split_once(' ').unwrap();
+        let methods = contract["paths"][template]
+            .as_array()
+            .unwrap_or_else(|| panic!("{template} is not a Stripe path"));
+        assert!(
+            methods.iter().any(|m| m == verb),
+            "{entry}: Stripe has no such method"
+        );
+        assert!(
+            contract["endpoints"][entry].is_object() || contract["endpoints"][entry].is_array(),
+            "{entry}: its parameters are not in the contract extract"
+        );
+    }
+}
