@@ -223,6 +223,10 @@ async fn body_deadline(
     request: Request,
     next: Next,
 ) -> Response {
+    // Most requests carry no body: no timer for them.
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
     let (parts, body) = request.into_parts();
     let body = Body::new(DeadlineBody {
         inner: body,

@@ -8,13 +8,15 @@ mod internal;
 mod openapi;
 mod ops;
 pub mod proxy;
+mod request_metrics;
 pub mod state;
 mod summary;
 mod webhooks;
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -25,6 +27,7 @@ use tracing::Instrument;
 use crate::domain::random_id;
 use error::{ApiError, REQUEST_ID};
 use extract::BodyLimit;
+use request_metrics::HttpMetrics;
 pub use state::AppState;
 pub use summary::ConnectionSummary;
 
@@ -46,7 +49,10 @@ pub fn router(state: AppState, body_limit: usize, cors_allowed_origins: &[String
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
         }))
-        .layer(middleware::from_fn(request_context))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(HttpMetrics::default()),
+            request_context,
+        ))
         .with_state(state)
 }
 
@@ -84,13 +90,15 @@ fn method_label(method: &Method) -> &'static str {
 
 /// Gives each request an id (echoed as `x-request-id`, present in every log line and error
 /// body) and a span named by its matched route, never its raw URI.
-async fn request_context(req: Request, next: Next) -> Response {
+async fn request_context(
+    State(http_metrics): State<Arc<HttpMetrics>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let id = request_id(&req);
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+    // An Arc<str> inside: cloning it allocates nothing.
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = method_label(req.method());
     let span = tracing::info_span!(
         "request",
@@ -108,8 +116,7 @@ async fn request_context(req: Request, next: Next) -> Response {
     }
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
-    metrics::counter!("atlas_http_requests_total", "route" => route.clone(), "method" => method, "status" => status.to_string()).increment(1);
-    metrics::histogram!("atlas_http_request_duration_seconds", "route" => route, "method" => method).record(elapsed.as_secs_f64());
+    http_metrics.record(route, method, status, elapsed);
     span.in_scope(|| {
         tracing::info!(
             status,
