@@ -6,7 +6,8 @@
 //! - a connection on which no byte moves either way for `idle_timeout` is closed (a client
 //!   that stops reading its response, or stops sending mid-request);
 //! - a request body must be read within `body_read_timeout` of the request's start: past
-//!   it the read fails and the request answers 408 in our error shape;
+//!   it the read fails and the request answers 408 in our error shape (`with_body_deadline`,
+//!   applied by the request-context middleware);
 //! - at most `max_connections` connections are served at once; further ones wait in the
 //!   listen backlog until one ends.
 //!
@@ -22,8 +23,6 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
-use axum::middleware::Next;
-use axum::response::Response;
 use axum::Router;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -36,7 +35,6 @@ use tokio::sync::{watch, Semaphore};
 #[derive(Clone, Copy, Debug)]
 pub struct ServerLimits {
     pub header_read_timeout: Duration,
-    pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
 }
@@ -50,10 +48,6 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> bool {
-    let router = router.layer(axum::middleware::from_fn_with_state(
-        limits.body_read_timeout,
-        body_deadline,
-    ));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (stopping_tx, stopping_rx) = watch::channel(false);
     tokio::pin!(shutdown);
@@ -217,22 +211,18 @@ impl AsyncWrite for Watched {
 #[error("the request body was not received within server.body_read_timeout_ms")]
 pub struct BodyDeadlinePassed;
 
-/// Gives the request body a deadline, counted from the request's start.
-async fn body_deadline(
-    axum::extract::State(timeout): axum::extract::State<Duration>,
-    request: Request,
-    next: Next,
-) -> Response {
-    // Most requests carry no body: no timer for them.
+/// Gives the request body a deadline, counted from now (the request's start). Most
+/// requests carry no body: no timer for them.
+pub fn with_body_deadline(request: Request, timeout: Duration) -> Request {
     if request.body().is_end_stream() {
-        return next.run(request).await;
+        return request;
     }
     let (parts, body) = request.into_parts();
     let body = Body::new(DeadlineBody {
         inner: body,
         deadline: Box::pin(tokio::time::sleep(timeout)),
     });
-    next.run(Request::from_parts(parts, body)).await
+    Request::from_parts(parts, body)
 }
 
 struct DeadlineBody {

@@ -121,7 +121,8 @@ impl Application {
             tracing::info!(owner = reverifier.owner(), "background re-verification on");
             background.push(reverifier.spawn(stop_rx));
         }
-        let state = AppState {
+        let state = AppState::new(crate::http::state::Shared {
+            api_body_limit: settings.server.body_limit_bytes,
             webhook_tolerance_secs: settings.webhooks.tolerance_secs,
             webhook_body_limit: settings.webhooks.body_limit_bytes,
             key_fetches,
@@ -136,18 +137,18 @@ impl Application {
             proxy: crate::http::proxy::ProxyState::new(&settings.proxy)
                 .map_err(|e| anyhow::anyhow!("proxy.allowed: {e}"))?,
             key_fetch_enabled: settings.internal.key_fetch_enabled,
-        };
+        });
         Ok(Self {
             listener,
             router: http::router(
                 state,
                 settings.server.body_limit_bytes,
                 &settings.server.cors_allowed_origins,
+                Duration::from_millis(settings.server.body_read_timeout_ms),
             ),
             shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
             limits: ServerLimits {
                 header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
-                body_read_timeout: Duration::from_millis(settings.server.body_read_timeout_ms),
                 idle_timeout: Duration::from_millis(settings.server.idle_timeout_ms),
                 max_connections: settings.server.max_connections,
             },

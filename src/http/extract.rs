@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::marker::PhantomData;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, FromRequestParts, Path, RawPathParams, Request};
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, RawPathParams, Request};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -19,15 +19,14 @@ use crate::domain::TenantId;
 /// data error (wrong type, missing field) never echoes the value sent, which may be a key.
 pub struct AppJson<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AppJson<T> {
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AppJson<T>
+where
+    BodyLimit: FromRef<S>,
+{
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let limit = req
-            .extensions()
-            .get::<BodyLimit>()
-            .map(|l| l.0)
-            .unwrap_or_default();
+        let limit = BodyLimit::from_ref(state).0;
         let axum::Json(value) = axum::Json::<serde_json::Value>::from_request(req, state)
             .await
             .map_err(|rejection| match rejection {
@@ -54,7 +53,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AppJson<T> {
     }
 }
 
-/// The configured body limit, made visible to [`AppJson`] for its error message.
+/// The configured body limit, made visible to [`AppJson`] (through the state) for its
+/// error message.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BodyLimit(pub usize);
 

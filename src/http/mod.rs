@@ -20,18 +20,22 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Router};
+use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tracing::Instrument;
 
 use crate::domain::random_id;
 use error::{ApiError, REQUEST_ID};
-use extract::BodyLimit;
 use request_metrics::HttpMetrics;
 pub use state::AppState;
 pub use summary::ConnectionSummary;
 
-pub fn router(state: AppState, body_limit: usize, cors_allowed_origins: &[String]) -> Router {
+pub fn router(
+    state: AppState,
+    body_limit: usize,
+    cors_allowed_origins: &[String],
+    body_read_timeout: std::time::Duration,
+) -> Router {
     Router::new()
         .merge(ops::router())
         .merge(openapi::router())
@@ -45,12 +49,14 @@ pub fn router(state: AppState, body_limit: usize, cors_allowed_origins: &[String
         .merge(proxy::router())
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(Extension(BodyLimit(body_limit)))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
         }))
         .layer(middleware::from_fn_with_state(
-            Arc::new(HttpMetrics::default()),
+            Arc::new(RequestContext {
+                metrics: HttpMetrics::default(),
+                body_read_timeout,
+            }),
             request_context,
         ))
         .with_state(state)
@@ -90,11 +96,19 @@ fn method_label(method: &Method) -> &'static str {
 
 /// Gives each request an id (echoed as `x-request-id`, present in every log line and error
 /// body) and a span named by its matched route, never its raw URI.
+/// What the per-request middleware keeps across requests.
+struct RequestContext {
+    metrics: HttpMetrics,
+    body_read_timeout: std::time::Duration,
+}
+
+/// Also gives a request body its read deadline (`crate::server`): one middleware, not two.
 async fn request_context(
-    State(http_metrics): State<Arc<HttpMetrics>>,
+    State(context): State<Arc<RequestContext>>,
     req: Request,
     next: Next,
 ) -> Response {
+    let req = crate::server::with_body_deadline(req, context.body_read_timeout);
     let id = request_id(&req);
     // An Arc<str> inside: cloning it allocates nothing.
     let matched = req.extensions().get::<MatchedPath>().cloned();
@@ -116,7 +130,7 @@ async fn request_context(
     }
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
-    http_metrics.record(route, method, status, elapsed);
+    context.metrics.record(route, method, status, elapsed);
     span.in_scope(|| {
         tracing::info!(
             status,

@@ -21,17 +21,14 @@ backend_tests!(
     scrapes_and_probes_never_reach_the_database,
 );
 
+async fn scrape(app: &TestApp) -> String {
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap();
+    metrics.text().await.unwrap()
+}
+
 /// The HTTP series lines in `/metrics` (one per label set).
 async fn http_series(app: &TestApp) -> Vec<String> {
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(app).await;
     text.lines()
         .filter(|l| l.starts_with("atlas_http_requests_total{"))
         .map(|l| {
@@ -229,15 +226,7 @@ async fn scrapes_and_probes_never_reach_the_database(backend: Backend) {
     for _ in 0..500 {
         let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
         assert_eq!(ready.status(), 200);
-        let text = app
-            .http
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = scrape(&app).await;
         assert!(
             text.contains(r#"atlas_connections{status="active"} 0"#),
             "{text}"

@@ -63,6 +63,18 @@ impl Proxied {
     }
 }
 
+/// Stripe lists nothing at `GET endpoint`.
+async fn empty_list(stripe: &wiremock::MockServer, endpoint: &str) {
+    Mock::given(method("GET"))
+        .and(path(endpoint))
+        .respond_with(stripe_json(
+            200,
+            json!({"object": "list", "data": [], "has_more": false}),
+        ))
+        .mount(stripe)
+        .await;
+}
+
 fn stripe_json(status: u16, body: serde_json::Value) -> ResponseTemplate {
     ResponseTemplate::new(status)
         .set_body_raw(body.to_string(), "application/json")
@@ -235,14 +247,7 @@ async fn only_what_is_safe_to_repeat_is_retried(backend: Backend) {
         .up_to_n_times(1)
         .mount(&p.app.stripe)
         .await;
-    Mock::given(method("GET"))
-        .and(path("/v1/customers"))
-        .respond_with(stripe_json(
-            200,
-            json!({"object": "list", "data": [], "has_more": false}),
-        ))
-        .mount(&p.app.stripe)
-        .await;
+    empty_list(&p.app.stripe, "/v1/customers").await;
     // POSTs: always 500.
     for endpoint in ["/v1/coupons", "/v1/invoiceitems"] {
         Mock::given(method("POST"))
@@ -340,14 +345,7 @@ async fn each_account_is_smoothed_under_its_rate(backend: Backend) {
         ],
     )
     .await;
-    Mock::given(method("GET"))
-        .and(path("/v1/coupons"))
-        .respond_with(stripe_json(
-            200,
-            json!({"object": "list", "data": [], "has_more": false}),
-        ))
-        .mount(&p.app.stripe)
-        .await;
+    empty_list(&p.app.stripe, "/v1/coupons").await;
     assert_eq!(
         p.call(Method::GET, "coupons")
             .send()
@@ -375,14 +373,7 @@ async fn each_account_is_smoothed_under_its_rate(backend: Backend) {
         ],
     )
     .await;
-    Mock::given(method("GET"))
-        .and(path("/v1/coupons"))
-        .respond_with(stripe_json(
-            200,
-            json!({"object": "list", "data": [], "has_more": false}),
-        ))
-        .mount(&waiting.app.stripe)
-        .await;
+    empty_list(&waiting.app.stripe, "/v1/coupons").await;
     assert_eq!(
         waiting
             .call(Method::GET, "coupons")
@@ -422,14 +413,7 @@ async fn the_key_fetch_can_be_turned_off(backend: Backend) {
         .unwrap();
     let body = assert_error(fetch, 404, "not_found").await;
     assert!(!body.to_string().contains(&p.api_key));
-    Mock::given(method("GET"))
-        .and(path("/v1/customers"))
-        .respond_with(stripe_json(
-            200,
-            json!({"object": "list", "data": [], "has_more": false}),
-        ))
-        .mount(&p.app.stripe)
-        .await;
+    empty_list(&p.app.stripe, "/v1/customers").await;
     assert_eq!(
         p.call(Method::GET, "customers")
             .send()
