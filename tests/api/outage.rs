@@ -42,7 +42,7 @@ impl OwnCluster {
             port,
             _dir: dir,
         };
-        run(&mut cluster
+        run(cluster
             .command("initdb")
             .args(["-U", "postgres", "--auth=trust", "--no-sync"])
             .arg("-D")
