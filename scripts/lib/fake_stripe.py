@@ -12,7 +12,7 @@ Webhook endpoints (create, retrieve, delete) are kept in memory with their signi
 `GET /__fake/endpoints` (not a Stripe path) lists them with url and secret, so the fuzz
 script can find the connection id in our URL and sign deliveries to it.
 
-    python3 fake_stripe.py PORT
+    python3 fake_stripe.py PORT      (0: any free port; the port is printed on stdout)
 """
 
 import json
@@ -112,4 +112,5 @@ class Handler(BaseHTTPRequestHandler):
 if __name__ == "__main__":
     server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
     server.daemon_threads = True
+    print(server.server_address[1], flush=True)
     server.serve_forever()
