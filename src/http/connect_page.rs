@@ -8,6 +8,7 @@
 
 use std::sync::LazyLock;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::Path;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -133,7 +134,12 @@ async fn page() -> Response {
     response
 }
 
-async fn asset(Path(file): Path<String>, request_headers: HeaderMap) -> Response {
+async fn asset(file: Result<Path<String>, PathRejection>, request_headers: HeaderMap) -> Response {
+    // A name that is not UTF-8 once decoded is no asset either (axum's own rejection would
+    // be plain text, outside our error shape).
+    let Ok(Path(file)) = file else {
+        return ApiError::RouteNotFound.into_response();
+    };
     let Some(index) = ASSETS.iter().position(|a| a.name == file) else {
         return ApiError::RouteNotFound.into_response();
     };

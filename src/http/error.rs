@@ -134,41 +134,57 @@ impl ApiError {
 }
 
 /// The error body every failure answers with.
+// `deny_unknown_fields` only closes the schemas (`additionalProperties: false`): these types
+// are serialized, never deserialized.
 #[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
 /// `code` is stable and machine-readable; `message` is a sentence a person can act on.
 #[derive(Debug, Default, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ErrorDetail {
-    #[schema(example = "mode_mismatch")]
+    #[schema(example = "mode_mismatch", pattern = "^[a-z][a-z_]*$")]
     pub code: String,
     #[schema(example = "This tenant is in live mode; the pasted key is a test key.")]
     pub message: String,
+    /// The request's `x-request-id`: the caller's own when plain and short, else `req_…`.
+    #[schema(
+        example = "req_8Hq2mXv0c9LrT4aZpQ1w",
+        pattern = "^[A-Za-z0-9_.:-]{1,64}$"
+    )]
     pub request_id: String,
     /// `missing_permissions`: the resources the key may not write.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Vec<String>>)]
+    #[schema(value_type = Option<Vec<super::summary::ResourceName>>, nullable = false)]
     pub missing: Option<Vec<Resource>>,
     /// `missing_permissions`: a Stripe dashboard link pre-filling a key with the needed permissions.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub fix_url: Option<String>,
-    /// `stripe_unavailable`, `rate_limited`: trying again later may succeed.
+    /// `stripe_unavailable`, `rate_limited`, `service_unavailable`, `concurrent_change`:
+    /// trying again later may succeed.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub retryable: Option<bool>,
     /// `rate_limited`: seconds until an attempt is allowed (also the `Retry-After` header).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub retry_after: Option<u64>,
     /// `mode_mismatch`: the tenant's mode.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub tenant_mode: Option<Mode>,
     /// `mode_mismatch`: the pasted key's mode.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub key_mode: Option<Mode>,
-    /// `not_ready`: each readiness check and its verdict.
+    /// `not_ready`: each readiness check (`database`, `keyring`) and its verdict (`ok`,
+    /// `failed`, or `failed: ` and what to do).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<std::collections::BTreeMap<String, String>>, nullable = false)]
     pub checks: Option<serde_json::Value>,
 }
 

@@ -14,7 +14,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{AppJson, AuthorizedTenant};
 use super::state::AppState;
-use super::summary::ConnectionSummary;
+use super::summary::{ConnectionSummary, TenantIdSchema};
 use crate::store::{Actor, SaveOutcome};
 
 /// The tenant-facing routes. With `cors_allowed_origins`, exactly those browser origins may
@@ -62,24 +62,33 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The modal's Activate.
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct ConnectBody {
-    /// A restricted (`rk_test_`, `rk_live_`) or secret (`sk_test_`, `sk_live_`) key.
-    #[schema(value_type = String, example = "rk_test_…")]
+    /// A restricted (`rk_test_`, `rk_live_`) or secret (`sk_test_`, `sk_live_`) key
+    /// (surrounding whitespace is trimmed). Anything else is 400: `pk_…`, `whsec_…` and
+    /// organization keys each with a code of their own, the rest `invalid_api_key_format`.
+    #[schema(value_type = String, pattern = "^(rk|sk)_(test|live)_[A-Za-z0-9]{10,247}$", example = "rk_test_51AtlasExampleKey0000Kgd1")]
     api_key: SecretString,
 }
 
 #[utoipa::path(post, path = "/v1/tenants/{tenant_id}/stripe/connection", tag = "integrations",
     security(("tenant_token" = [])),
-    params(("tenant_id" = String, Path, description = "The tenant the token speaks for")),
+    params(("tenant_id" = TenantIdSchema, Path, description = "The tenant the token speaks for", example = "ten_0")),
     request_body = ConnectBody,
     responses(
         (status = 201, description = "Connected", body = ConnectionSummary),
         (status = 200, description = "Replaced the previous key", body = ConnectionSummary),
-        (status = 400, description = "invalid_api_key_format, publishable_key_not_accepted, webhook_secret_not_accepted, organization_key_not_supported, invalid_json", body = ErrorBody),
+        (status = 400, description = "invalid_api_key_format, publishable_key_not_accepted, webhook_secret_not_accepted, organization_key_not_supported; invalid_json (not JSON, or the wrong shape); invalid_request (the tenant id does not parse)", body = ErrorBody),
         (status = 401, description = "unauthenticated", body = ErrorBody),
-        (status = 404, description = "not_connected (unknown tenant, or a token for another tenant)", body = ErrorBody),
-        (status = 422, description = "mode_mismatch, key_rejected, missing_permissions (with missing and fix_url)", body = ErrorBody),
-        (status = 429, description = "rate_limited, with Retry-After", body = ErrorBody),
+        (status = 404, description = "not_connected (unknown tenant, or a token for another tenant); not_found (the path is not UTF-8 once decoded)", body = ErrorBody),
+        (status = 408, description = "request_timeout: the body did not arrive within server.body_read_timeout_ms", body = ErrorBody),
+        (status = 409, description = "concurrent_change: another connect or disconnect of this tenant committed meanwhile; nothing of this request was kept (retryable)", body = ErrorBody),
+        (status = 413, description = "payload_too_large: the body is larger than server.body_limit_bytes", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type: the body was not sent as application/json", body = ErrorBody),
+        (status = 422, description = "mode_mismatch (with tenant_mode and key_mode), key_rejected, missing_permissions (with missing and fix_url), webhook_registration_failed", body = ErrorBody),
+        (status = 429, description = "rate_limited (with retryable and retry_after)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until an attempt is allowed"))),
         (status = 502, description = "stripe_unavailable (retryable); nothing was stored", body = ErrorBody),
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable); nothing was changed", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn connect(
     State(state): State<AppState>,
@@ -99,11 +108,14 @@ pub async fn connect(
 
 #[utoipa::path(get, path = "/v1/tenants/{tenant_id}/stripe/connection", tag = "integrations",
     security(("tenant_token" = [])),
-    params(("tenant_id" = String, Path)),
+    params(("tenant_id" = TenantIdSchema, Path, description = "The tenant the token speaks for", example = "ten_0")),
     responses(
-        (status = 200, body = ConnectionSummary),
+        (status = 200, description = "The connection", body = ConnectionSummary),
+        (status = 400, description = "invalid_request: the tenant id does not parse", body = ErrorBody),
         (status = 401, description = "unauthenticated", body = ErrorBody),
-        (status = 404, description = "not_connected", body = ErrorBody),
+        (status = 404, description = "not_connected (no connection, unknown tenant, or a token for another tenant); not_found (the path is not UTF-8 once decoded)", body = ErrorBody),
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn show(
     State(state): State<AppState>,
@@ -119,13 +131,17 @@ pub async fn show(
 
 #[utoipa::path(post, path = "/v1/tenants/{tenant_id}/stripe/connection/verify", tag = "integrations",
     security(("tenant_token" = [])),
-    params(("tenant_id" = String, Path)),
+    params(("tenant_id" = TenantIdSchema, Path, description = "The tenant the token speaks for", example = "ten_0")),
     responses(
         (status = 200, description = "Re-probed; the status may have changed. Concurrent verifies of one tenant share one probe run.", body = ConnectionSummary),
+        (status = 400, description = "invalid_request: the tenant id does not parse", body = ErrorBody),
         (status = 401, description = "unauthenticated", body = ErrorBody),
-        (status = 404, description = "not_connected", body = ErrorBody),
-        (status = 429, description = "rate_limited: too many verify runs for this tenant (limits.verify_attempts_per_minute), with Retry-After", body = ErrorBody),
-        (status = 502, description = "stripe_unavailable; nothing changed", body = ErrorBody),
+        (status = 404, description = "not_connected (no connection, unknown tenant, or a token for another tenant); not_found (the path is not UTF-8 once decoded)", body = ErrorBody),
+        (status = 429, description = "rate_limited: too many verify runs for this tenant (limits.verify_attempts_per_minute)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a verify run is allowed"))),
+        (status = 502, description = "stripe_unavailable (retryable); nothing changed", body = ErrorBody),
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable); nothing changed", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn verify(
     State(state): State<AppState>,
@@ -138,11 +154,16 @@ pub async fn verify(
 
 #[utoipa::path(delete, path = "/v1/tenants/{tenant_id}/stripe/connection", tag = "integrations",
     security(("tenant_token" = [])),
-    params(("tenant_id" = String, Path)),
+    params(("tenant_id" = TenantIdSchema, Path, description = "The tenant the token speaks for", example = "ten_0")),
     responses(
-        (status = 204, description = "Disconnected; the sealed key is deleted. Header atlas-stripe-cleanup says what became of our webhook endpoint on Stripe: deleted, already_gone, not_ours (left alone), not_needed or failed"),
+        (status = 204, description = "Disconnected; the sealed key is deleted",
+            headers(("atlas-stripe-cleanup" = String, description = "What became of our webhook endpoint on Stripe: deleted, already_gone, not_ours (left alone), not_needed or failed"))),
+        (status = 400, description = "invalid_request: the tenant id does not parse", body = ErrorBody),
         (status = 401, description = "unauthenticated", body = ErrorBody),
-        (status = 404, description = "not_connected", body = ErrorBody),
+        (status = 404, description = "not_connected (no connection, unknown tenant, or a token for another tenant); not_found (the path is not UTF-8 once decoded)", body = ErrorBody),
+        (status = 409, description = "concurrent_change: a connect of this tenant kept replacing the connection meanwhile (retryable)", body = ErrorBody),
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn disconnect(
     State(state): State<AppState>,

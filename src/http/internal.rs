@@ -1,5 +1,6 @@
 //! Routes for Atlas's internal services, authorised by scoped service tokens.
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -13,7 +14,7 @@ use super::extract::{
     TenantsWrite,
 };
 use super::state::AppState;
-use super::summary::ConnectionSummary;
+use super::summary::{ConnectionSummary, KeyType, TenantIdSchema};
 use crate::auth::{PresentedServiceToken, Scope};
 use crate::crypto::SecretContext;
 use crate::domain::{ConnectionStatus, Mode, TenantId};
@@ -34,22 +35,35 @@ pub fn router() -> Router<AppState> {
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
-    /// The `next_cursor` of the previous page; omit to start at the beginning.
+    /// The `next_cursor` of the previous page; omit (or leave empty) to start at the beginning.
+    #[param(pattern = r"^([0-9]+\.[0-9]+)?$", nullable = false)]
     after: Option<String>,
     /// 1 to 500; 100 by default.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 500, nullable = false, example = 100)]
     limit: Option<String>,
 }
 
+// `deny_unknown_fields` on the response types below only closes their schemas
+// (`additionalProperties: false`): they are serialized, never deserialized.
+
 /// One delivered event, in the tenant's feed order.
 #[derive(Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct EventView {
+    /// Opaque: pass the last one's as `after`.
+    #[schema(example = "812.40")]
     cursor: String,
+    /// Stripe's event id.
+    #[schema(example = "evt_1")]
     id: String,
     #[serde(rename = "type")]
+    #[schema(example = "invoice.paid")]
     event_type: String,
     created: i64,
     livemode: bool,
+    #[schema(pattern = "^con_[A-Za-z0-9]{1,60}$")]
     connection_id: String,
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
@@ -60,6 +74,7 @@ pub struct EventView {
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct EventPage {
     events: Vec<EventView>,
     /// Pass as `after` for the next page; unchanged when there was nothing new.
@@ -68,12 +83,15 @@ pub struct EventPage {
 
 #[utoipa::path(get, path = "/internal/v1/tenants/{tenant_id}/stripe/events", tag = "internal",
     security(("service_token" = ["events:read"])),
-    params(("tenant_id" = String, Path), EventsQuery),
+    params(("tenant_id" = TenantIdSchema, Path, example = "ten_0"), EventsQuery),
     responses(
-        (status = 200, description = "Events after the cursor, oldest first", body = EventPage),
-        (status = 400, description = "invalid_request (bad cursor or limit)", body = ErrorBody),
+        (status = 200, description = "Events after the cursor, oldest first (an unknown tenant has none)", body = EventPage),
+        (status = 400, description = "invalid_request: the tenant id, cursor or limit does not parse, or the query string does not", body = ErrorBody),
         (status = 401, description = "unauthenticated", body = ErrorBody),
         (status = 403, description = "insufficient_scope", body = ErrorBody),
+        (status = 404, description = "not_found: the path is not UTF-8 once decoded", body = ErrorBody),
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn list_events(
     State(state): State<AppState>,
@@ -121,15 +139,16 @@ pub async fn list_events(
 
 /// A tenant's decrypted key, for charging services.
 #[derive(Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct KeyBody<'a> {
-    #[schema(value_type = String)]
+    #[schema(value_type = TenantIdSchema)]
     tenant_id: &'a TenantId,
     mode: Mode,
-    #[schema(value_type = String, example = "restricted")]
+    #[schema(value_type = KeyType)]
     key_type: &'static str,
     /// `active` or `needs_attention` (a revoked key is never served).
     status: ConnectionStatus,
-    #[schema(value_type = String)]
+    #[schema(value_type = String, pattern = "^(rk|sk)_(test|live)_[A-Za-z0-9]{10,247}$")]
     api_key: &'a str,
 }
 
@@ -137,24 +156,34 @@ pub struct KeyBody<'a> {
 /// together), two AES-GCM opens, and accounting handed to a background writer.
 #[utoipa::path(get, path = "/internal/v1/tenants/{tenant_id}/stripe/key", tag = "internal",
     security(("service_token" = ["keys:read"])),
-    params(("tenant_id" = String, Path)),
+    params(("tenant_id" = TenantIdSchema, Path, example = "ten_0")),
     responses(
-        (status = 200, description = "The key, with Cache-Control: no-store", body = KeyBody),
+        (status = 200, description = "The key", body = KeyBody,
+            headers(("Cache-Control" = String, description = "no-store"), ("Pragma" = String, description = "no-cache"))),
+        (status = 400, description = "invalid_request: the tenant id does not parse", body = ErrorBody),
         (status = 401, description = "unauthenticated", body = ErrorBody),
         (status = 403, description = "insufficient_scope", body = ErrorBody),
-        (status = 404, description = "not_connected", body = ErrorBody),
-        (status = 409, description = "connection_not_active (revoked)", body = ErrorBody),
+        (status = 404, description = "not_connected (no connection, or no such tenant); not_found (the path is not UTF-8 once decoded)", body = ErrorBody),
+        (status = 409, description = "connection_not_active: the connection is revoked", body = ErrorBody),
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn fetch_key(
     State(state): State<AppState>,
     presented: PresentedServiceToken,
-    Path(raw_tenant): Path<String>,
+    raw_tenant: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     if !state.key_fetch_enabled {
         // internal.key_fetch_enabled = false: the proxy is the only way to use a key.
         return Err(ApiError::RouteNotFound);
     }
-    let tenant = match parse_tenant_path(&raw_tenant) {
+    // A segment that is not UTF-8 once decoded gets the 404 the other tenant routes give it,
+    // in our error shape (axum's own rejection is plain text).
+    let parsed = match raw_tenant {
+        Ok(Path(raw)) => parse_tenant_path(&raw),
+        Err(_) => Err(ApiError::RouteNotFound),
+    };
+    let tenant = match parsed {
         Ok(tenant) => tenant,
         // Off the hot path: the token is judged (401, 403) before the parameter (400).
         Err(invalid) => {
@@ -205,28 +234,36 @@ pub async fn fetch_key(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct TenantBody {
-    #[schema(example = "test")]
+    /// Any other value is 400 `invalid_request`.
+    #[schema(value_type = Mode, example = "test")]
     mode: String,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TenantView {
-    #[schema(value_type = String)]
+    #[schema(value_type = TenantIdSchema)]
     tenant_id: TenantId,
     mode: Mode,
 }
 
 #[utoipa::path(put, path = "/internal/v1/tenants/{tenant_id}", tag = "internal",
     security(("service_token" = ["tenants:write"])),
-    params(("tenant_id" = String, Path, description = "1 to 64 of [A-Za-z0-9_.-], starting with a letter or digit")),
+    params(("tenant_id" = TenantIdSchema, Path, example = "ten_0")),
     request_body = TenantBody,
     responses(
         (status = 201, description = "Created", body = TenantView),
         (status = 200, description = "Updated or unchanged", body = TenantView),
-        (status = 400, description = "invalid_tenant_id, invalid_request, invalid_json", body = ErrorBody),
+        (status = 400, description = "invalid_request (the tenant id does not parse, or a mode other than test or live); invalid_json (not JSON, or the wrong shape)", body = ErrorBody),
         (status = 401, description = "unauthenticated", body = ErrorBody),
         (status = 403, description = "insufficient_scope", body = ErrorBody),
-        (status = 409, description = "tenant_has_connection", body = ErrorBody),
+        (status = 404, description = "not_found: the path is not UTF-8 once decoded", body = ErrorBody),
+        (status = 408, description = "request_timeout: the body did not arrive within server.body_read_timeout_ms", body = ErrorBody),
+        (status = 409, description = "tenant_has_connection: the mode would change while a key is connected", body = ErrorBody),
+        (status = 413, description = "payload_too_large: the body is larger than server.body_limit_bytes", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type: the body was not sent as application/json", body = ErrorBody),
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable); nothing was changed", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn upsert_tenant(
     State(state): State<AppState>,
@@ -251,12 +288,16 @@ pub async fn upsert_tenant(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ConnectionsQuery {
     /// Only connections with this status: `active`, `needs_attention` or `revoked`.
+    #[param(value_type = Option<ConnectionStatus>, nullable = false, example = "active")]
     status: Option<String>,
     /// 1 to 1000; 500 by default.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000, nullable = false, example = 500)]
     limit: Option<String>,
     /// Start after this connection id (from the `Link` header of the previous page).
+    #[param(pattern = "^(con_[A-Za-z0-9]{1,60})?$", nullable = false)]
     after: Option<String>,
 }
 
@@ -272,6 +313,8 @@ const CONNECTIONS_PAGE_MAX: i64 = 1000;
         (status = 400, description = "invalid_request (unknown status, limit out of range, malformed after or query string)", body = ErrorBody),
         (status = 401, description = "unauthenticated", body = ErrorBody),
         (status = 403, description = "insufficient_scope", body = ErrorBody),
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn list_connections(
     State(state): State<AppState>,

@@ -15,7 +15,7 @@ use super::{integrations, internal, ops, proxy, webhooks};
 #[openapi(
     info(
         title = "atlas-stripe",
-        description = "Connects an Atlas tenant's Stripe account: verifies a pasted key without side effects, seals it, and serves it to charging services. Beyond the HTTP contract in docs/API.md: extra error codes (not_found, method_not_allowed, unsupported_media_type, payload_too_large, request_timeout, invalid_request, not_ready, concurrent_change, internal_error) in the same error shape; the key fetch also returns `status`; an unknown tenant on connect is 404 not_connected, like a token for another tenant."
+        description = "Connects an Atlas tenant's Stripe account: verifies a pasted key without side effects, seals it, and serves it to charging services. Beyond the HTTP contract in docs/API.md: extra error codes (endpoint_not_allowed, not_found, method_not_allowed, unsupported_media_type, payload_too_large, request_timeout, invalid_request, concurrent_change, service_unavailable, not_ready, internal_error) in the same error shape; the key fetch also returns `status`; an unknown tenant on connect is 404 not_connected, like a token for another tenant."
     ),
     paths(
         integrations::connect,
@@ -70,7 +70,7 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/openapi.json", get(openapi_json))
 }
 
-#[utoipa::path(get, path = "/openapi.json", tag = "ops", responses((status = 200, description = "This document")))]
+#[utoipa::path(get, path = "/openapi.json", tag = "ops", responses((status = 200, description = "This document", body = Object)))]
 pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }

@@ -57,9 +57,12 @@ const PREFIX_END: &str = "/stripe/v1/";
         (status = 409, description = "connection_not_active (revoked)", body = ErrorBody),
         (status = 413, description = "payload_too_large (proxy.body_limit_bytes)", body = ErrorBody),
         (status = 415, description = "unsupported_media_type: a body that is not a form", body = ErrorBody),
-        (status = 429, description = "rate_limited: over this account's smoothed rate, with Retry-After", body = ErrorBody),
+        (status = 408, description = "request_timeout: the body did not arrive in time", body = ErrorBody),
+        (status = 429, description = "rate_limited: over this account's smoothed rate", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a call is allowed"))),
         (status = 502, description = "stripe_unavailable: Stripe did not answer (in time)", body = ErrorBody),
-        (status = 503, description = "service_unavailable (database)", body = ErrorBody),
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn forward(
     State(state): State<AppState>,

@@ -5,19 +5,21 @@ use crate::domain::{ConnectionStatus, Mode, PermissionReport, TenantId, Warning}
 use crate::store::ConnectionRecord;
 
 /// The masked view of a connection: everything but the key.
+// `deny_unknown_fields` only closes the schema (`additionalProperties: false`): this type
+// is serialized, never deserialized.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ConnectionSummary {
-    #[schema(value_type = String, example = "ten_123")]
+    #[schema(value_type = TenantIdSchema)]
     pub tenant_id: TenantId,
     pub status: ConnectionStatus,
     pub mode: Mode,
-    /// `restricted` or `secret`.
-    #[schema(value_type = String, example = "restricted")]
+    #[schema(value_type = KeyType)]
     pub key_type: &'static str,
-    #[schema(example = "Kgd1")]
+    #[schema(example = "Kgd1", min_length = 4, max_length = 4)]
     pub key_last4: String,
-    /// Per resource: `granted` or `missing`.
-    #[schema(value_type = std::collections::BTreeMap<String, String>, example = json!({"customers": "granted", "coupons": "missing"}))]
+    /// One entry per required resource: `granted` or `missing`.
+    #[schema(value_type = std::collections::BTreeMap<ResourceName, Access>, example = json!({"customers": "granted", "coupons": "missing"}))]
     pub permissions: PermissionReport,
     pub warnings: Vec<Warning>,
     #[serde(with = "time::serde::rfc3339")]
@@ -40,6 +42,107 @@ impl From<&ConnectionRecord> for ConnectionSummary {
             warnings: record.warnings.clone(),
             verified_at: record.verified_at,
             connected_at: record.connected_at,
+        }
+    }
+}
+
+// Schema-only types: the served description names the closed sets the domain types
+// serialize to, where those types are plain strings to utoipa. The tests below hold each to
+// its domain type.
+
+/// A tenant id: 1 to 64 letters, digits, `_`, `-` and `.`, starting with a letter or digit.
+#[derive(utoipa::ToSchema)]
+#[schema(as = TenantId, pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", example = "ten_123")]
+#[allow(dead_code)]
+pub struct TenantIdSchema(String);
+
+/// `restricted` (`rk_…`) or `secret` (`sk_…`).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum KeyType {
+    Restricted,
+    Secret,
+}
+
+/// A Stripe resource Atlas needs write access to.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum ResourceName {
+    Customers,
+    CheckoutSessions,
+    Coupons,
+    Invoices,
+    WebhookEndpoints,
+}
+
+/// Whether the key may write a resource.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum Access {
+    Granted,
+    Missing,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{KeyKind, Resource, TenantId};
+    use utoipa::openapi::schema::Schema;
+    use utoipa::openapi::RefOr;
+    use utoipa::PartialSchema;
+
+    fn enum_values(schema: RefOr<Schema>) -> Vec<String> {
+        let RefOr::T(Schema::Object(object)) = schema else {
+            panic!("not an inline object schema");
+        };
+        let values = object.enum_values.expect("an enum");
+        values
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn schema_enums_name_what_the_domain_serializes() {
+        let resources: Vec<&str> = Resource::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(enum_values(ResourceName::schema()), resources);
+        let kinds = [KeyKind::Restricted.as_str(), KeyKind::Secret.as_str()];
+        assert_eq!(enum_values(KeyType::schema()), kinds);
+        let access: Vec<String> = [
+            crate::domain::Access::Granted,
+            crate::domain::Access::Missing,
+        ]
+        .iter()
+        .map(|a| {
+            serde_json::to_value(a)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+        assert_eq!(enum_values(Access::schema()), access);
+    }
+
+    /// The pattern the description gives and the parser's rule, at the rule's edges.
+    #[test]
+    fn the_tenant_id_pattern_is_the_parsers_rule() {
+        let RefOr::T(Schema::Object(object)) = TenantIdSchema::schema() else {
+            panic!("not an inline object schema");
+        };
+        assert_eq!(
+            object.pattern.as_deref(),
+            Some("^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+        );
+        // The pattern, spelled out: first character, the others, length.
+        for ok in ["t", "ten_0", "A.b-c_d", &"x".repeat(64)] {
+            assert!(TenantId::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "_t", ".t", "-t", "t/x", "t x", "té", &"x".repeat(65)] {
+            assert!(TenantId::parse(bad).is_err(), "{bad}");
         }
     }
 }

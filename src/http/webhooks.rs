@@ -1,12 +1,12 @@
 //! Stripe's deliveries to our endpoint: verified, then stored durably before the 2xx.
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorBody};
 use super::state::AppState;
@@ -35,20 +35,54 @@ fn plain(s: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
+/// A Stripe event as delivered (schema only: the receiver reads these fields and stores
+/// the body as sent).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct WebhookEvent {
+    #[schema(example = "evt_1")]
+    id: String,
+    #[schema(rename = "type", example = "invoice.paid")]
+    event_type: String,
+    created: i64,
+    livemode: bool,
+}
+
+/// The answer to a stored delivery.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)] // closes the schema; this type is only serialized
+pub struct WebhookReceipt {
+    received: bool,
+    /// This event id was already stored for this connection (a redelivery).
+    duplicate: bool,
+}
+
 #[utoipa::path(post, path = "/webhooks/stripe/{connection_id}", tag = "webhooks",
-    params(("connection_id" = String, Path, description = "The connection the endpoint was registered for")),
-    request_body(content = String, description = "A Stripe event, signed in the Stripe-Signature header", content_type = "application/json"),
+    params(
+        ("connection_id" = String, Path, description = "The connection the endpoint was registered for"),
+        ("Stripe-Signature" = String, Header, description = "t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\" with the endpoint's signing secret>[,v1=…]"),
+    ),
+    request_body(content = WebhookEvent, description = "A Stripe event, as Stripe sent it", content_type = "application/json"),
     responses(
-        (status = 200, description = "Stored (or already stored: a redelivery)"),
+        (status = 200, description = "Stored (or already stored: a redelivery)", body = WebhookReceipt),
         (status = 400, description = "webhook_rejected: bad signature, stale timestamp, livemode contradicting the tenant's mode, or not an event", body = ErrorBody),
-        (status = 404, description = "unknown_connection", body = ErrorBody),
+        (status = 404, description = "unknown_connection: no connection has this URL", body = ErrorBody),
+        (status = 408, description = "request_timeout: the body did not arrive within server.body_read_timeout_ms", body = ErrorBody),
+        (status = 413, description = "payload_too_large: the body is larger than webhooks.body_limit_bytes", body = ErrorBody),
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable); nothing was stored", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn receive(
     State(state): State<AppState>,
-    Path(connection_id): Path<String>,
+    connection_id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<WebhookReceipt>), ApiError> {
+    // A segment that is not UTF-8 once decoded names no connection either (axum's own
+    // rejection would be plain text).
+    let Ok(Path(connection_id)) = connection_id else {
+        return Err(ApiError::UnknownWebhookConnection);
+    };
     if !plain(&connection_id, 64) {
         return Err(ApiError::UnknownWebhookConnection);
     }
@@ -109,6 +143,9 @@ pub async fn receive(
     metrics::counter!("atlas_webhook_deliveries_total", "outcome" => outcome).increment(1);
     Ok((
         StatusCode::OK,
-        Json(json!({"received": true, "duplicate": !stored})),
+        Json(WebhookReceipt {
+            received: true,
+            duplicate: !stored,
+        }),
     ))
 }

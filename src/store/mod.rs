@@ -93,7 +93,10 @@ impl StoreError {
 
 fn database_unavailable(e: &sqlx::Error) -> bool {
     match e {
+        // A proxy in front of the database (pgbouncer, a cloud SQL proxy) that accepts and
+        // then drops the connection shows up as a protocol error.
         sqlx::Error::Io(_)
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed

@@ -16,6 +16,7 @@ mod hostile;
 mod keys;
 mod lifecycle;
 mod limits;
+mod openapi_doc;
 mod ops;
 mod outage;
 mod proxy;
