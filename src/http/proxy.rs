@@ -18,6 +18,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ServiceCaller, StripeCall, TenantPath};
 use super::state::AppState;
 use crate::accounting::Usage;
+use crate::crypto::SecretContext;
 use crate::domain::{random_id, ConnectionStatus};
 use crate::proxy::{AccountSmoothing, Allowlist};
 use crate::stripe::Forward;
@@ -84,13 +85,14 @@ pub async fn forward(
     let deadline = caller_deadline(&parts.headers, proxy.deadline)?;
     let body = read_form_body(&parts.headers, body, proxy.body_limit).await?;
 
-    let connection = (state.store.find_connection(&tenant).await?).ok_or(ApiError::NotConnected)?;
+    let connection = (state.store.find_api_key(&tenant).await?).ok_or(ApiError::NotConnected)?;
     if connection.status == ConnectionStatus::Revoked {
         return Err(ApiError::ConnectionNotActive(connection.status.as_str()));
     }
+    let context = SecretContext::api_key(&connection.secret_id, &tenant, connection.mode);
     let key = state
         .keyring
-        .open_stripe_key(&connection.secret_context(), &connection.sealed)?;
+        .open_stripe_key(&context, &connection.sealed)?;
     if let Err(over) = proxy.smoothing.take_turn(&tenant, connection.mode).await {
         return Err(ApiError::RateLimited {
             retry_after_secs: over.retry_after.as_secs_f64().ceil().max(1.0) as u64,

@@ -277,6 +277,9 @@ pub trait Store: Send + Sync + 'static {
         tenant: &TenantId,
     ) -> Result<Option<KeyFetch>, StoreError>;
 
+    /// The tenant's sealed key with its status and mode, by primary key (the proxy's read).
+    async fn find_api_key(&self, tenant: &TenantId) -> Result<Option<FetchedKey>, StoreError>;
+
     /// Adds tallies of key fetches and of proxied Stripe calls (accumulated off the request
     /// path) in one transaction.
     async fn record_usage(

@@ -195,6 +195,10 @@ pub const FETCH_KEY: &str = "SELECT t.secret_hash, t.scopes, t.revoked_at, \
     LEFT JOIN stripe_connections c ON c.tenant_id = $2 \
     WHERE t.token_id = $1";
 
+/// The tenant's sealed key and what decides whether it may be used: the proxy's one read.
+pub const FIND_API_KEY: &str = "SELECT status, mode, key_type, api_key_secret_id, \
+    master_key_id, wrapped_key, ciphertext FROM stripe_connections WHERE tenant_id = $1";
+
 /// Adds a tally; `CASE` rather than `GREATEST`/`MAX` keeps it in both dialects.
 pub const ADD_KEY_FETCHES: &str = "INSERT INTO key_fetches \
     (token_id, tenant_id, window_start, fetch_count, last_fetched_at) VALUES ($1, $2, $3, $4, $5) \

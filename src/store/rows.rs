@@ -293,6 +293,34 @@ impl TryFrom<KeyFetchRow> for KeyFetch {
 }
 
 #[derive(sqlx::FromRow)]
+pub(crate) struct ApiKeyRow {
+    status: String,
+    mode: String,
+    key_type: String,
+    api_key_secret_id: String,
+    master_key_id: String,
+    wrapped_key: Vec<u8>,
+    ciphertext: Vec<u8>,
+}
+
+impl TryFrom<ApiKeyRow> for FetchedKey {
+    type Error = StoreError;
+    fn try_from(row: ApiKeyRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            status: ConnectionStatus::parse(&row.status).ok_or_else(|| corrupt("status"))?,
+            mode: parse_mode(&row.mode)?,
+            key_type: KeyKind::parse(&row.key_type).ok_or_else(|| corrupt("key_type"))?,
+            secret_id: row.api_key_secret_id,
+            sealed: SealedSecret {
+                master_key_id: row.master_key_id,
+                wrapped_key: row.wrapped_key,
+                ciphertext: row.ciphertext,
+            },
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
 pub(crate) struct KeyFetchTallyRow {
     token_id: String,
     tenant_id: String,

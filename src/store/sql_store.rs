@@ -10,13 +10,13 @@ use time::OffsetDateTime;
 
 use super::dialect::Dialect;
 use super::model::{
-    Actor, AuditRecord, ConnectionRecord, EventCursor, KeyFetch, KeyFetchTally, NewConnection,
-    NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow, ServiceTokenRecord,
-    StoredEvent, StoredState, TenantRecord, TenantWrite, Verification, WebhookChange,
-    WebhookTarget,
+    Actor, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch, KeyFetchTally,
+    NewConnection, NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow,
+    ServiceTokenRecord, StoredEvent, StoredState, TenantRecord, TenantWrite, Verification,
+    WebhookChange, WebhookTarget,
 };
 use super::rows::{
-    self, permissions_to_text, warnings_to_text, AuditRow, ConnectionRow, KeyFetchRow,
+    self, permissions_to_text, warnings_to_text, ApiKeyRow, AuditRow, ConnectionRow, KeyFetchRow,
     KeyFetchTallyRow, SealedRowRaw, ServiceTokenRow, TenantRow, WebhookTargetRow,
 };
 use super::{queries, AttemptQuota, Backend, NotReady, Store, StoreError};
@@ -69,6 +69,7 @@ where
     for<'r> StoredEvent: FromRow<'r, DB::Row>,
     for<'r> KeyFetchRow: FromRow<'r, DB::Row>,
     for<'r> KeyFetchTallyRow: FromRow<'r, DB::Row>,
+    for<'r> ApiKeyRow: FromRow<'r, DB::Row>,
     for<'r> AuditRow: FromRow<'r, DB::Row>,
 {
     fn backend(&self) -> Backend {
@@ -594,6 +595,14 @@ where
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn find_api_key(&self, tenant: &TenantId) -> Result<Option<FetchedKey>, StoreError> {
+        let row: Option<ApiKeyRow> = sqlx::query_as(queries::FIND_API_KEY)
+            .bind(tenant.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(TryInto::try_into).transpose()
     }
 
     async fn stripe_calls(&self, tenant: &TenantId) -> Result<Vec<KeyFetchTally>, StoreError> {
