@@ -77,9 +77,10 @@ impl KmsFailure {
         match self {
             Self::Unreachable => "KMS is unreachable".into(),
             Self::AccessDenied => {
-                "KMS denied access (check the credentials and that the key policy or IAM policy \
+                "KMS denied access (check the credentials, that the key policy or IAM policy \
                  allows kms:Decrypt and kms:GenerateDataKey on the key with the service \
-                 encryption context)"
+                 encryption context, and that the blob was made under crypto.aws_kms.key_id in \
+                 this region: some KMS servers report a blob of another KMS key this way)"
                     .into()
             }
             Self::WrongEncryptionContext => {

@@ -338,6 +338,8 @@ async fn a_blob_of_another_kms_key_is_refused(backend: Backend) {
     let endpoint = endpoint();
     let entry = kms_entry(&other, "k2").await;
     let app = spawn_app_with(backend, &settings(&entry, "k2", &configured, &endpoint)).await;
+    // AWS answers IncorrectKeyException (named "the blob was made under another KMS key");
+    // moto 5.2.5 answers AccessDeniedException, whose sentence names that case too.
     let verdict = keyring_failure(&app).await;
     assert!(verdict.contains("\"k2\""), "{verdict}");
     assert!(verdict.contains(&endpoint), "{verdict}");
