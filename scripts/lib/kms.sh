@@ -62,7 +62,8 @@ start_local_kms() {
   echo "==> local KMS (moto $MOTO_VERSION) on 127.0.0.1:$KMS_PORT" >&2
   export ATLAS_TEST_KMS_ENDPOINT="http://127.0.0.1:$KMS_PORT"
   # Dummy credentials: moto accepts any; the SDK's chain finds these first.
-  export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1
+  export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=atlas-stripe-test-secret-not-a-credential
+  export AWS_REGION=us-east-1
   export AWS_EC2_METADATA_DISABLED=true
 }
 
