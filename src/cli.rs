@@ -149,7 +149,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             };
             let kms = Kms::new(config).await;
-            let entry = crate::crypto::kms::generate_entry(&kms, &id).await?;
+            let entry = match crate::crypto::kms::generate_entry(&kms, &id).await {
+                Ok(entry) => entry,
+                Err(e) => bail!("{e}\n  the SDK said: {}", e.cause),
+            };
             println!("{}", entry.expose_secret());
         }
         Command::Keys(KeysCommand::Generate { kms: false, .. }) => unreachable!("handled above"),

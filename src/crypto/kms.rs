@@ -59,7 +59,9 @@ pub fn encryption_context(id: &MasterKeyId) -> HashMap<String, String> {
 pub enum KmsFailure {
     /// No answer: connection refused, DNS, TLS or a timeout.
     Unreachable,
-    /// KMS refused the caller: no credentials, bad credentials, or no permission on the key.
+    /// The standard AWS credential chain found no credentials.
+    NoCredentials,
+    /// KMS refused the caller: bad credentials, or no permission on the key.
     AccessDenied,
     /// The blob does not decrypt with this entry's encryption context: it was made for
     /// another master-key id or service, or it is not a KMS blob.
@@ -76,6 +78,11 @@ impl KmsFailure {
     fn describe(&self) -> String {
         match self {
             Self::Unreachable => "KMS is unreachable".into(),
+            Self::NoCredentials => {
+                "no AWS credentials: the standard chain (variables, profile, web identity, ECS, \
+                 instance metadata) found none"
+                    .into()
+            }
             Self::AccessDenied => {
                 "KMS denied access (check the credentials, that the key policy or IAM policy \
                  allows kms:Decrypt and kms:GenerateDataKey on the key with the service \
@@ -167,7 +174,13 @@ impl Kms {
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
+        let cause = aws_sdk_kms::error::DisplayErrorContext(&err).to_string();
         let failure = match &err {
+            SdkError::DispatchFailure(df)
+                if !(df.is_io() || df.is_timeout()) && cause.contains("no credentials") =>
+            {
+                KmsFailure::NoCredentials
+            }
             SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => KmsFailure::Unreachable,
             SdkError::ConstructionFailure(_) => KmsFailure::AccessDenied,
             _ => match err.code() {
@@ -192,7 +205,6 @@ impl Kms {
                 None => KmsFailure::Unreachable,
             },
         };
-        let cause = aws_sdk_kms::error::DisplayErrorContext(&err).to_string();
         self.failure(id, failure, cause)
     }
 

@@ -521,6 +521,19 @@ async fn keys_generate_kms_status_and_rewrap_on_the_command_line() {
     }
     env.push(("ATLAS_STRIPE__CRYPTO__MASTER_KEYS", &both));
     env.push(("ATLAS_STRIPE__CRYPTO__ACTIVE_KEY_ID", "k2"));
+    // No credentials anywhere in the chain: said so, not "unreachable".
+    let mut none = kms_env(&key_id, &endpoint);
+    none.extend([
+        ("AWS_ACCESS_KEY_ID", ""),
+        ("AWS_SECRET_ACCESS_KEY", ""),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/nonexistent"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+    ]);
+    let failed = cli(&db, &none, &["keys", "generate", "--id", "k3", "--kms"]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(stderr.contains("no AWS credentials"), "{stderr}");
     let failed = cli(&db, &env, &["keys", "rewrap"]);
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(!failed.status.success());
