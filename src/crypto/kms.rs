@@ -104,10 +104,11 @@ impl KmsFailure {
     }
 }
 
-/// A KMS call about one master key failed. Display names the id, the endpoint, the KMS key
-/// and what went wrong; never the blob, a plaintext or a credential.
+/// A KMS call about one master key failed. Display names the id, the endpoint and what went
+/// wrong (it is shown by `/readyz`); never the blob, a plaintext or a credential. The KMS
+/// key (an ARN names the account) goes to the log only.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
-#[error("master key {master_key_id:?} (held by AWS KMS key {key_id} at {endpoint}): {}", .failure.describe())]
+#[error("master key {master_key_id:?} (held by AWS KMS at {endpoint}): {}", .failure.describe())]
 pub struct KmsError {
     pub master_key_id: String,
     pub endpoint: String,
@@ -330,6 +331,7 @@ pub fn log_failure(e: &KmsError, retry_in: Option<Duration>) {
     tracing::error!(
         master_key_id = %e.master_key_id,
         kms_endpoint = %e.endpoint,
+        kms_key_id = %e.key_id,
         failure = ?e.failure,
         cause = %e.cause,
         retry_in_ms = retry_in.map(|d| d.as_millis() as u64),
