@@ -358,7 +358,11 @@ pub fn spawn_retry(
                 return;
             }
             delay = (delay * 2).min(max_backoff);
-            let failures = unlock_pending(&keyring, &kms).await;
+            // A shutdown does not wait for KMS to answer (or time out).
+            let failures = tokio::select! {
+                failures = unlock_pending(&keyring, &kms) => failures,
+                _ = stop.wait_for(|stopped| *stopped) => return,
+            };
             for e in &failures {
                 log_failure(e, Some(delay));
             }
