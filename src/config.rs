@@ -134,6 +134,35 @@ pub struct CryptoSettings {
     pub master_keys: Option<SecretString>,
     pub active_key_id: Option<String>,
     pub fingerprint_key: Option<SecretString>,
+    pub aws_kms: AwsKmsSettings,
+}
+
+/// Where `id:kms:…` master keys are decrypted. Empty `key_id`: KMS not configured.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsKmsSettings {
+    /// Key id, key ARN, alias name (`alias/…`) or alias ARN.
+    pub key_id: String,
+    pub region: String,
+    /// A KMS-compatible endpoint instead of AWS's regional one (empty: AWS's).
+    pub endpoint_url: String,
+    /// The longest wait between two start-up decrypt attempts while KMS does not answer.
+    pub retry_max_ms: u64,
+}
+
+impl AwsKmsSettings {
+    pub fn is_configured(&self) -> bool {
+        !self.key_id.trim().is_empty()
+    }
+
+    /// The client configuration, when KMS is configured.
+    pub fn kms_config(&self) -> Option<crate::crypto::KmsConfig> {
+        self.is_configured().then(|| crate::crypto::KmsConfig {
+            key_id: self.key_id.trim().to_owned(),
+            region: self.region.trim().to_owned(),
+            endpoint_url: Some(self.endpoint_url.trim().to_owned()).filter(|u| !u.is_empty()),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -598,6 +627,43 @@ impl Settings {
         p.range("proxy.max_wait_ms", x.max_wait_ms, 0..=60_000);
         p.range("proxy.deadline_ms", x.deadline_ms, 100..=120_000);
 
+        let k = &self.crypto.aws_kms;
+        if k.is_configured() {
+            if k.region.trim().is_empty() {
+                p.push(
+                    "crypto.aws_kms.region",
+                    "is empty while crypto.aws_kms.key_id is set: name the key's region",
+                );
+            }
+            if k.key_id.trim().len() > 2048 || k.key_id.trim().contains(char::is_whitespace) {
+                p.push(
+                    "crypto.aws_kms.key_id",
+                    "is not a KMS key id, key ARN, alias name or alias ARN",
+                );
+            }
+        }
+        if !k.region.is_empty()
+            && !k
+                .region
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            p.push(
+                "crypto.aws_kms.region",
+                "is not an AWS region name (e.g. eu-west-1)",
+            );
+        }
+        if !k.endpoint_url.trim().is_empty() {
+            match url::Url::parse(k.endpoint_url.trim()) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => p.push(
+                    "crypto.aws_kms.endpoint_url",
+                    "is not an http(s) URL (leave it empty for AWS's own endpoint)",
+                ),
+            }
+        }
+        p.range("crypto.aws_kms.retry_max_ms", k.retry_max_ms, 100..=600_000);
+
         if self.dev.generate_secrets {
             if production {
                 p.push(
@@ -653,6 +719,18 @@ impl Settings {
         };
         let keyring = Keyring::from_config(&master_keys, &active_key_id)
             .map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        if keyring.has_kms() && !self.crypto.aws_kms.is_configured() {
+            let ids: Vec<String> = (keyring.entries().into_iter())
+                .filter(|(_, holder)| *holder == crate::crypto::Holder::Kms)
+                .map(|(id, _)| id.as_str().to_owned())
+                .collect();
+            return Err(SettingsError::Invalid(format!(
+                "crypto.master_keys: master key {} is held by AWS KMS (`id:kms:…`) but \
+                 crypto.aws_kms.key_id is not set (set ATLAS_STRIPE__CRYPTO__AWS_KMS__KEY_ID \
+                 and ATLAS_STRIPE__CRYPTO__AWS_KMS__REGION)",
+                ids.join(", ")
+            )));
+        }
         let fingerprint_key = pick(
             &self.crypto.fingerprint_key,
             dev.as_ref().map(|d| &d.fingerprint_key),

@@ -110,6 +110,15 @@ impl HealthMonitor {
     /// The keyring opens what it seals, and holds every master key stored secrets name.
     /// Also sets the sealed-keys gauges (rewrap progress) from the same count.
     async fn check_keyring(&self) -> Result<(), CheckFailure> {
+        // A KMS-held master key not decrypted yet: which, where, and why (no secret in it).
+        let unavailable = self.keyring.unavailable();
+        if !unavailable.is_empty() {
+            let why: Vec<String> = unavailable.into_iter().map(|(_, why)| why).collect();
+            return Err(CheckFailure {
+                detail: format!("{}; retrying in the background", why.join("; ")),
+                shown: true,
+            });
+        }
         self.keyring.self_test().map_err(|e| CheckFailure {
             detail: e.to_string(),
             shown: false,

@@ -56,7 +56,37 @@ impl Application {
         }
         let store = open_store(settings).await?;
         let keyring = Arc::new(secrets.keyring);
-        keyring.self_test().context("keyring self-test")?;
+        // KMS-held master keys are decrypted once, here. When KMS does not answer, the
+        // service starts anyway, not ready, and keeps asking in the background.
+        let kms = match settings.crypto.aws_kms.kms_config() {
+            Some(config) if keyring.has_kms() => Some(crate::crypto::Kms::new(config).await),
+            _ => None,
+        };
+        let mut kms_pending = false;
+        if let Some(kms) = &kms {
+            let started = std::time::Instant::now();
+            let failures = crate::crypto::kms::unlock_pending(&keyring, kms).await;
+            for e in &failures {
+                crate::crypto::kms::log_failure(e, None);
+            }
+            kms_pending = !failures.is_empty();
+            if kms_pending {
+                tracing::error!(
+                    kms_endpoint = %kms.config().endpoint(),
+                    "NOT READY: a master key held by AWS KMS could not be decrypted; serving \
+                     anyway (requests needing it answer 503) and retrying in the background"
+                );
+            } else {
+                tracing::info!(
+                    kms_endpoint = %kms.config().endpoint(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "AWS KMS decrypted the KMS-held master keys"
+                );
+            }
+        }
+        if !kms_pending {
+            keyring.self_test().context("keyring self-test")?;
+        }
         let stripe = StripeClient::new(StripeClientConfig::from_settings(&settings.stripe))
             .context("building the Stripe HTTP client")?;
         let required = settings
@@ -112,6 +142,15 @@ impl Application {
         let health = HealthMonitor::start(store.clone(), keyring.clone()).await;
         let refresh = Duration::from_millis(settings.server.health_refresh_ms);
         let mut background = vec![accounting, health.clone().spawn(refresh, stop_rx.clone())];
+        if let (Some(kms), true) = (kms, kms_pending) {
+            let max_backoff = Duration::from_millis(settings.crypto.aws_kms.retry_max_ms);
+            background.push(crate::crypto::kms::spawn_retry(
+                keyring.clone(),
+                kms,
+                max_backoff,
+                stop_rx.clone(),
+            ));
+        }
         if settings.reverify.enabled {
             let reverifier = Reverifier::new(
                 store.clone(),

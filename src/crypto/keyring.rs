@@ -1,5 +1,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::{Mutex, OnceLock};
 
 use aes_gcm::aead::KeyInit;
 use aes_gcm::Aes256Gcm;
@@ -48,13 +49,53 @@ pub enum KeyringError {
     BadKey(String),
     #[error("crypto.master_keys: key id {0:?} is listed twice")]
     Duplicate(String),
+    #[error("crypto.master_keys: key {0:?} is `id:kms:` and a KMS ciphertext blob in standard base64 (generate one with `atlas-stripe keys generate --kms`)")]
+    BadKmsBlob(String),
     #[error("crypto.active_key_id {0:?} is not one of the ids in crypto.master_keys")]
     ActiveMissing(String),
 }
 
+/// Where a master key is held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holder {
+    Local,
+    Kms,
+}
+
+/// One master key: local material, or a KMS blob decrypted later (once).
+enum Slot {
+    Local(Aes256Gcm),
+    Kms {
+        blob: Vec<u8>,
+        /// Set once, when KMS decrypted the blob; read lock-free on every seal and open.
+        cipher: OnceLock<Aes256Gcm>,
+        /// Why the last attempt failed (no secret in it), for readiness and the log.
+        last_failure: Mutex<Option<String>>,
+    },
+}
+
+impl Slot {
+    fn cipher(&self) -> Option<&Aes256Gcm> {
+        match self {
+            Self::Local(cipher) => Some(cipher),
+            Self::Kms { cipher, .. } => cipher.get(),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Self::Kms { blob, .. } = self {
+            zeroize::Zeroize::zeroize(blob);
+        }
+    }
+}
+
 /// The configured master-key versions: one active for sealing, all of them for opening.
+/// A KMS-held key is usable once [`Keyring::unlock`] was given its plaintext; until then,
+/// anything needing it fails with [`CryptoError::MasterKeyUnavailable`].
 pub struct Keyring {
-    keys: BTreeMap<MasterKeyId, Aes256Gcm>,
+    keys: BTreeMap<MasterKeyId, Slot>,
     active: MasterKeyId,
 }
 
@@ -71,7 +112,8 @@ impl fmt::Debug for Keyring {
 }
 
 impl Keyring {
-    /// Parses `id:base64key[,id:base64key…]` and the active id.
+    /// Parses `id:base64key` and `id:kms:base64blob` entries, comma separated, and the
+    /// active id. KMS entries are not decrypted here (see [`Keyring::unlock`]).
     pub fn from_config(
         master_keys: &SecretString,
         active_key_id: &str,
@@ -83,14 +125,29 @@ impl Keyring {
             }
             let (id, material) = entry.split_once(':').ok_or(KeyringError::BadEntry)?;
             let id = MasterKeyId::parse(id.trim())?;
-            let bytes = Zeroizing::new(
-                BASE64
-                    .decode(material.trim())
-                    .map_err(|_| KeyringError::BadKey(id.0.clone()))?,
-            );
-            let cipher = Aes256Gcm::new_from_slice(&bytes)
-                .map_err(|_| KeyringError::BadKey(id.0.clone()))?;
-            if keys.insert(id.clone(), cipher).is_some() {
+            let slot = if let Some(blob) = material.trim().strip_prefix("kms:") {
+                let blob = BASE64
+                    .decode(blob.trim())
+                    .ok()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| KeyringError::BadKmsBlob(id.0.clone()))?;
+                Slot::Kms {
+                    blob,
+                    cipher: OnceLock::new(),
+                    last_failure: Mutex::new(None),
+                }
+            } else {
+                let bytes = Zeroizing::new(
+                    BASE64
+                        .decode(material.trim())
+                        .map_err(|_| KeyringError::BadKey(id.0.clone()))?,
+                );
+                Slot::Local(
+                    Aes256Gcm::new_from_slice(&bytes)
+                        .map_err(|_| KeyringError::BadKey(id.0.clone()))?,
+                )
+            };
+            if keys.insert(id.clone(), slot).is_some() {
                 return Err(KeyringError::Duplicate(id.0));
             }
         }
@@ -115,16 +172,89 @@ impl Keyring {
         &self.active
     }
 
+    /// Whether `id` is configured (held locally or by KMS, decrypted yet or not).
     pub fn contains(&self, id: &str) -> bool {
-        self.cipher(id).is_ok()
+        self.keys.keys().any(|k| k.as_str() == id)
+    }
+
+    /// Every configured id and where its key is held.
+    pub fn entries(&self) -> Vec<(MasterKeyId, Holder)> {
+        (self.keys.iter())
+            .map(|(id, slot)| {
+                let holder = match slot {
+                    Slot::Local(_) => Holder::Local,
+                    Slot::Kms { .. } => Holder::Kms,
+                };
+                (id.clone(), holder)
+            })
+            .collect()
+    }
+
+    /// Whether any entry is held by KMS.
+    pub fn has_kms(&self) -> bool {
+        (self.keys.values()).any(|slot| matches!(slot, Slot::Kms { .. }))
+    }
+
+    /// The KMS-held entries not decrypted yet, with their blobs (to hand to KMS only).
+    pub fn pending_kms(&self) -> Vec<(MasterKeyId, &[u8])> {
+        (self.keys.iter())
+            .filter_map(|(id, slot)| match slot {
+                Slot::Kms { blob, cipher, .. } if cipher.get().is_none() => {
+                    Some((id.clone(), blob.as_slice()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Why each KMS-held entry not decrypted yet is not: `(id, last failure)`.
+    pub fn unavailable(&self) -> Vec<(MasterKeyId, String)> {
+        (self.keys.iter())
+            .filter_map(|(id, slot)| match slot {
+                Slot::Kms {
+                    cipher,
+                    last_failure,
+                    ..
+                } if cipher.get().is_none() => {
+                    let failure = last_failure.lock().unwrap_or_else(|e| e.into_inner());
+                    let why = failure
+                        .clone()
+                        .unwrap_or_else(|| "not decrypted by KMS yet".to_owned());
+                    Some((id.clone(), why))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Installs the plaintext KMS returned for `id` (wiped by the caller's `Zeroizing`).
+    /// A second call for the same id is a no-op.
+    pub fn unlock(&self, id: &MasterKeyId, plaintext: &[u8]) -> Result<(), CryptoError> {
+        match self.keys.get(id) {
+            Some(Slot::Kms { cipher, .. }) => {
+                let new = Aes256Gcm::new_from_slice(plaintext).map_err(|_| CryptoError::Open)?;
+                let _ = cipher.set(new);
+                Ok(())
+            }
+            _ => Err(CryptoError::UnknownMasterKey(id.as_str().to_owned())),
+        }
+    }
+
+    /// Records why KMS did not decrypt `id` (a message without secrets).
+    pub fn record_failure(&self, id: &MasterKeyId, why: String) {
+        if let Some(Slot::Kms { last_failure, .. }) = self.keys.get(id) {
+            *last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        }
     }
 
     fn cipher(&self, id: &str) -> Result<&Aes256Gcm, CryptoError> {
-        self.keys
+        let (id, slot) = self
+            .keys
             .iter()
             .find(|(k, _)| k.as_str() == id)
-            .map(|(_, cipher)| cipher)
-            .ok_or_else(|| CryptoError::UnknownMasterKey(id.to_owned()))
+            .ok_or_else(|| CryptoError::UnknownMasterKey(id.to_owned()))?;
+        slot.cipher()
+            .ok_or_else(|| CryptoError::MasterKeyUnavailable(id.as_str().to_owned()))
     }
 
     /// Seals under the active master key.
@@ -398,6 +528,75 @@ mod tests {
             assert!(
                 !err.to_string().contains(&good[3..]),
                 "key material in an error"
+            );
+        }
+    }
+
+    #[test]
+    fn a_kms_entry_is_unavailable_until_unlocked() {
+        let local = entry("k1");
+        let blob = BASE64.encode([7u8; 48]);
+        let ring = ring(&[&local, &format!("k2:kms:{blob}")], "k2");
+        assert!(ring.has_kms());
+        assert_eq!(
+            ring.entries(),
+            vec![
+                (MasterKeyId::parse("k1").unwrap(), Holder::Local),
+                (MasterKeyId::parse("k2").unwrap(), Holder::Kms)
+            ]
+        );
+        let ctx = context("ten_a", Mode::Test);
+        assert_eq!(
+            ring.seal(&ctx, b"secret"),
+            Err(CryptoError::MasterKeyUnavailable("k2".into()))
+        );
+        assert!(ring.self_test().is_err());
+        let k2 = MasterKeyId::parse("k2").unwrap();
+        assert_eq!(ring.pending_kms(), vec![(k2.clone(), &[7u8; 48][..])]);
+        ring.record_failure(&k2, "KMS is unreachable".into());
+        assert_eq!(
+            ring.unavailable(),
+            vec![(k2.clone(), "KMS is unreachable".to_owned())]
+        );
+        ring.unlock(&k2, &[9u8; 32]).unwrap();
+        assert!(ring.pending_kms().is_empty() && ring.unavailable().is_empty());
+        let sealed = ring.seal(&ctx, b"secret").unwrap();
+        assert_eq!(sealed.master_key_id, "k2");
+        assert_eq!(ring.open(&ctx, &sealed).unwrap().as_slice(), b"secret");
+        ring.self_test().unwrap();
+        assert!(!format!("{ring:?}").contains(&blob));
+        // Not a blob: refused with the id, never the text.
+        let err =
+            Keyring::from_config(&SecretString::from("k3:kms:!!!".to_owned()), "k3").unwrap_err();
+        assert_eq!(err, KeyringError::BadKmsBlob("k3".into()));
+    }
+
+    /// The hot path with a KMS-held master key is the local one plus a `OnceLock` read:
+    /// `cargo test --release --lib kms_held_open_costs -- --ignored --nocapture` prints both.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn kms_held_open_costs_what_a_local_open_costs() {
+        let local = ring(&[&entry("k1")], "k1");
+        let kms = ring(&[&format!("k2:kms:{}", BASE64.encode([7u8; 48]))], "k2");
+        kms.unlock(&MasterKeyId::parse("k2").unwrap(), &[9u8; 32])
+            .unwrap();
+        let ctx = context("ten_a", Mode::Live);
+        let key = b"rk_live_51Habcdefghijklmnopqrstuvwxyz0123456789";
+        let sealed = [local.seal(&ctx, key).unwrap(), kms.seal(&ctx, key).unwrap()];
+        let time = |ring: &Keyring, sealed: &SealedSecret| {
+            let started = std::time::Instant::now();
+            for _ in 0..200_000 {
+                std::hint::black_box(ring.open(&ctx, sealed).unwrap());
+            }
+            started.elapsed()
+        };
+        for round in 0..3 {
+            let (l, k) = (time(&local, &sealed[0]), time(&kms, &sealed[1]));
+            println!(
+                "round {round}: local {:?}/open, kms-held {:?}/open ({:+.1}%)",
+                l / 200_000,
+                k / 200_000,
+                (k.as_secs_f64() / l.as_secs_f64() - 1.0) * 100.0
             );
         }
     }

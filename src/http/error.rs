@@ -74,6 +74,8 @@ pub enum ApiError {
         "The service cannot reach its database right now; nothing was changed. Try again shortly."
     )]
     ServiceUnavailable,
+    #[error("The master key this needs is held by AWS KMS and not decrypted yet (KMS did not answer at start-up; the service keeps asking). Try again shortly.")]
+    MasterKeyUnavailable,
     #[error("The webhook delivery was rejected.")]
     WebhookRejected,
     #[error("No connection has this webhook URL.")]
@@ -119,7 +121,9 @@ impl ApiError {
             Self::ConnectionNotActive(_) => (S::CONFLICT, "connection_not_active"),
             Self::ConcurrentChange => (S::CONFLICT, "concurrent_change"),
             Self::StripeUnavailable => (S::BAD_GATEWAY, "stripe_unavailable"),
-            Self::ServiceUnavailable => (S::SERVICE_UNAVAILABLE, "service_unavailable"),
+            Self::ServiceUnavailable | Self::MasterKeyUnavailable => {
+                (S::SERVICE_UNAVAILABLE, "service_unavailable")
+            }
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
@@ -220,7 +224,7 @@ impl IntoResponse for ApiError {
                 detail.key_mode = Some(key);
             }
             Self::StripeUnavailable | Self::ConcurrentChange => detail.retryable = Some(true),
-            Self::ServiceUnavailable => {
+            Self::ServiceUnavailable | Self::MasterKeyUnavailable => {
                 detail.retryable = Some(true);
                 retry_after_header = Some(DATABASE_RETRY_AFTER_SECS);
             }
@@ -272,7 +276,13 @@ impl From<StoreError> for ApiError {
 
 impl From<CryptoError> for ApiError {
     fn from(e: CryptoError) -> Self {
-        Self::Internal(e.into())
+        match e {
+            CryptoError::MasterKeyUnavailable(id) => {
+                tracing::warn!(master_key_id = %id, "master key held by AWS KMS not decrypted yet");
+                Self::MasterKeyUnavailable
+            }
+            e => Self::Internal(e.into()),
+        }
     }
 }
 

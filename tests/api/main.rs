@@ -14,6 +14,7 @@ mod cors;
 mod docs;
 mod hostile;
 mod keys;
+mod kms;
 mod lifecycle;
 mod limits;
 mod openapi_doc;

@@ -15,7 +15,7 @@ use crate::stripe_mock::{answer_all, grant_all_but, key, Answer};
 backend_tests!(a_canary_key_leaks_nowhere);
 
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
+pub(crate) struct Captured(pub(crate) Arc<Mutex<Vec<u8>>>);
 
 impl Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -30,7 +30,7 @@ impl Write for Captured {
 /// Every log line of this process at trace level, as the service prints them with
 /// `RUST_LOG=trace`: installed through production's own initialisation, so lines that
 /// dependencies write through the `log` crate (reqwest's among them) are captured too.
-fn captured_logs() -> &'static Captured {
+pub(crate) fn captured_logs() -> &'static Captured {
     static LOGS: OnceLock<Captured> = OnceLock::new();
     LOGS.get_or_init(|| {
         let captured = Captured::default();
