@@ -39,3 +39,16 @@ wait_http() {
   echo "$1 did not answer" >&2
   return 1
 }
+
+# free_port: a free TCP port on 127.0.0.1.
+free_port() {
+  local port
+  for _ in $(seq 1 50); do
+    port=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$port"
+      return 0
+    fi
+  done
+  return 1
+}

@@ -11,17 +11,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 MOTO_VERSION="${MOTO_VERSION:-5.2.5}"
 KMS_VENV="${KMS_VENV:-$PWD/target/kms-venv}"
 
-kms_free_port() {
-  local port
-  for _ in $(seq 1 50); do
-    port=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      echo "$port"
-      return 0
-    fi
-  done
-  return 1
-}
 
 install_moto() {
   if [ -x "$KMS_VENV/bin/moto_server" ] &&
@@ -40,7 +29,7 @@ install_moto() {
 
 start_local_kms() {
   install_moto
-  KMS_PORT=$(kms_free_port)
+  KMS_PORT=$(free_port)
   KMS_LOG=$(mktemp "${TMPDIR:-/tmp}/atlas-stripe-kms.XXXXXX.log")
   "$KMS_VENV/bin/moto_server" -H 127.0.0.1 -p "$KMS_PORT" >"$KMS_LOG" 2>&1 &
   KMS_PID=$!

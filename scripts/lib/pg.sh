@@ -11,17 +11,6 @@ find_initdb() {
   ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1
 }
 
-free_port() {
-  local port
-  for _ in $(seq 1 50); do
-    port=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      echo "$port"
-      return 0
-    fi
-  done
-  return 1
-}
 
 start_throwaway_postgres() {
   local initdb
