@@ -571,38 +571,6 @@ mod tests {
         assert_eq!(err, KeyringError::BadKmsBlob("k3".into()));
     }
 
-    /// The hot path with a KMS-held master key is the local one plus a `OnceLock` read:
-    /// `cargo test --release --lib kms_held_open_costs -- --ignored --nocapture` prints both.
-    #[test]
-    #[ignore = "a measurement, not a check"]
-    fn kms_held_open_costs_what_a_local_open_costs() {
-        let local = ring(&[&entry("k1")], "k1");
-        let kms = ring(&[&format!("k2:kms:{}", BASE64.encode([7u8; 48]))], "k2");
-        kms.unlock(&MasterKeyId::parse("k2").unwrap(), &[9u8; 32])
-            .unwrap();
-        let ctx = context("ten_a", Mode::Live);
-        // Built at run time: a literal live-looking key would trip secret scanners.
-        let key = format!("rk_live_{}", "a".repeat(99));
-        let key = key.as_bytes();
-        let sealed = [local.seal(&ctx, key).unwrap(), kms.seal(&ctx, key).unwrap()];
-        let time = |ring: &Keyring, sealed: &SealedSecret| {
-            let started = std::time::Instant::now();
-            for _ in 0..200_000 {
-                std::hint::black_box(ring.open(&ctx, sealed).unwrap());
-            }
-            started.elapsed()
-        };
-        for round in 0..3 {
-            let (l, k) = (time(&local, &sealed[0]), time(&kms, &sealed[1]));
-            println!(
-                "round {round}: local {:?}/open, kms-held {:?}/open ({:+.1}%)",
-                l / 200_000,
-                k / 200_000,
-                (k.as_secs_f64() / l.as_secs_f64() - 1.0) * 100.0
-            );
-        }
-    }
-
     #[test]
     fn self_test_passes_and_debug_hides_material() {
         let ring = keyring(&["k1", "k2"], "k2");
