@@ -4,10 +4,11 @@
 //!
 //! Loss window: tallies not yet flushed (at most `flush_interval`, plus the time a failing
 //! database takes to come back) are lost if the process is killed; a graceful shutdown
-//! flushes them. A full queue slows fetches down rather than dropping a record.
+//! flushes them. A request adds to an in-memory tally under a short lock and wakes nobody;
+//! the writer takes the whole tally at every flush.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -17,7 +18,6 @@ use tokio::task::JoinHandle;
 use crate::domain::TenantId;
 use crate::store::{KeyFetchTally, Store};
 
-const QUEUE: usize = 65_536;
 /// Distinct (token, tenant, minute) tallies kept while the database is unreachable.
 const MAX_PENDING: usize = 200_000;
 
@@ -30,25 +30,36 @@ pub enum Usage {
     StripeCall,
 }
 
-struct Fetch {
-    usage: Usage,
-    token_id: String,
-    tenant_id: TenantId,
-    at: OffsetDateTime,
-}
+type TallyKey = (Usage, String, TenantId, OffsetDateTime);
+type Tallies = HashMap<TallyKey, (i64, OffsetDateTime)>;
 
 #[derive(Clone)]
 pub struct KeyFetchRecorder {
-    tx: mpsc::Sender<Fetch>,
+    /// This minute's tallies, taken whole by the writer at every flush. A request adds to
+    /// them under a short lock and wakes nobody.
+    tallies: Arc<Mutex<Tallies>>,
+    /// Never sent on: the writer learns that every recorder is gone (shutdown) when the
+    /// channel closes, and flushes a last time.
+    _alive: mpsc::Sender<()>,
 }
 
 impl KeyFetchRecorder {
     /// Starts the writer. It flushes every `flush_interval`, and a last time when every
     /// recorder clone is dropped; await the handle to be sure that happened.
     pub fn spawn(store: Arc<dyn Store>, flush_interval: Duration) -> (Self, JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let handle = tokio::spawn(write_tallies(store, rx, flush_interval));
-        (Self { tx }, handle)
+        let (alive, closed) = mpsc::channel(1);
+        let tallies = Arc::new(Mutex::new(Tallies::new()));
+        let handle = tokio::spawn(write_tallies(
+            store,
+            tallies.clone(),
+            closed,
+            flush_interval,
+        ));
+        let recorder = Self {
+            tallies,
+            _alive: alive,
+        };
+        (recorder, handle)
     }
 
     pub async fn record(&self, token_id: &str, tenant_id: &TenantId) {
@@ -57,26 +68,14 @@ impl KeyFetchRecorder {
     }
 
     pub async fn record_usage(&self, usage: Usage, token_id: &str, tenant_id: &TenantId) {
-        let fetch = Fetch {
-            usage,
-            token_id: token_id.to_owned(),
-            tenant_id: tenant_id.clone(),
-            at: crate::clock::now(),
-        };
-        match self.tx.try_send(fetch) {
-            Ok(()) => {}
-            // Back-pressure rather than loss when the writer falls behind.
-            Err(mpsc::error::TrySendError::Full(fetch)) => {
-                let _ = self.tx.send(fetch).await;
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                tracing::error!("key-fetch accounting has stopped; a fetch went unrecorded");
-            }
-        }
+        let at = crate::clock::now();
+        let key = (usage, token_id.to_owned(), tenant_id.clone(), minute_of(at));
+        let mut tallies = self.tallies.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = tallies.entry(key).or_insert((0, at));
+        entry.0 += 1;
+        entry.1 = entry.1.max(at);
     }
 }
-
-type TallyKey = (Usage, String, TenantId, OffsetDateTime);
 
 fn minute_of(at: OffsetDateTime) -> OffsetDateTime {
     at.replace_second(0)
@@ -86,32 +85,33 @@ fn minute_of(at: OffsetDateTime) -> OffsetDateTime {
 
 async fn write_tallies(
     store: Arc<dyn Store>,
-    mut rx: mpsc::Receiver<Fetch>,
+    tallies: Arc<Mutex<Tallies>>,
+    mut closed: mpsc::Receiver<()>,
     flush_interval: Duration,
 ) {
-    let mut pending: HashMap<TallyKey, (i64, OffsetDateTime)> = HashMap::new();
+    // What could not be written yet (the database was unreachable), merged with what comes.
+    let mut pending = Tallies::new();
     let mut ticker = tokio::time::interval(flush_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            fetch = rx.recv() => match fetch {
-                Some(fetch) => {
-                    let key = (fetch.usage, fetch.token_id, fetch.tenant_id, minute_of(fetch.at));
-                    let entry = pending.entry(key).or_insert((0, fetch.at));
-                    entry.0 += 1;
-                    entry.1 = entry.1.max(fetch.at);
-                }
-                None => {
-                    flush(&*store, &mut pending).await;
-                    return;
-                }
-            },
-            _ = ticker.tick() => flush(&*store, &mut pending).await,
+        let last = tokio::select! {
+            _ = closed.recv() => true,
+            _ = ticker.tick() => false,
+        };
+        let taken = std::mem::take(&mut *tallies.lock().unwrap_or_else(|e| e.into_inner()));
+        for (key, (count, at)) in taken {
+            let entry = pending.entry(key).or_insert((0, at));
+            entry.0 += count;
+            entry.1 = entry.1.max(at);
+        }
+        flush(&*store, &mut pending).await;
+        if last {
+            return;
         }
     }
 }
 
-async fn flush(store: &dyn Store, pending: &mut HashMap<TallyKey, (i64, OffsetDateTime)>) {
+async fn flush(store: &dyn Store, pending: &mut Tallies) {
     if pending.is_empty() {
         return;
     }
