@@ -92,6 +92,13 @@ impl ApiError {
         Self::Internal(cause.into())
     }
 
+    /// 429, allowed again after `retry_after` (rounded up to whole seconds, at least one).
+    pub fn rate_limited(retry_after: std::time::Duration) -> Self {
+        Self::RateLimited {
+            retry_after_secs: retry_after.as_secs_f64().ceil().max(1.0) as u64,
+        }
+    }
+
     /// The one table that gives each variant its HTTP status and stable `code`.
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         use StatusCode as S;
@@ -289,9 +296,7 @@ impl From<CryptoError> for ApiError {
 impl From<ConnectError> for ApiError {
     fn from(e: ConnectError) -> Self {
         match e {
-            ConnectError::RateLimited { retry_after } => Self::RateLimited {
-                retry_after_secs: retry_after.as_secs_f64().ceil().max(1.0) as u64,
-            },
+            ConnectError::RateLimited { retry_after } => Self::rate_limited(retry_after),
             ConnectError::NotConnected => Self::NotConnected,
             ConnectError::KeyFormat(e) => Self::KeyFormat(e),
             ConnectError::ModeMismatch { tenant, key } => Self::ModeMismatch { tenant, key },

@@ -81,7 +81,7 @@ fn request_id(req: &Request) -> String {
 
 /// A metric label and log field from a closed set: a client chooses the method, so copying
 /// it would let anyone grow the series without bound.
-fn method_label(method: &Method) -> &'static str {
+pub(super) fn method_label(method: &Method) -> &'static str {
     match *method {
         Method::GET => "GET",
         Method::POST => "POST",

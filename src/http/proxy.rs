@@ -94,9 +94,7 @@ pub async fn forward(
         .keyring
         .open_stripe_key(&context, &connection.sealed)?;
     if let Err(over) = proxy.smoothing.take_turn(&tenant, connection.mode).await {
-        return Err(ApiError::RateLimited {
-            retry_after_secs: over.retry_after.as_secs_f64().ceil().max(1.0) as u64,
-        });
+        return Err(ApiError::rate_limited(over.retry_after));
     }
 
     // A POST Stripe has no idempotency key for is sent once, under one we make up and
@@ -133,7 +131,7 @@ pub async fn forward(
         ApiError::StripeUnavailable
     })?;
     metrics::counter!("atlas_proxy_requests_total",
-        "method" => method_label(&parts.method),
+        "method" => super::method_label(&parts.method),
         "endpoint" => request.endpoint.clone(),
         "status" => forwarded.status.to_string())
     .increment(1);
@@ -161,15 +159,6 @@ pub async fn forward(
         }
     }
     Ok(response)
-}
-
-fn method_label(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::DELETE => "DELETE",
-        _ => "other",
-    }
 }
 
 /// `X-Deadline-Ms`, bounded by `proxy.deadline_ms`.

@@ -268,18 +268,21 @@ pub(crate) struct KeyFetchRow {
 impl TryFrom<KeyFetchRow> for KeyFetch {
     type Error = StoreError;
     fn try_from(row: KeyFetchRow) -> Result<Self, StoreError> {
+        // The LEFT JOIN's half: all columns or none (no connection).
         let connection = match (row.status, row.mode, row.key_type, row.api_key_secret_id) {
-            (Some(status), Some(mode), Some(key_type), Some(secret_id)) => Some(FetchedKey {
-                status: ConnectionStatus::parse(&status).ok_or_else(|| corrupt("status"))?,
-                mode: parse_mode(&mode)?,
-                key_type: KeyKind::parse(&key_type).ok_or_else(|| corrupt("key_type"))?,
-                secret_id,
-                sealed: SealedSecret {
-                    master_key_id: row.master_key_id.ok_or_else(|| corrupt("sealed secret"))?,
-                    wrapped_key: row.wrapped_key.ok_or_else(|| corrupt("sealed secret"))?,
-                    ciphertext: row.ciphertext.ok_or_else(|| corrupt("sealed secret"))?,
-                },
-            }),
+            (Some(status), Some(mode), Some(key_type), Some(api_key_secret_id)) => {
+                let sealed = || corrupt("sealed secret");
+                let key = ApiKeyRow {
+                    status,
+                    mode,
+                    key_type,
+                    api_key_secret_id,
+                    master_key_id: row.master_key_id.ok_or_else(sealed)?,
+                    wrapped_key: row.wrapped_key.ok_or_else(sealed)?,
+                    ciphertext: row.ciphertext.ok_or_else(sealed)?,
+                };
+                Some(FetchedKey::try_from(key)?)
+            }
             _ => None,
         };
         Ok(Self {
