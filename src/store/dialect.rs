@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::{Database, Pool};
 
-use super::model::{NewEvent, RewrappedRow};
+use super::model::{KeyFetchTally, NewEvent, RewrappedRow};
+use super::queries::TallyStatements;
 use super::{Backend, StoreError};
 use crate::crypto::Purpose;
 use crate::domain::TenantId;
@@ -44,6 +45,15 @@ pub trait Dialect: Database {
         purpose: Purpose,
         rows: &[RewrappedRow],
     ) -> Result<u64, StoreError>;
+
+    /// Adds usage tallies, inside the caller's transaction. The writer flushes thousands of
+    /// (token, tenant, minute) tallies a second under load, so PostgreSQL takes them as
+    /// arrays in one statement per batch rather than one round trip per tally.
+    async fn add_tallies(
+        conn: &mut Self::Connection,
+        statements: &TallyStatements,
+        tallies: &[KeyFetchTally],
+    ) -> Result<(), StoreError>;
 
     /// Inserts a verified event so that feed order follows commit order; false when the
     /// event was already stored.

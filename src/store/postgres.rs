@@ -6,16 +6,20 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgQueryResult};
-use sqlx::{PgPool, Postgres};
+use sqlx::{PgConnection, PgPool, Postgres};
 
 use super::dialect::Dialect;
-use super::model::{NewEvent, RewrappedRow};
+use super::model::{KeyFetchTally, NewEvent, RewrappedRow};
+use super::queries::TallyStatements;
 use super::queries;
 use super::{Backend, StoreError};
 use crate::crypto::Purpose;
 use crate::domain::TenantId;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Rows per usage-tally statement.
+const TALLIES_PER_STATEMENT: usize = 5_000;
 
 #[async_trait]
 impl Dialect for Postgres {
@@ -47,6 +51,30 @@ impl Dialect for Postgres {
             .acquire_timeout(acquire_timeout)
             .connect_with(options)
             .await?)
+    }
+
+    async fn add_tallies(
+        conn: &mut PgConnection,
+        statements: &TallyStatements,
+        tallies: &[KeyFetchTally],
+    ) -> Result<(), StoreError> {
+        // Bounded statements: a backlog kept through an outage goes in several.
+        for chunk in tallies.chunks(TALLIES_PER_STATEMENT) {
+            let tokens: Vec<&str> = chunk.iter().map(|t| t.token_id.as_str()).collect();
+            let tenants: Vec<&str> = chunk.iter().map(|t| t.tenant_id.as_str()).collect();
+            let windows: Vec<_> = chunk.iter().map(|t| t.window_start).collect();
+            let counts: Vec<i64> = chunk.iter().map(|t| t.fetch_count).collect();
+            let lasts: Vec<_> = chunk.iter().map(|t| t.last_fetched_at).collect();
+            sqlx::query(statements.batch)
+                .bind(tokens)
+                .bind(tenants)
+                .bind(windows)
+                .bind(counts)
+                .bind(lasts)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
     }
 
     /// The whole batch in one statement (arrays unnested into rows): one round trip per

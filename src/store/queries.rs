@@ -199,13 +199,56 @@ pub const FETCH_KEY: &str = "SELECT t.secret_hash, t.scopes, t.revoked_at, \
 pub const FIND_API_KEY: &str = "SELECT status, mode, key_type, api_key_secret_id, \
     master_key_id, wrapped_key, ciphertext FROM stripe_connections WHERE tenant_id = $1";
 
-/// Adds a tally; `CASE` rather than `GREATEST`/`MAX` keeps it in both dialects.
-pub const ADD_KEY_FETCHES: &str = "INSERT INTO key_fetches \
-    (token_id, tenant_id, window_start, fetch_count, last_fetched_at) VALUES ($1, $2, $3, $4, $5) \
-    ON CONFLICT (tenant_id, window_start, token_id) DO UPDATE SET \
-    fetch_count = key_fetches.fetch_count + excluded.fetch_count, \
-    last_fetched_at = CASE WHEN excluded.last_fetched_at > key_fetches.last_fetched_at \
-    THEN excluded.last_fetched_at ELSE key_fetches.last_fetched_at END";
+/// The upsert that adds tallies to a usage table, from `$source`: `CASE` rather than
+/// `GREATEST`/`MAX` keeps it in both dialects.
+macro_rules! add_tallies {
+    ($table:literal, $count:literal, $last:literal, $($source:tt)+) => {
+        concat!(
+            "INSERT INTO ", $table, " (token_id, tenant_id, window_start, ", $count, ", ",
+            $last, ") ", $($source)+,
+            " ON CONFLICT (tenant_id, window_start, token_id) DO UPDATE SET ",
+            $count, " = ", $table, ".", $count, " + excluded.", $count, ", ",
+            $last, " = CASE WHEN excluded.", $last, " > ", $table, ".", $last,
+            " THEN excluded.", $last, " ELSE ", $table, ".", $last, " END"
+        )
+    };
+}
+
+/// One row's values.
+macro_rules! one_tally {
+    () => {
+        "VALUES ($1, $2, $3, $4, $5)"
+    };
+}
+
+/// A batch in one statement: PostgreSQL arrays unnested into rows. A batch never holds one
+/// (token, tenant, minute) twice (the writer tallies by that key), which `ON CONFLICT`
+/// requires.
+macro_rules! tally_batch {
+    () => {
+        "SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::int8[], \
+         $5::timestamptz[])"
+    };
+}
+
+/// The two ways of writing one usage table: a row at a time (SQLite, in one local
+/// transaction) or a whole batch in one statement (PostgreSQL, one round trip).
+pub struct TallyStatements {
+    pub one: &'static str,
+    pub batch: &'static str,
+}
+
+/// Key fetches per token, tenant and minute.
+pub const ADD_KEY_FETCHES: TallyStatements = TallyStatements {
+    one: add_tallies!("key_fetches", "fetch_count", "last_fetched_at", one_tally!()),
+    batch: add_tallies!("key_fetches", "fetch_count", "last_fetched_at", tally_batch!()),
+};
+
+/// Calls through the Stripe proxy, the same way.
+pub const ADD_STRIPE_CALLS: TallyStatements = TallyStatements {
+    one: add_tallies!("stripe_calls", "call_count", "last_called_at", one_tally!()),
+    batch: add_tallies!("stripe_calls", "call_count", "last_called_at", tally_batch!()),
+};
 
 /// Takes one attempt under a per-tenant GCRA limit (`$3` now, `$4` the emission interval,
 /// `$5` the period that `limit` attempts may fill, all in microseconds). Returns a row only
@@ -219,14 +262,6 @@ pub const TAKE_ATTEMPT: &str = "INSERT INTO attempt_limits (tenant_id, kind, tat
 
 pub const ATTEMPT_TAT: &str =
     "SELECT tat_micros FROM attempt_limits WHERE tenant_id = $1 AND kind = $2";
-
-/// Adds a tally of proxied calls, like `ADD_KEY_FETCHES`.
-pub const ADD_STRIPE_CALLS: &str = "INSERT INTO stripe_calls \
-    (token_id, tenant_id, window_start, call_count, last_called_at) VALUES ($1, $2, $3, $4, $5) \
-    ON CONFLICT (tenant_id, window_start, token_id) DO UPDATE SET \
-    call_count = stripe_calls.call_count + excluded.call_count, \
-    last_called_at = CASE WHEN excluded.last_called_at > stripe_calls.last_called_at \
-    THEN excluded.last_called_at ELSE stripe_calls.last_called_at END";
 
 pub const STRIPE_CALLS: &str = "SELECT token_id, tenant_id, window_start, \
     call_count AS fetch_count, last_called_at AS last_fetched_at FROM stripe_calls \

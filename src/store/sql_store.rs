@@ -578,19 +578,12 @@ where
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let usage = [
-            (queries::ADD_KEY_FETCHES, key_fetches),
-            (queries::ADD_STRIPE_CALLS, stripe_calls),
+            (&queries::ADD_KEY_FETCHES, key_fetches),
+            (&queries::ADD_STRIPE_CALLS, stripe_calls),
         ];
-        for (statement, tallies) in usage {
-            for tally in tallies {
-                sqlx::query(statement)
-                    .bind(tally.token_id.as_str())
-                    .bind(tally.tenant_id.as_str())
-                    .bind(tally.window_start)
-                    .bind(tally.fetch_count)
-                    .bind(tally.last_fetched_at)
-                    .execute(&mut *tx)
-                    .await?;
+        for (statements, tallies) in usage {
+            if !tallies.is_empty() {
+                DB::add_tallies(&mut tx, statements, tallies).await?;
             }
         }
         tx.commit().await?;

@@ -9,10 +9,11 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult,
     SqliteSynchronous,
 };
-use sqlx::{Sqlite, SqlitePool};
+use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 
 use super::dialect::Dialect;
-use super::model::{NewEvent, RewrappedRow};
+use super::model::{KeyFetchTally, NewEvent, RewrappedRow};
+use super::queries::TallyStatements;
 use super::queries;
 use super::{Backend, StoreError};
 use crate::crypto::Purpose;
@@ -84,6 +85,25 @@ impl Dialect for Sqlite {
         }
         tx.commit().await?;
         Ok(replaced)
+    }
+
+    /// A row at a time: the database is in this process, so a statement costs no round trip.
+    async fn add_tallies(
+        conn: &mut SqliteConnection,
+        statements: &TallyStatements,
+        tallies: &[KeyFetchTally],
+    ) -> Result<(), StoreError> {
+        for tally in tallies {
+            sqlx::query(statements.one)
+                .bind(tally.token_id.as_str())
+                .bind(tally.tenant_id.as_str())
+                .bind(tally.window_start)
+                .bind(tally.fetch_count)
+                .bind(tally.last_fetched_at)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
     }
 
     /// The per-tenant sequence is taken in the writing transaction; with one writer at a

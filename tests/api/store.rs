@@ -8,7 +8,7 @@ use atlas_stripe::domain::{
     Access, ConnectionStatus, KeyKind, Mode, PermissionReport, Resource, TenantId, Warning,
 };
 use atlas_stripe::store::{
-    Actor, NewConnection, NewServiceToken, SaveOutcome, Store, StoreError, StoredState,
+    Actor, KeyFetchTally, NewConnection, NewServiceToken, SaveOutcome, Store, StoreError, StoredState,
     TenantWrite, Verification, WebhookChange,
 };
 
@@ -19,7 +19,8 @@ backend_tests!(
     tenant_story,
     service_token_story,
     connection_story,
-    leases_story
+    leases_story,
+    usage_story
 );
 
 async fn store(backend: Backend) -> (TestDatabase, std::sync::Arc<dyn Store>) {
@@ -513,4 +514,49 @@ async fn leases_story(backend: Backend) {
     assert!(!claimed.contains(&c[0]));
     assert!(claimed.contains(&c[1]));
     assert_eq!(claimed.len(), 8);
+}
+
+/// Usage tallies are added to what is stored, never replace it, in batches larger than
+/// one PostgreSQL statement takes (5,000 rows); the latest fetch time wins.
+async fn usage_story(backend: Backend) {
+    let (_db, store) = store(backend).await;
+    let minute = time::macros::datetime!(2026-11-29 10:00 UTC);
+    let batch = |count: i64, second: i64| -> Vec<KeyFetchTally> {
+        (0..12_001)
+            .map(|i| KeyFetchTally {
+                token_id: format!("tok_{i}"),
+                tenant_id: tenant("ten_usage"),
+                window_start: minute,
+                fetch_count: count + i % 3,
+                last_fetched_at: minute + time::Duration::seconds(second),
+            })
+            .collect()
+    };
+    let calls = |count: i64| -> Vec<KeyFetchTally> {
+        vec![KeyFetchTally {
+            token_id: "tok_proxy".into(),
+            tenant_id: tenant("ten_usage"),
+            window_start: minute,
+            fetch_count: count,
+            last_fetched_at: minute + time::Duration::seconds(count),
+        }]
+    };
+    store.record_usage(&batch(1, 30), &calls(2)).await.unwrap();
+    store.record_usage(&batch(2, 10), &calls(5)).await.unwrap();
+    store.record_usage(&[], &[]).await.unwrap();
+
+    let stored = store.key_fetches(&tenant("ten_usage")).await.unwrap();
+    assert_eq!(stored.len(), 12_001);
+    for tally in &stored {
+        let i: i64 = tally.token_id["tok_".len()..].parse().unwrap();
+        assert_eq!(tally.fetch_count, 3 + 2 * (i % 3), "{}", tally.token_id);
+        assert_eq!(tally.window_start, minute);
+        // The earlier second batch does not move the latest fetch back.
+        assert_eq!(tally.last_fetched_at, minute + time::Duration::seconds(30));
+    }
+    let proxied = store.stripe_calls(&tenant("ten_usage")).await.unwrap();
+    assert_eq!(proxied.len(), 1);
+    assert_eq!(proxied[0].fetch_count, 7);
+    assert_eq!(proxied[0].last_fetched_at, minute + time::Duration::seconds(5));
+    assert!(store.key_fetches(&tenant("ten_other")).await.unwrap().is_empty());
 }
