@@ -2,6 +2,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// See the note on `mimalloc` in Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = atlas_stripe::cli::Cli::parse();

@@ -181,7 +181,6 @@ impl Application {
             listener,
             router: http::router(
                 state,
-                settings.server.body_limit_bytes,
                 &settings.server.cors_allowed_origins,
                 Duration::from_millis(settings.server.body_read_timeout_ms),
             ),

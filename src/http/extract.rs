@@ -3,11 +3,12 @@
 use std::collections::BTreeSet;
 use std::marker::PhantomData;
 
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, RawPathParams, Request};
-use axum::http::header::AUTHORIZATION;
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::HeaderMap;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -15,8 +16,9 @@ use super::state::AppState;
 use crate::auth::{PresentedServiceToken, Scope};
 use crate::domain::TenantId;
 
-/// JSON body whose every failure is our error shape. Parses to a `Value` first so that a
-/// data error (wrong type, missing field) never echoes the value sent, which may be a key.
+/// JSON body whose every failure is our error shape, read within `server.body_limit_bytes`.
+/// Parses to a `Value` first so that a data error (wrong type, missing field) never echoes
+/// the value sent, which may be a key.
 pub struct AppJson<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AppJson<T>
@@ -26,19 +28,19 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let limit = BodyLimit::from_ref(state).0;
-        let axum::Json(value) = axum::Json::<serde_json::Value>::from_request(req, state)
-            .await
-            .map_err(|rejection| match rejection {
-                JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType,
-                r if crate::server::is_body_deadline(&r) => ApiError::RequestTimeout,
-                r if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                    ApiError::PayloadTooLarge(limit)
-                }
-                JsonRejection::JsonSyntaxError(_) => {
-                    ApiError::InvalidJson("The request body is not valid JSON.".into())
-                }
-                _ => ApiError::InvalidJson("The request body could not be read as JSON.".into()),
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = read_body(req.into_body(), BodyLimit::from_ref(state).0).await?;
+        let axum::Json(value) =
+            axum::Json::<serde_json::Value>::from_bytes(&bytes).map_err(|rejection| {
+                ApiError::InvalidJson(
+                    match rejection {
+                        JsonRejection::JsonSyntaxError(_) => "The request body is not valid JSON.",
+                        _ => "The request body could not be read as JSON.",
+                    }
+                    .into(),
+                )
             })?;
         serde_json::from_value(value).map(AppJson).map_err(|e| {
             let message = e.to_string();
@@ -53,8 +55,33 @@ where
     }
 }
 
-/// The configured body limit, made visible to [`AppJson`] (through the state) for its
-/// error message.
+/// `application/json` or `application/<anything>+json`, parameters allowed: what axum's
+/// `Json` accepts.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    let subtype = subtype.to_ascii_lowercase();
+    kind.eq_ignore_ascii_case("application") && (subtype == "json" || subtype.ends_with("+json"))
+}
+
+/// A request body read whole within `limit` bytes (a declared length over it is refused
+/// before a byte is read), or 413, or 408 when its read deadline passed (`crate::server`).
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if crate::server::is_body_deadline(&e) {
+            ApiError::RequestTimeout
+        } else {
+            ApiError::PayloadTooLarge(limit)
+        }
+    })
+}
+
+/// `server.body_limit_bytes`, made visible to [`AppJson`] through the state.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BodyLimit(pub usize);
 
@@ -203,5 +230,39 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for AppQuery<T> {
                     .into(),
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn json_content_types_are_what_axum_accepts() {
+        let judge = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
+            is_json(&headers)
+        };
+        for yes in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/merge-patch+json",
+        ] {
+            assert!(judge(yes), "{yes}");
+        }
+        for no in [
+            "text/json",
+            "application/jsonx",
+            "application/x-www-form-urlencoded",
+            "json",
+            "",
+        ] {
+            assert!(!judge(no), "{no}");
+        }
+        assert!(!is_json(&HeaderMap::new()));
     }
 }

@@ -179,13 +179,7 @@ fn caller_deadline(headers: &HeaderMap, most: Duration) -> Result<Duration, ApiE
 
 /// The form body as sent, within the limit; anything but a form (or nothing) is 415.
 async fn read_form_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if crate::server::is_body_deadline(&e) {
-            ApiError::RequestTimeout
-        } else {
-            ApiError::PayloadTooLarge(limit)
-        }
-    })?;
+    let bytes = super::extract::read_body(body, limit).await?;
     if bytes.is_empty() {
         return Ok(bytes);
     }

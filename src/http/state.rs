@@ -42,6 +42,6 @@ pub struct Shared {
     pub key_fetches: KeyFetchRecorder,
     pub webhook_tolerance_secs: i64,
     pub webhook_body_limit: usize,
-    /// `server.body_limit_bytes`, for the 413 message.
+    /// `server.body_limit_bytes`: what `AppJson` reads at most.
     pub api_body_limit: usize,
 }

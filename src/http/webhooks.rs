@@ -94,14 +94,7 @@ pub async fn receive(
         .await?
         .ok_or(ApiError::UnknownWebhookConnection)?;
     // The raw bytes are what Stripe signed: read them as sent, within the limit.
-    let limit = state.webhook_body_limit;
-    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if crate::server::is_body_deadline(&e) {
-            ApiError::RequestTimeout
-        } else {
-            ApiError::PayloadTooLarge(limit)
-        }
-    })?;
+    let body = super::extract::read_body(body, state.webhook_body_limit).await?;
     let secret = state.keyring.open(&target.context, &target.sealed)?;
     let signature = headers
         .get("stripe-signature")

@@ -10,8 +10,8 @@ use sqlx::{PgConnection, PgPool, Postgres};
 
 use super::dialect::Dialect;
 use super::model::{KeyFetchTally, NewEvent, RewrappedRow};
-use super::queries::TallyStatements;
 use super::queries;
+use super::queries::TallyStatements;
 use super::{Backend, StoreError};
 use crate::crypto::Purpose;
 use crate::domain::TenantId;

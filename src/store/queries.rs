@@ -240,14 +240,29 @@ pub struct TallyStatements {
 
 /// Key fetches per token, tenant and minute.
 pub const ADD_KEY_FETCHES: TallyStatements = TallyStatements {
-    one: add_tallies!("key_fetches", "fetch_count", "last_fetched_at", one_tally!()),
-    batch: add_tallies!("key_fetches", "fetch_count", "last_fetched_at", tally_batch!()),
+    one: add_tallies!(
+        "key_fetches",
+        "fetch_count",
+        "last_fetched_at",
+        one_tally!()
+    ),
+    batch: add_tallies!(
+        "key_fetches",
+        "fetch_count",
+        "last_fetched_at",
+        tally_batch!()
+    ),
 };
 
 /// Calls through the Stripe proxy, the same way.
 pub const ADD_STRIPE_CALLS: TallyStatements = TallyStatements {
     one: add_tallies!("stripe_calls", "call_count", "last_called_at", one_tally!()),
-    batch: add_tallies!("stripe_calls", "call_count", "last_called_at", tally_batch!()),
+    batch: add_tallies!(
+        "stripe_calls",
+        "call_count",
+        "last_called_at",
+        tally_batch!()
+    ),
 };
 
 /// Takes one attempt under a per-tenant GCRA limit (`$3` now, `$4` the emission interval,

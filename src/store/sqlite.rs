@@ -13,8 +13,8 @@ use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 
 use super::dialect::Dialect;
 use super::model::{KeyFetchTally, NewEvent, RewrappedRow};
-use super::queries::TallyStatements;
 use super::queries;
+use super::queries::TallyStatements;
 use super::{Backend, StoreError};
 use crate::crypto::Purpose;
 use crate::domain::TenantId;

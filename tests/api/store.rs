@@ -8,8 +8,8 @@ use atlas_stripe::domain::{
     Access, ConnectionStatus, KeyKind, Mode, PermissionReport, Resource, TenantId, Warning,
 };
 use atlas_stripe::store::{
-    Actor, KeyFetchTally, NewConnection, NewServiceToken, SaveOutcome, Store, StoreError, StoredState,
-    TenantWrite, Verification, WebhookChange,
+    Actor, KeyFetchTally, NewConnection, NewServiceToken, SaveOutcome, Store, StoreError,
+    StoredState, TenantWrite, Verification, WebhookChange,
 };
 
 use crate::backend_tests;
@@ -557,6 +557,13 @@ async fn usage_story(backend: Backend) {
     let proxied = store.stripe_calls(&tenant("ten_usage")).await.unwrap();
     assert_eq!(proxied.len(), 1);
     assert_eq!(proxied[0].fetch_count, 7);
-    assert_eq!(proxied[0].last_fetched_at, minute + time::Duration::seconds(5));
-    assert!(store.key_fetches(&tenant("ten_other")).await.unwrap().is_empty());
+    assert_eq!(
+        proxied[0].last_fetched_at,
+        minute + time::Duration::seconds(5)
+    );
+    assert!(store
+        .key_fetches(&tenant("ten_other"))
+        .await
+        .unwrap()
+        .is_empty());
 }
