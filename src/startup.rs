@@ -151,6 +151,14 @@ impl Application {
                 stop_rx.clone(),
             ));
         }
+        let service_tokens = Arc::new(crate::auth::ServiceTokenCache::default());
+        if let Some(listener) = crate::store::spawn_token_listener(
+            &settings.database,
+            service_tokens.clone(),
+            stop_rx.clone(),
+        )? {
+            background.push(listener);
+        }
         if settings.reverify.enabled {
             let reverifier = Reverifier::new(
                 store.clone(),
@@ -165,6 +173,7 @@ impl Application {
             webhook_tolerance_secs: settings.webhooks.tolerance_secs,
             webhook_body_limit: settings.webhooks.body_limit_bytes,
             key_fetches,
+            service_tokens,
             store,
             keyring,
             tenant_tokens: Arc::new(TenantTokens::from_settings(

@@ -3,6 +3,8 @@
 
 mod service_token;
 mod tenant_token;
+pub mod token_cache;
 
 pub use service_token::{IssuedServiceToken, PresentedServiceToken, Scope, ServiceTokenHash};
 pub use tenant_token::{TenantTokenError, TenantTokenPolicy, TenantTokens};
+pub use token_cache::ServiceTokenCache;

@@ -40,6 +40,8 @@ pub struct Shared {
     /// `internal.key_fetch_enabled`.
     pub key_fetch_enabled: bool,
     pub key_fetches: KeyFetchRecorder,
+    /// Service tokens the database vouched for (live on PostgreSQL only).
+    pub service_tokens: Arc<crate::auth::ServiceTokenCache>,
     pub webhook_tolerance_secs: i64,
     pub webhook_body_limit: usize,
     /// `server.body_limit_bytes`: what `AppJson` reads at most.

@@ -312,6 +312,23 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Opens the store the URL names (`postgres://…` or `sqlite://…`).
+/// On PostgreSQL, starts the task that keeps `cache` live while subscribed to changes of
+/// `service_tokens` (see `auth::token_cache`); on SQLite there is none and the cache stays
+/// off.
+pub fn spawn_token_listener(
+    settings: &crate::config::DatabaseSettings,
+    cache: Arc<crate::auth::ServiceTokenCache>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, StoreError> {
+    use secrecy::ExposeSecret;
+    let url = settings.url.expose_secret();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Some(postgres::spawn_token_listener(url, cache, stop)?))
+    } else {
+        Ok(None)
+    }
+}
+
 pub async fn connect(
     settings: &crate::config::DatabaseSettings,
 ) -> Result<Arc<dyn Store>, StoreError> {

@@ -1,18 +1,22 @@
 //! PostgreSQL, the production backend: stateless service instances share one cluster.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgQueryResult};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgQueryResult};
 use sqlx::{PgConnection, PgPool, Postgres};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::dialect::Dialect;
 use super::model::{KeyFetchTally, NewEvent, RewrappedRow};
 use super::queries;
 use super::queries::TallyStatements;
 use super::{Backend, StoreError};
+use crate::auth::{token_cache, ServiceTokenCache};
 use crate::crypto::Purpose;
 use crate::domain::TenantId;
 
@@ -130,4 +134,57 @@ impl Dialect for Postgres {
             .rows_affected();
         Ok(inserted == 1)
     }
+}
+
+/// The listener connection's `application_name`, to tell it apart in `pg_stat_activity`.
+pub const TOKEN_LISTENER_NAME: &str = "atlas-stripe-token-listener";
+
+/// Keeps `cache` live while subscribed to the trigger's notices on `service_tokens`: each
+/// notice empties it; a lost subscription turns it off until a new one is in place (tried
+/// again every second). Stops when `stop` turns true.
+pub(super) fn spawn_token_listener(
+    url: &str,
+    cache: Arc<ServiceTokenCache>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, StoreError> {
+    let options = PgConnectOptions::from_str(url)?.application_name(TOKEN_LISTENER_NAME);
+    // Its own connection: a subscription never holds one of the pool's.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(options);
+    Ok(tokio::spawn(async move {
+        loop {
+            let session = async {
+                let mut listener = PgListener::connect_with(&pool).await?;
+                listener.listen(token_cache::CHANNEL).await?;
+                cache.set_live(true);
+                tracing::info!("service-token cache on: subscribed to token changes");
+                // `None`: the connection was lost (and notices with it).
+                while listener.try_recv().await?.is_some() {
+                    cache.invalidate();
+                }
+                Ok::<(), sqlx::Error>(())
+            };
+            let stopped = tokio::select! {
+                ended = session => {
+                    if let Err(e) = ended {
+                        tracing::warn!(error = %e, "service-token change subscription failed");
+                    }
+                    false
+                }
+                _ = stop.wait_for(|stopped| *stopped) => true,
+            };
+            if cache.is_live() && !stopped {
+                tracing::warn!("service-token cache off: the change subscription was lost");
+            }
+            cache.set_live(false);
+            if stopped {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.wait_for(|stopped| *stopped) => return,
+            }
+        }
+    }))
 }

@@ -8,12 +8,13 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::backend_tests;
-use crate::helpers::{assert_error, json, spawn_app, spawn_app_with, Backend, TestApp};
+use crate::helpers::{assert_error, eventually, json, spawn_app, spawn_app_with, Backend, TestApp};
 use crate::stripe_mock::{answer_all, grant_all_but, key, Answer};
 
 backend_tests!(
     a_charging_service_fetches_the_key,
     fetching_needs_a_live_token_with_keys_read,
+    a_revocation_reaches_a_token_the_service_vouched_for,
     not_connected_and_revoked_connections,
     every_fetch_is_tallied_per_token_and_tenant,
     a_graceful_shutdown_flushes_the_tallies,
@@ -97,16 +98,121 @@ async fn fetching_needs_a_live_token_with_keys_read(backend: Backend) {
     )
     .await;
     assert_eq!(fetch(&app, "ten_1", Some(&real)).await.status(), 200);
-    let id = real.split('_').nth(1).unwrap();
-    app.store
+    revoke(&app, &real).await;
+    refused_within(&app, &real, Duration::from_secs(1)).await;
+}
+
+async fn revoke(app: &TestApp, token: &str) {
+    let id = token.split('_').nth(1).unwrap();
+    assert!(app
+        .store
         .revoke_service_token(id, &atlas_stripe::store::Actor::Cli)
         .await
+        .unwrap());
+}
+
+/// A revocation reaches an instance that vouched for the token when the trigger's notice
+/// does (milliseconds): `token` is refused within `bound`, and from then on.
+async fn refused_within(app: &TestApp, token: &str, bound: Duration) {
+    let revoked = std::time::Instant::now();
+    eventually("the revoked token is refused", || async {
+        fetch(app, "ten_1", Some(token)).await.status() == 401
+    })
+    .await;
+    assert!(
+        revoked.elapsed() < bound,
+        "a revoked token was served for {:?}",
+        revoked.elapsed()
+    );
+    for _ in 0..5 {
+        assert_error(
+            fetch(app, "ten_1", Some(token)).await,
+            401,
+            "unauthenticated",
+        )
+        .await;
+    }
+}
+
+const LISTENER: &str = "SELECT count(*) FROM pg_stat_activity WHERE datname = \
+    current_database() AND application_name = 'atlas-stripe-token-listener'";
+
+/// How often the token cache served, from `/metrics`.
+async fn cache_hits(app: &TestApp) -> u64 {
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
         .unwrap();
-    assert_error(
-        fetch(&app, "ten_1", Some(&real)).await,
-        401,
-        "unauthenticated",
-    )
+    text.lines()
+        .find(|l| l.starts_with("atlas_service_token_cache_total{outcome=\"hit\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// On PostgreSQL the service keeps the tokens it vouched for (one row per fetch instead
+/// of a join); a revocation still reaches it at once. SQLite never keeps them.
+async fn a_revocation_reaches_a_token_the_service_vouched_for(backend: Backend) {
+    let (app, _) = connected_app(backend, &[]).await;
+    let token = app.service_token(&[Scope::KeysRead]).await;
+    if backend == Backend::Postgres {
+        eventually("the token listener subscribes", || async {
+            app.db.scalar(LISTENER).await == 1
+        })
+        .await;
+    }
+    match backend {
+        Backend::Postgres => {
+            eventually("the cache serves the token", || async {
+                assert_eq!(fetch(&app, "ten_1", Some(&token)).await.status(), 200);
+                cache_hits(&app).await >= 2
+            })
+            .await
+        }
+        Backend::Sqlite => {
+            for _ in 0..3 {
+                assert_eq!(fetch(&app, "ten_1", Some(&token)).await.status(), 200);
+            }
+            assert_eq!(cache_hits(&app).await, 0);
+        }
+    }
+    revoke(&app, &token).await;
+    refused_within(&app, &token, Duration::from_secs(1)).await;
+}
+
+/// While its subscription is down the service keeps no token: a revocation whose notice
+/// nobody heard is still refused at once, and tokens are kept again once subscribed.
+#[tokio::test]
+async fn no_token_is_kept_while_the_subscription_is_down() {
+    let (app, _) = connected_app(Backend::Postgres, &[]).await;
+    let token = app.service_token(&[Scope::KeysRead]).await;
+    eventually("the token listener subscribes", || async {
+        app.db.scalar(LISTENER).await == 1
+    })
+    .await;
+    eventually("the cache serves the token", || async {
+        assert_eq!(fetch(&app, "ten_1", Some(&token)).await.status(), 200);
+        cache_hits(&app).await >= 1
+    })
+    .await;
+    let killed = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE \
+        datname = current_database() AND application_name = 'atlas-stripe-token-listener'";
+    assert_eq!(app.db.scalar(killed).await, 1);
+    revoke(&app, &token).await;
+    // Well within MAX_AGE (5 s): the entry was dropped, not aged out.
+    refused_within(&app, &token, Duration::from_secs(2)).await;
+
+    // Subscribed again (a second later): tokens are kept and served again.
+    let fresh = app.service_token(&[Scope::KeysRead]).await;
+    let before = cache_hits(&app).await;
+    eventually("the cache serves again once subscribed", || async {
+        assert_eq!(fetch(&app, "ten_1", Some(&fresh)).await.status(), 200);
+        cache_hits(&app).await > before
+    })
     .await;
 }
 
