@@ -13,10 +13,9 @@ pub mod state;
 mod summary;
 mod webhooks;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
-
-use std::panic::AssertUnwindSafe;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method};
