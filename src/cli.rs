@@ -118,9 +118,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     crate::telemetry::init(&settings.log);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
+            // Before the port is bound: a SIGTERM from then on drains.
+            let shutdown = shutdown_signal();
             let app = Application::build(&settings).await?;
             tracing::info!(bind = %settings.server.bind, port = app.port(), "serving");
-            app.run_until(shutdown_signal()).await?;
+            app.run_until(shutdown).await?;
         }
         Command::Migrate => {
             open_store(&settings).await?;
