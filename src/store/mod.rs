@@ -311,7 +311,6 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_trail(&self, tenant: Option<&TenantId>) -> Result<Vec<AuditRecord>, StoreError>;
 }
 
-/// Opens the store the URL names (`postgres://…` or `sqlite://…`).
 /// On PostgreSQL, starts the task that keeps `cache` live while subscribed to changes of
 /// `service_tokens` (see `auth::token_cache`); on SQLite there is none and the cache stays
 /// off.
@@ -322,20 +321,25 @@ pub fn spawn_token_listener(
 ) -> Result<Option<tokio::task::JoinHandle<()>>, StoreError> {
     use secrecy::ExposeSecret;
     let url = settings.url.expose_secret();
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if is_postgres(url) {
         Ok(Some(postgres::spawn_token_listener(url, cache, stop)?))
     } else {
         Ok(None)
     }
 }
 
+fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Opens the store the URL names (`postgres://…` or `sqlite://…`).
 pub async fn connect(
     settings: &crate::config::DatabaseSettings,
 ) -> Result<Arc<dyn Store>, StoreError> {
     use secrecy::ExposeSecret;
     let url = settings.url.expose_secret();
     let timeout = std::time::Duration::from_millis(settings.acquire_timeout_ms);
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if is_postgres(url) {
         Ok(Arc::new(
             PgStore::connect(url, settings.max_connections, timeout).await?,
         ))

@@ -134,8 +134,9 @@ async fn refused_within(app: &TestApp, token: &str, bound: Duration) {
     }
 }
 
-const LISTENER: &str = "SELECT count(*) FROM pg_stat_activity WHERE datname = \
-    current_database() AND application_name = 'atlas-stripe-token-listener'";
+/// The service's token listener in this test's database, as `pg_stat_activity` rows.
+const LISTENER_ROWS: &str = "FROM pg_stat_activity WHERE datname = current_database() \
+    AND application_name = 'atlas-stripe-token-listener'";
 
 /// How often the token cache served, from `/metrics`.
 async fn cache_hits(app: &TestApp) -> u64 {
@@ -161,7 +162,10 @@ async fn a_revocation_reaches_a_token_the_service_vouched_for(backend: Backend) 
     let token = app.service_token(&[Scope::KeysRead]).await;
     if backend == Backend::Postgres {
         eventually("the token listener subscribes", || async {
-            app.db.scalar(LISTENER).await == 1
+            app.db
+                .scalar(&format!("SELECT count(*) {LISTENER_ROWS}"))
+                .await
+                == 1
         })
         .await;
     }
@@ -191,7 +195,10 @@ async fn no_token_is_kept_while_the_subscription_is_down() {
     let (app, _) = connected_app(Backend::Postgres, &[]).await;
     let token = app.service_token(&[Scope::KeysRead]).await;
     eventually("the token listener subscribes", || async {
-        app.db.scalar(LISTENER).await == 1
+        app.db
+            .scalar(&format!("SELECT count(*) {LISTENER_ROWS}"))
+            .await
+            == 1
     })
     .await;
     eventually("the cache serves the token", || async {
@@ -199,9 +206,8 @@ async fn no_token_is_kept_while_the_subscription_is_down() {
         cache_hits(&app).await >= 1
     })
     .await;
-    let killed = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE \
-        datname = current_database() AND application_name = 'atlas-stripe-token-listener'";
-    assert_eq!(app.db.scalar(killed).await, 1);
+    let killed = format!("SELECT count(pg_terminate_backend(pid)) {LISTENER_ROWS}");
+    assert_eq!(app.db.scalar(&killed).await, 1);
     revoke(&app, &token).await;
     // Well within MAX_AGE (5 s): the entry was dropped, not aged out.
     refused_within(&app, &token, Duration::from_secs(2)).await;
