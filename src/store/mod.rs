@@ -1,15 +1,21 @@
-//! Persistence behind one trait. One generic implementation (`sql_store.rs`) serves
-//! PostgreSQL (production) and SQLite (the embedded default): the statements are named in
-//! `queries.rs`, each dialect difference once in `Dialect`, and each backend has its own
-//! migrations folder.
+//! Persistence behind one trait. One generic implementation serves PostgreSQL (production)
+//! and SQLite (the embedded default): `sql_store.rs` implements the trait by handing each
+//! call to its aggregate's file (`tenants.rs`, `connections.rs`, `events.rs`, `usage.rs`).
+//! The shared statements are named in `queries.rs`, each dialect difference once in
+//! `Dialect`, the single-dialect statements in their backend's file, and each backend has its
+//! own migrations folder.
 
+mod connections;
 mod dialect;
+mod events;
 mod model;
 mod postgres;
 mod queries;
 mod rows;
 mod sql_store;
 mod sqlite;
+mod tenants;
+mod usage;
 
 use std::sync::Arc;
 
