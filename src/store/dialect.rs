@@ -1,5 +1,5 @@
 //! Where PostgreSQL and SQLite differ, each difference named once. Everything else is the
-//! one implementation in `sql_store.rs`.
+//! one generic implementation: `sql_store.rs` and the aggregates' files it hands calls to.
 
 use std::time::Duration;
 

@@ -1,15 +1,22 @@
-//! Persistence behind one trait. One generic implementation (`sql_store.rs`) serves
-//! PostgreSQL (production) and SQLite (the embedded default): the statements are named in
-//! `queries.rs`, each dialect difference once in `Dialect`, and each backend has its own
-//! migrations folder.
+//! Persistence behind one trait. One generic implementation serves PostgreSQL (production)
+//! and SQLite (the embedded default): `sql_store.rs` implements the trait by handing each
+//! call to its aggregate's file (`tenants.rs`, `connections.rs`, `events.rs`, `usage.rs`).
+//! The shared statements are named in `queries.rs`, each dialect difference once in
+//! `Dialect`, the single-dialect statements in their backend's file, and each backend has its
+//! own migrations folder.
 
+mod connections;
 mod dialect;
+mod error;
+mod events;
 mod model;
 mod postgres;
 mod queries;
 mod rows;
 mod sql_store;
 mod sqlite;
+mod tenants;
+mod usage;
 
 use std::sync::Arc;
 
@@ -17,9 +24,10 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 pub use dialect::Dialect;
+pub use error::{NotReady, StoreError};
 pub use model::{
-    Actor, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch, KeyFetchTally,
-    NewConnection, NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow,
+    Actor, AttemptQuota, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch,
+    KeyFetchTally, NewConnection, NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow,
     ServiceTokenRecord, StoredEvent, StoredState, StoredWebhook, TenantRecord, TenantWrite,
     Verification, WebhookChange, WebhookTarget,
 };
@@ -32,86 +40,6 @@ use crate::domain::{ConnectionStatus, Mode, Resource, TenantId};
 pub type PgStore = SqlStore<sqlx::Postgres>;
 /// The embedded default: one SQLite file, nothing to install.
 pub type SqliteStore = SqlStore<sqlx::Sqlite>;
-
-/// A per-tenant limit: `per_period` attempts per `period`, as a burst or spread out.
-#[derive(Clone, Copy, Debug)]
-pub struct AttemptQuota {
-    pub per_period: std::num::NonZeroU32,
-    pub period: std::time::Duration,
-}
-
-impl AttemptQuota {
-    pub fn per_minute(per_minute: std::num::NonZeroU32) -> Self {
-        Self {
-            per_period: per_minute,
-            period: std::time::Duration::from_secs(60),
-        }
-    }
-}
-
-/// Why the store is not ready to serve.
-#[derive(Debug, thiserror::Error)]
-pub enum NotReady {
-    #[error("database unreachable: {0}")]
-    Unreachable(sqlx::Error),
-    #[error("migrations: {applied} of {known} applied")]
-    MigrationsPending { applied: i64, known: i64 },
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("tenant does not exist")]
-    TenantMissing,
-    /// The tenant's mode changed while a key was being verified for the old one.
-    #[error("the tenant is now in {0} mode")]
-    ModeChanged(Mode),
-    #[error("the tenant has a Stripe connection; disconnect it before changing the mode")]
-    TenantHasConnection,
-    #[error("a concurrent change won; try again")]
-    Conflict,
-    /// A stored value failed to parse back into its domain type.
-    #[error("corrupt row: {0}")]
-    Corrupt(String),
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error("migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("database.url must start with postgres://, postgresql:// or sqlite:")]
-    UnsupportedUrl,
-}
-
-impl StoreError {
-    /// The database cannot be reached or is shutting down or busy: a caller should retry,
-    /// and nothing was changed.
-    pub fn is_unavailable(&self) -> bool {
-        match self {
-            Self::Database(e) => database_unavailable(e),
-            _ => false,
-        }
-    }
-}
-
-fn database_unavailable(e: &sqlx::Error) -> bool {
-    match e {
-        // A proxy in front of the database (pgbouncer, a cloud SQL proxy) that accepts and
-        // then drops the connection shows up as a protocol error.
-        sqlx::Error::Io(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // PostgreSQL: connection exceptions (08…), shutting down or not yet accepting
-            // connections (57P01–57P03), too many connections (53300).
-            code.starts_with("08")
-                || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
-                // SQLite: busy or locked past the busy timeout.
-                || matches!(&*code, "5" | "6")
-        }),
-        _ => false,
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {

@@ -291,3 +291,19 @@ pub struct KeyFetchTally {
     pub fetch_count: i64,
     pub last_fetched_at: OffsetDateTime,
 }
+
+/// A per-tenant limit: `per_period` attempts per `period`, as a burst or spread out.
+#[derive(Clone, Copy, Debug)]
+pub struct AttemptQuota {
+    pub per_period: std::num::NonZeroU32,
+    pub period: std::time::Duration,
+}
+
+impl AttemptQuota {
+    pub fn per_minute(per_minute: std::num::NonZeroU32) -> Self {
+        Self {
+            per_period: per_minute,
+            period: std::time::Duration::from_secs(60),
+        }
+    }
+}

@@ -13,7 +13,6 @@ use tokio::task::JoinHandle;
 
 use super::dialect::Dialect;
 use super::model::{KeyFetchTally, NewEvent, RewrappedRow};
-use super::queries;
 use super::queries::TallyStatements;
 use super::{Backend, StoreError};
 use crate::auth::{token_cache, ServiceTokenCache};
@@ -24,6 +23,26 @@ static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
 /// Rows per usage-tally statement.
 const TALLIES_PER_STATEMENT: usize = 5_000;
+
+/// A batch of rewraps in one statement (PostgreSQL arrays unnested into rows).
+const REWRAP_API_KEYS_UNNEST: &str = "UPDATE stripe_connections c \
+    SET master_key_id = v.new_master, wrapped_key = v.wrapped \
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[]) \
+    AS v(secret_id, old_master, new_master, wrapped) \
+    WHERE c.api_key_secret_id = v.secret_id AND c.master_key_id = v.old_master";
+
+const REWRAP_WEBHOOK_SECRETS_UNNEST: &str = "UPDATE stripe_connections c \
+    SET webhook_master_key_id = v.new_master, webhook_wrapped_key = v.wrapped \
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[]) \
+    AS v(secret_id, old_master, new_master, wrapped) \
+    WHERE c.webhook_secret_id = v.secret_id AND c.webhook_master_key_id = v.old_master";
+
+/// The row carries its transaction id; the feed holds back rows of
+/// transactions still running (`Dialect::FEED_HORIZON`).
+const INSERT_EVENT_WITH_TXID: &str = "INSERT INTO webhook_events (tenant_id, txid, seq, \
+    connection_id, event_id, event_type, created, livemode, received_at, payload) VALUES ($1, \
+    pg_current_xact_id()::text::bigint, nextval('webhook_event_seq'), $2, $3, $4, $5, $6, $7, $8) \
+    ON CONFLICT (connection_id, event_id) DO NOTHING";
 
 #[async_trait]
 impl Dialect for Postgres {
@@ -89,8 +108,8 @@ impl Dialect for Postgres {
         rows: &[RewrappedRow],
     ) -> Result<u64, StoreError> {
         let statement = match purpose {
-            Purpose::StripeApiKey => queries::REWRAP_API_KEYS_UNNEST,
-            Purpose::WebhookSigningSecret => queries::REWRAP_WEBHOOK_SECRETS_UNNEST,
+            Purpose::StripeApiKey => REWRAP_API_KEYS_UNNEST,
+            Purpose::WebhookSigningSecret => REWRAP_WEBHOOK_SECRETS_UNNEST,
         };
         let ids: Vec<&str> = rows.iter().map(|r| r.secret_id.as_str()).collect();
         let old: Vec<&str> = (rows.iter())
@@ -120,7 +139,7 @@ impl Dialect for Postgres {
         connection_id: &str,
         event: &NewEvent,
     ) -> Result<bool, StoreError> {
-        let inserted = sqlx::query(queries::INSERT_EVENT_WITH_TXID)
+        let inserted = sqlx::query(INSERT_EVENT_WITH_TXID)
             .bind(tenant.as_str())
             .bind(connection_id)
             .bind(&event.event_id)

@@ -1,8 +1,9 @@
-//! Every statement the store runs, by name.
+//! Every statement both backends run, by name.
 //!
 //! They are written in the common subset of PostgreSQL and SQLite (`$n` placeholders,
 //! `RETURNING`, `ON CONFLICT`), so one implementation serves both backends. The few places
-//! the dialects differ are named once, in `Dialect` (`dialect.rs`).
+//! the dialects differ are named once, in `Dialect` (`dialect.rs`); a statement only one
+//! backend runs is in that backend's file (`postgres.rs`, `sqlite.rs`).
 //!
 //! Every multi-statement change starts with a write (`LOCK_TENANT`), which locks the tenant
 //! row in PostgreSQL and takes SQLite's write lock up front, so concurrent changes to one
@@ -134,50 +135,12 @@ pub const WEBHOOK_SECRETS_TO_REWRAP: &str = "SELECT tenant_id, mode, \
     FROM stripe_connections WHERE webhook_master_key_id <> $1 AND webhook_secret_id > $2 \
     ORDER BY webhook_secret_id LIMIT $3";
 
-/// One rewrapped API key: `$1` secret id, `$2` the master key it was read under, `$3`, `$4`
-/// the new wrap. A row whose master key changed meanwhile is left alone.
-pub const REWRAP_API_KEY: &str = "UPDATE stripe_connections SET master_key_id = $3, \
-    wrapped_key = $4 WHERE api_key_secret_id = $1 AND master_key_id = $2";
-
-pub const REWRAP_WEBHOOK_SECRET: &str = "UPDATE stripe_connections \
-    SET webhook_master_key_id = $3, webhook_wrapped_key = $4 \
-    WHERE webhook_secret_id = $1 AND webhook_master_key_id = $2";
-
-/// A batch of rewraps in one statement (PostgreSQL arrays unnested into rows).
-pub const REWRAP_API_KEYS_UNNEST: &str = "UPDATE stripe_connections c \
-    SET master_key_id = v.new_master, wrapped_key = v.wrapped \
-    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[]) \
-    AS v(secret_id, old_master, new_master, wrapped) \
-    WHERE c.api_key_secret_id = v.secret_id AND c.master_key_id = v.old_master";
-
-pub const REWRAP_WEBHOOK_SECRETS_UNNEST: &str = "UPDATE stripe_connections c \
-    SET webhook_master_key_id = v.new_master, webhook_wrapped_key = v.wrapped \
-    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[]) \
-    AS v(secret_id, old_master, new_master, wrapped) \
-    WHERE c.webhook_secret_id = v.secret_id AND c.webhook_master_key_id = v.old_master";
-
 pub const FIND_WEBHOOK_TARGET: &str = "SELECT tenant_id, mode, webhook_secret_id, \
     webhook_master_key_id, webhook_wrapped_key, webhook_ciphertext FROM stripe_connections \
     WHERE connection_id = $1 AND webhook_secret_id IS NOT NULL";
 
 pub const EVENT_SEEN: &str =
     "SELECT COUNT(*) FROM webhook_events WHERE connection_id = $1 AND event_id = $2";
-
-/// PostgreSQL: the row carries its transaction id; the feed holds back rows of
-/// transactions still running (`Dialect::FEED_HORIZON`).
-pub const INSERT_EVENT_WITH_TXID: &str = "INSERT INTO webhook_events (tenant_id, txid, seq, \
-    connection_id, event_id, event_type, created, livemode, received_at, payload) VALUES ($1, \
-    pg_current_xact_id()::text::bigint, nextval('webhook_event_seq'), $2, $3, $4, $5, $6, $7, $8) \
-    ON CONFLICT (connection_id, event_id) DO NOTHING";
-
-/// SQLite: a per-tenant sequence taken in the writing transaction.
-pub const NEXT_EVENT_SEQ: &str =
-    "UPDATE tenants SET event_seq = event_seq + 1 WHERE tenant_id = $1 RETURNING event_seq";
-
-pub const INSERT_EVENT_WITH_SEQ: &str = "INSERT INTO webhook_events (tenant_id, txid, seq, \
-    connection_id, event_id, event_type, created, livemode, received_at, payload) \
-    VALUES ($1, 0, $2, $3, $4, $5, $6, $7, $8, $9) \
-    ON CONFLICT (connection_id, event_id) DO NOTHING";
 
 /// The feed; `Dialect::FEED_HORIZON` goes between the two halves.
 pub const LIST_EVENTS: [&str; 2] = [

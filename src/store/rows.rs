@@ -1,5 +1,9 @@
 //! Rows as the database returns them, and their codecs into the records of `model.rs`.
 //! A stored value that does not parse back into its domain type is `StoreError::Corrupt`.
+//!
+//! The row types are `pub` inside this private module (so still unreachable outside
+//! `store`): the aggregates' `impl SqlStore` blocks name them in their bounds, and a bound of
+//! a public type's impl may not name a `pub(crate)` type (`private_bounds`).
 
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -16,7 +20,7 @@ use crate::domain::{
 };
 
 #[derive(sqlx::FromRow)]
-pub(crate) struct WebhookTargetRow {
+pub struct WebhookTargetRow {
     tenant_id: String,
     mode: String,
     webhook_secret_id: String,
@@ -45,7 +49,7 @@ impl TryFrom<WebhookTargetRow> for WebhookTarget {
 
 /// A sealed secret's columns, aliased alike for both purposes.
 #[derive(sqlx::FromRow)]
-pub(crate) struct SealedRowRaw {
+pub struct SealedRowRaw {
     tenant_id: String,
     mode: String,
     secret_id: String,
@@ -114,7 +118,7 @@ fn warnings_from_text(text: &str) -> Result<Vec<Warning>, StoreError> {
 }
 
 #[derive(sqlx::FromRow)]
-pub(crate) struct TenantRow {
+pub struct TenantRow {
     tenant_id: String,
     mode: String,
     created_at: OffsetDateTime,
@@ -132,7 +136,7 @@ impl TryFrom<TenantRow> for TenantRecord {
 }
 
 #[derive(sqlx::FromRow)]
-pub(crate) struct ServiceTokenRow {
+pub struct ServiceTokenRow {
     token_id: String,
     name: String,
     scopes: String,
@@ -157,7 +161,7 @@ impl TryFrom<ServiceTokenRow> for ServiceTokenRecord {
 }
 
 #[derive(sqlx::FromRow)]
-pub(crate) struct ConnectionRow {
+pub struct ConnectionRow {
     tenant_id: String,
     connection_id: String,
     status: String,
@@ -230,7 +234,7 @@ impl TryFrom<ConnectionRow> for ConnectionRecord {
 }
 
 #[derive(sqlx::FromRow)]
-pub(crate) struct AuditRow {
+pub struct AuditRow {
     occurred_at: OffsetDateTime,
     actor: String,
     action: String,
@@ -252,7 +256,7 @@ impl TryFrom<AuditRow> for AuditRecord {
 }
 
 #[derive(sqlx::FromRow)]
-pub(crate) struct KeyFetchRow {
+pub struct KeyFetchRow {
     secret_hash: Vec<u8>,
     scopes: String,
     revoked_at: Option<OffsetDateTime>,
@@ -296,7 +300,7 @@ impl TryFrom<KeyFetchRow> for KeyFetch {
 }
 
 #[derive(sqlx::FromRow)]
-pub(crate) struct ApiKeyRow {
+pub struct ApiKeyRow {
     status: String,
     mode: String,
     key_type: String,
@@ -324,7 +328,7 @@ impl TryFrom<ApiKeyRow> for FetchedKey {
 }
 
 #[derive(sqlx::FromRow)]
-pub(crate) struct KeyFetchTallyRow {
+pub struct KeyFetchTallyRow {
     token_id: String,
     tenant_id: String,
     window_start: OffsetDateTime,

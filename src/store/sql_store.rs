@@ -1,10 +1,12 @@
-//! The one implementation of `Store`, generic over the backend. The statements are in
-//! `queries.rs`; the few dialect differences are `Dialect`'s.
+//! The one implementation of `Store`, generic over the backend, and what its parts share:
+//! the pool, the bounds the shared statements need of a backend, and the audit trail every
+//! change writes. Each aggregate's statements run in its own file (`tenants.rs`,
+//! `connections.rs`, `events.rs`, `usage.rs`); this impl hands each call to it. The few
+//! dialect differences are `Dialect`'s.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::json;
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
 use time::OffsetDateTime;
 
@@ -12,21 +14,19 @@ use super::dialect::Dialect;
 use super::model::{
     Actor, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch, KeyFetchTally,
     NewConnection, NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow,
-    ServiceTokenRecord, StoredEvent, StoredState, TenantRecord, TenantWrite, Verification,
-    WebhookChange, WebhookTarget,
+    ServiceTokenRecord, StoredEvent, TenantRecord, TenantWrite, Verification, WebhookTarget,
 };
 use super::rows::{
-    self, permissions_to_text, warnings_to_text, ApiKeyRow, AuditRow, ConnectionRow, KeyFetchRow,
-    KeyFetchTallyRow, SealedRowRaw, ServiceTokenRow, TenantRow, WebhookTargetRow,
+    ApiKeyRow, AuditRow, ConnectionRow, KeyFetchRow, KeyFetchTallyRow, SealedRowRaw,
+    ServiceTokenRow, TenantRow, WebhookTargetRow,
 };
 use super::{queries, AttemptQuota, Backend, NotReady, Store, StoreError};
-use crate::clock::now;
 use crate::crypto::{MasterKeyId, Purpose};
 use crate::domain::{ConnectionStatus, Mode, Resource, TenantId};
 
 /// A store on a pool of backend `DB`: `PgStore` or `SqliteStore`.
 pub struct SqlStore<DB: Database> {
-    pool: Pool<DB>,
+    pub(super) pool: Pool<DB>,
 }
 
 impl<DB: Dialect> SqlStore<DB> {
@@ -43,7 +43,11 @@ impl<DB: Dialect> SqlStore<DB> {
 
 // What the shared statements need of a backend: the column and parameter types they use,
 // and rows that decode. Both sqlx backends have all of it; naming it here is what lets one
-// implementation serve both.
+// implementation serve both. Rust does not carry a trait's where-clause to its users, so
+// each aggregate's file names the part of it that file uses.
+//
+// Each method below calls the inherent method of the same name in its aggregate's file
+// (an inherent method is found before a trait method of the same name).
 #[async_trait]
 impl<DB: Dialect> Store for SqlStore<DB>
 where
@@ -99,64 +103,11 @@ where
         mode: Mode,
         actor: &Actor,
     ) -> Result<TenantWrite, StoreError> {
-        let now = now();
-        // Two attempts: a concurrent create of the same tenant makes the first insert a
-        // no-op, and the second attempt then updates the row it created.
-        for _ in 0..2 {
-            let mut tx = self.pool.begin().await?;
-            let current: Option<String> = sqlx::query_scalar(queries::LOCK_TENANT)
-                .bind(tenant.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-            let outcome = match current {
-                Some(current) if current == mode.as_str() => return Ok(TenantWrite::Unchanged),
-                Some(_) => {
-                    let connected: i64 = sqlx::query_scalar(queries::COUNT_TENANT_CONNECTIONS)
-                        .bind(tenant.as_str())
-                        .fetch_one(&mut *tx)
-                        .await?;
-                    if connected > 0 {
-                        return Err(StoreError::TenantHasConnection);
-                    }
-                    sqlx::query(queries::UPDATE_TENANT_MODE)
-                        .bind(tenant.as_str())
-                        .bind(mode.as_str())
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                    TenantWrite::Updated
-                }
-                None => {
-                    let inserted = sqlx::query(queries::INSERT_TENANT)
-                        .bind(tenant.as_str())
-                        .bind(mode.as_str())
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                    if DB::rows_affected(&inserted) == 0 {
-                        continue;
-                    }
-                    TenantWrite::Created
-                }
-            };
-            let action = match outcome {
-                TenantWrite::Created => "tenant.created",
-                _ => "tenant.mode_changed",
-            };
-            let detail = json!({"mode": mode});
-            audit(&mut *tx, now, actor, action, Some(tenant), detail).await?;
-            tx.commit().await?;
-            return Ok(outcome);
-        }
-        Err(StoreError::Conflict)
+        self.upsert_tenant(tenant, mode, actor).await
     }
 
     async fn find_tenant(&self, tenant: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
-        let row: Option<TenantRow> = sqlx::query_as(queries::FIND_TENANT)
-            .bind(tenant.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(TryInto::try_into).transpose()
+        self.find_tenant(tenant).await
     }
 
     async fn insert_service_token(
@@ -164,60 +115,26 @@ where
         token: &NewServiceToken,
         actor: &Actor,
     ) -> Result<(), StoreError> {
-        let now = now();
-        let scopes = crate::auth::Scope::join(&token.scopes);
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(queries::INSERT_SERVICE_TOKEN)
-            .bind(token.id.as_str())
-            .bind(token.name.as_str())
-            .bind(scopes.as_str())
-            .bind(&token.hash.0[..])
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        let detail = json!({"token_id": token.id, "name": token.name, "scopes": scopes});
-        audit(&mut *tx, now, actor, "service_token.created", None, detail).await?;
-        tx.commit().await?;
-        Ok(())
+        self.insert_service_token(token, actor).await
     }
 
     async fn find_service_token(&self, id: &str) -> Result<Option<ServiceTokenRecord>, StoreError> {
-        let row: Option<ServiceTokenRow> = sqlx::query_as(queries::FIND_SERVICE_TOKEN)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(TryInto::try_into).transpose()
+        self.find_service_token(id).await
     }
 
     async fn list_service_tokens(&self) -> Result<Vec<ServiceTokenRecord>, StoreError> {
-        let rows: Vec<ServiceTokenRow> = sqlx::query_as(queries::LIST_SERVICE_TOKENS)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
+        self.list_service_tokens().await
     }
 
     async fn revoke_service_token(&self, id: &str, actor: &Actor) -> Result<bool, StoreError> {
-        let now = now();
-        let mut tx = self.pool.begin().await?;
-        let revoked = sqlx::query(queries::REVOKE_SERVICE_TOKEN)
-            .bind(id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        if DB::rows_affected(&revoked) == 0 {
-            return Ok(false);
-        }
-        let detail = json!({"token_id": id});
-        audit(&mut *tx, now, actor, "service_token.revoked", None, detail).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.revoke_service_token(id, actor).await
     }
 
     async fn find_connection(
         &self,
         tenant: &TenantId,
     ) -> Result<Option<ConnectionRecord>, StoreError> {
-        find_connection(&self.pool, tenant).await
+        self.find_connection(tenant).await
     }
 
     async fn save_connection(
@@ -225,98 +142,7 @@ where
         new: &NewConnection,
         actor: &Actor,
     ) -> Result<SaveOutcome, StoreError> {
-        let now = now();
-        let tenant = new.tenant_id.as_str();
-        let mut tx = self.pool.begin().await?;
-        let mode: Option<String> = sqlx::query_scalar(queries::LOCK_TENANT)
-            .bind(tenant)
-            .fetch_optional(&mut *tx)
-            .await?;
-        match mode.as_deref().map(rows::parse_mode).transpose()? {
-            None => return Err(StoreError::TenantMissing),
-            Some(mode) if mode == new.mode => {}
-            Some(mode) => return Err(StoreError::ModeChanged(mode)),
-        }
-        let previous: Option<(String, Option<String>, Vec<u8>)> =
-            sqlx::query_as(queries::PREVIOUS_CONNECTION)
-                .bind(tenant)
-                .fetch_optional(&mut *tx)
-                .await?;
-        // Compare-and-swap on what the flow read: a connection created, deleted or moved to
-        // another endpoint meanwhile makes this save the loser.
-        let unchanged = match (&previous, &new.expected) {
-            (None, StoredState::Absent) => true,
-            (Some((id, stored, _)), StoredState::Present { endpoint_id }) => {
-                *id == new.connection_id && stored == endpoint_id
-            }
-            _ => false,
-        };
-        if !unchanged {
-            return Err(StoreError::Conflict);
-        }
-        let statement = match previous {
-            Some(_) => queries::UPDATE_CONNECTION,
-            None => queries::INSERT_CONNECTION,
-        };
-        sqlx::query(statement)
-            .bind(tenant)
-            .bind(new.connection_id.as_str())
-            .bind(new.secret_id.as_str())
-            .bind(new.status.as_str())
-            .bind(new.mode.as_str())
-            .bind(new.key_type.as_str())
-            .bind(new.key_last4.as_str())
-            .bind(new.key_fingerprint.as_slice())
-            .bind(permissions_to_text(&new.permissions))
-            .bind(warnings_to_text(&new.warnings))
-            .bind(new.verified_at)
-            .bind(now)
-            .bind(new.sealed.master_key_id.as_str())
-            .bind(new.sealed.wrapped_key.as_slice())
-            .bind(new.sealed.ciphertext.as_slice())
-            .bind(new.next_verify_at)
-            .execute(&mut *tx)
-            .await?;
-        let new_endpoint = match &new.webhook {
-            WebhookChange::Set(webhook) => {
-                sqlx::query(queries::SET_WEBHOOK)
-                    .bind(tenant)
-                    .bind(webhook.endpoint_id.as_str())
-                    .bind(webhook.secret_id.as_str())
-                    .bind(webhook.sealed.master_key_id.as_str())
-                    .bind(webhook.sealed.wrapped_key.as_slice())
-                    .bind(webhook.sealed.ciphertext.as_slice())
-                    .execute(&mut *tx)
-                    .await?;
-                Some(webhook.endpoint_id.as_str())
-            }
-            WebhookChange::Keep => None,
-        };
-        let detail = json!({
-            "connection_id": new.connection_id,
-            "key_type": new.key_type.as_str(),
-            "key_last4": new.key_last4,
-            "same_key": previous.as_ref().map(|(_, _, fp)| *fp == new.key_fingerprint),
-            "status": new.status,
-            "permissions": new.permissions,
-            "master_key_id": new.sealed.master_key_id,
-            "webhook_endpoint_id": new_endpoint,
-        });
-        let action = match previous {
-            Some(_) => "connection.replaced",
-            None => "connection.created",
-        };
-        audit(&mut *tx, now, actor, action, Some(&new.tenant_id), detail).await?;
-        let record = find_connection(&mut *tx, &new.tenant_id)
-            .await?
-            .ok_or_else(|| {
-                StoreError::Corrupt("connection vanished in its own transaction".into())
-            })?;
-        tx.commit().await?;
-        Ok(match previous {
-            Some(_) => SaveOutcome::Replaced(record),
-            None => SaveOutcome::Created(record),
-        })
+        self.save_connection(new, actor).await
     }
 
     async fn record_verification(
@@ -326,38 +152,8 @@ where
         verification: &Verification,
         actor: &Actor,
     ) -> Result<Option<ConnectionRecord>, StoreError> {
-        let now = now();
-        let mut tx = self.pool.begin().await?;
-        let verified: Option<String> = sqlx::query_scalar(queries::RECORD_VERIFICATION)
-            .bind(tenant.as_str())
-            .bind(secret_id)
-            .bind(verification.status.as_str())
-            .bind(permissions_to_text(&verification.permissions))
-            .bind(verification.verified_at)
-            .bind(now)
-            .bind(verification.next_verify_at)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(connection_id) = verified else {
-            return Ok(None);
-        };
-        let detail = json!({
-            "connection_id": connection_id,
-            "status": verification.status,
-            "permissions": verification.permissions,
-        });
-        audit(
-            &mut *tx,
-            now,
-            actor,
-            "connection.verified",
-            Some(tenant),
-            detail,
-        )
-        .await?;
-        let record = find_connection(&mut *tx, tenant).await?;
-        tx.commit().await?;
-        Ok(record)
+        self.record_verification(tenant, secret_id, verification, actor)
+            .await
     }
 
     async fn claim_due_connections(
@@ -367,16 +163,8 @@ where
         lease_until: OffsetDateTime,
         limit: i64,
     ) -> Result<Vec<TenantId>, StoreError> {
-        let [head, tail] = queries::CLAIM_DUE;
-        let statement = [head, DB::SKIP_LOCKED, tail].concat();
-        let claimed: Vec<String> = sqlx::query_scalar(&statement)
-            .bind(owner)
-            .bind(lease_until)
-            .bind(now)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        claimed.iter().map(|t| rows::parse_tenant_id(t)).collect()
+        self.claim_due_connections(owner, now, lease_until, limit)
+            .await
     }
 
     async fn release_connection(
@@ -385,13 +173,7 @@ where
         owner: &str,
         next_verify_at: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        sqlx::query(queries::RELEASE_CONNECTION)
-            .bind(tenant.as_str())
-            .bind(owner)
-            .bind(next_verify_at)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.release_connection(tenant, owner, next_verify_at).await
     }
 
     async fn mark_due_lacking(
@@ -399,44 +181,17 @@ where
         required: &[Resource],
         now: OffsetDateTime,
     ) -> Result<u64, StoreError> {
-        let mut marked = 0;
-        for resource in required {
-            let result = sqlx::query(queries::MARK_DUE_LACKING)
-                .bind(now)
-                .bind(format!("%\"{}\"%", resource.as_str()))
-                .execute(&self.pool)
-                .await?;
-            marked += DB::rows_affected(&result);
-        }
-        Ok(marked)
+        self.mark_due_lacking(required, now).await
     }
 
     async fn count_connections_by_status(
         &self,
     ) -> Result<Vec<(ConnectionStatus, u64)>, StoreError> {
-        let counts: Vec<(String, i64)> = sqlx::query_as(queries::COUNT_CONNECTIONS_BY_STATUS)
-            .fetch_all(&self.pool)
-            .await?;
-        (counts.into_iter())
-            .map(|(status, n)| {
-                let status = ConnectionStatus::parse(&status)
-                    .ok_or_else(|| StoreError::Corrupt("status".into()))?;
-                Ok((status, n.max(0) as u64))
-            })
-            .collect()
+        self.count_connections_by_status().await
     }
 
     async fn count_secrets_by_master_key(&self) -> Result<Vec<(MasterKeyId, u64)>, StoreError> {
-        let counts: Vec<(String, i64)> = sqlx::query_as(queries::COUNT_SECRETS_BY_MASTER_KEY)
-            .fetch_all(&self.pool)
-            .await?;
-        (counts.into_iter())
-            .map(|(id, n)| {
-                let id = MasterKeyId::parse(&id)
-                    .map_err(|_| StoreError::Corrupt("master_key_id".into()))?;
-                Ok((id, n.max(0) as u64))
-            })
-            .collect()
+        self.count_secrets_by_master_key().await
     }
 
     async fn secrets_to_rewrap(
@@ -446,17 +201,7 @@ where
         after: &str,
         limit: i64,
     ) -> Result<Vec<SealedRow>, StoreError> {
-        let statement = match purpose {
-            Purpose::StripeApiKey => queries::API_KEYS_TO_REWRAP,
-            Purpose::WebhookSigningSecret => queries::WEBHOOK_SECRETS_TO_REWRAP,
-        };
-        let rows: Vec<SealedRowRaw> = sqlx::query_as(statement)
-            .bind(active)
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.into_iter().map(|row| row.into_row(purpose)).collect()
+        self.secrets_to_rewrap(purpose, active, after, limit).await
     }
 
     async fn replace_wrapped_keys(
@@ -464,18 +209,14 @@ where
         purpose: Purpose,
         rows: &[RewrappedRow],
     ) -> Result<u64, StoreError> {
-        DB::replace_wrapped_keys(&self.pool, purpose, rows).await
+        self.replace_wrapped_keys(purpose, rows).await
     }
 
     async fn find_webhook_target(
         &self,
         connection_id: &str,
     ) -> Result<Option<WebhookTarget>, StoreError> {
-        let row: Option<WebhookTargetRow> = sqlx::query_as(queries::FIND_WEBHOOK_TARGET)
-            .bind(connection_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(TryInto::try_into).transpose()
+        self.find_webhook_target(connection_id).await
     }
 
     async fn insert_webhook_event(
@@ -484,16 +225,8 @@ where
         connection_id: &str,
         event: &NewEvent,
     ) -> Result<bool, StoreError> {
-        // Redeliveries are the common duplicate: answer them with one read.
-        let seen: i64 = sqlx::query_scalar(queries::EVENT_SEEN)
-            .bind(connection_id)
-            .bind(event.event_id.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-        if seen > 0 {
-            return Ok(false);
-        }
-        DB::insert_event_in_feed_order(&self.pool, tenant, connection_id, event).await
+        self.insert_webhook_event(tenant, connection_id, event)
+            .await
     }
 
     async fn list_events(
@@ -502,15 +235,7 @@ where
         after: EventCursor,
         limit: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let [head, tail] = queries::LIST_EVENTS;
-        let statement = [head, DB::FEED_HORIZON, tail].concat();
-        Ok(sqlx::query_as(&statement)
-            .bind(tenant.as_str())
-            .bind(after.txid)
-            .bind(after.seq)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
+        self.list_events(tenant, after, limit).await
     }
 
     async fn delete_connection(
@@ -519,28 +244,7 @@ where
         endpoint_id: Option<&str>,
         actor: &Actor,
     ) -> Result<bool, StoreError> {
-        let now = now();
-        let mut tx = self.pool.begin().await?;
-        let deleted: Option<(String, String)> = sqlx::query_as(queries::DELETE_CONNECTION)
-            .bind(tenant.as_str())
-            .bind(endpoint_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some((connection_id, key_last4)) = deleted else {
-            return Ok(false);
-        };
-        let detail = json!({"connection_id": connection_id, "key_last4": key_last4});
-        audit(
-            &mut *tx,
-            now,
-            actor,
-            "connection.deleted",
-            Some(tenant),
-            detail,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(true)
+        self.delete_connection(tenant, endpoint_id, actor).await
     }
 
     async fn list_connections(
@@ -549,13 +253,7 @@ where
         after: &str,
         limit: i64,
     ) -> Result<Vec<ConnectionRecord>, StoreError> {
-        let rows: Vec<ConnectionRow> = sqlx::query_as(queries::LIST_CONNECTIONS)
-            .bind(status.map(ConnectionStatus::as_str))
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
+        self.list_connections(status, after, limit).await
     }
 
     async fn fetch_key(
@@ -563,12 +261,7 @@ where
         token_id: &str,
         tenant: &TenantId,
     ) -> Result<Option<KeyFetch>, StoreError> {
-        let row: Option<KeyFetchRow> = sqlx::query_as(queries::FETCH_KEY)
-            .bind(token_id)
-            .bind(tenant.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(TryInto::try_into).transpose()
+        self.fetch_key(token_id, tenant).await
     }
 
     async fn record_usage(
@@ -576,51 +269,23 @@ where
         key_fetches: &[KeyFetchTally],
         stripe_calls: &[KeyFetchTally],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let usage = [
-            (&queries::ADD_KEY_FETCHES, key_fetches),
-            (&queries::ADD_STRIPE_CALLS, stripe_calls),
-        ];
-        for (statements, tallies) in usage {
-            if !tallies.is_empty() {
-                DB::add_tallies(&mut tx, statements, tallies).await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(())
+        self.record_usage(key_fetches, stripe_calls).await
     }
 
     async fn find_api_key(&self, tenant: &TenantId) -> Result<Option<FetchedKey>, StoreError> {
-        let row: Option<ApiKeyRow> = sqlx::query_as(queries::FIND_API_KEY)
-            .bind(tenant.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(TryInto::try_into).transpose()
+        self.find_api_key(tenant).await
     }
 
     async fn stripe_calls(&self, tenant: &TenantId) -> Result<Vec<KeyFetchTally>, StoreError> {
-        let rows: Vec<KeyFetchTallyRow> = sqlx::query_as(queries::STRIPE_CALLS)
-            .bind(tenant.as_str())
-            .fetch_all(&self.pool)
-            .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
+        self.stripe_calls(tenant).await
     }
 
     async fn mark_due_now(&self, tenant: &TenantId) -> Result<(), StoreError> {
-        sqlx::query(queries::MARK_DUE_NOW)
-            .bind(tenant.as_str())
-            .bind(now())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.mark_due_now(tenant).await
     }
 
     async fn key_fetches(&self, tenant: &TenantId) -> Result<Vec<KeyFetchTally>, StoreError> {
-        let rows: Vec<KeyFetchTallyRow> = sqlx::query_as(queries::KEY_FETCHES)
-            .bind(tenant.as_str())
-            .fetch_all(&self.pool)
-            .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
+        self.key_fetches(tenant).await
     }
 
     async fn take_attempt(
@@ -629,29 +294,7 @@ where
         kind: &str,
         quota: AttemptQuota,
     ) -> Result<Option<Duration>, StoreError> {
-        let period = i64::try_from(quota.period.as_micros()).unwrap_or(i64::MAX);
-        let interval = period / i64::from(quota.per_period.get());
-        let now = crate::clock::now();
-        let now = i64::try_from(now.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX);
-        let allowed: Option<i64> = sqlx::query_scalar(queries::TAKE_ATTEMPT)
-            .bind(tenant.as_str())
-            .bind(kind)
-            .bind(now)
-            .bind(interval)
-            .bind(period)
-            .fetch_optional(&self.pool)
-            .await?;
-        if allowed.is_some() {
-            return Ok(None);
-        }
-        let tat: Option<i64> = sqlx::query_scalar(queries::ATTEMPT_TAT)
-            .bind(tenant.as_str())
-            .bind(kind)
-            .fetch_optional(&self.pool)
-            .await?;
-        // Allowed again once the next attempt's arrival time fits in the period.
-        let wait = tat.map_or(0, |tat| tat + interval - period - now).max(1);
-        Ok(Some(Duration::from_micros(wait as u64)))
+        self.take_attempt(tenant, kind, quota).await
     }
 
     async fn audit_trail(&self, tenant: Option<&TenantId>) -> Result<Vec<AuditRecord>, StoreError> {
@@ -663,27 +306,8 @@ where
     }
 }
 
-/// The tenant's connection, read through the pool or inside a transaction.
-async fn find_connection<'e, DB, E>(
-    executor: E,
-    tenant: &TenantId,
-) -> Result<Option<ConnectionRecord>, StoreError>
-where
-    DB: Database,
-    E: Executor<'e, Database = DB>,
-    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
-    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'r> ConnectionRow: FromRow<'r, DB::Row>,
-{
-    let row: Option<ConnectionRow> = sqlx::query_as(queries::FIND_CONNECTION)
-        .bind(tenant.as_str())
-        .fetch_optional(executor)
-        .await?;
-    row.map(TryInto::try_into).transpose()
-}
-
 /// Appends to the audit trail, in the transaction of the change it records.
-async fn audit<'e, DB, E>(
+pub(super) async fn audit<'e, DB, E>(
     executor: E,
     at: OffsetDateTime,
     actor: &Actor,

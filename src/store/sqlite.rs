@@ -13,13 +13,30 @@ use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 
 use super::dialect::Dialect;
 use super::model::{KeyFetchTally, NewEvent, RewrappedRow};
-use super::queries;
 use super::queries::TallyStatements;
 use super::{Backend, StoreError};
 use crate::crypto::Purpose;
 use crate::domain::TenantId;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// One rewrapped API key: `$1` secret id, `$2` the master key it was read under, `$3`, `$4`
+/// the new wrap. A row whose master key changed meanwhile is left alone.
+const REWRAP_API_KEY: &str = "UPDATE stripe_connections SET master_key_id = $3, \
+    wrapped_key = $4 WHERE api_key_secret_id = $1 AND master_key_id = $2";
+
+const REWRAP_WEBHOOK_SECRET: &str = "UPDATE stripe_connections \
+    SET webhook_master_key_id = $3, webhook_wrapped_key = $4 \
+    WHERE webhook_secret_id = $1 AND webhook_master_key_id = $2";
+
+/// A per-tenant sequence taken in the writing transaction.
+const NEXT_EVENT_SEQ: &str =
+    "UPDATE tenants SET event_seq = event_seq + 1 WHERE tenant_id = $1 RETURNING event_seq";
+
+const INSERT_EVENT_WITH_SEQ: &str = "INSERT INTO webhook_events (tenant_id, txid, seq, \
+    connection_id, event_id, event_type, created, livemode, received_at, payload) \
+    VALUES ($1, 0, $2, $3, $4, $5, $6, $7, $8, $9) \
+    ON CONFLICT (connection_id, event_id) DO NOTHING";
 
 #[async_trait]
 impl Dialect for Sqlite {
@@ -68,8 +85,8 @@ impl Dialect for Sqlite {
         rows: &[RewrappedRow],
     ) -> Result<u64, StoreError> {
         let statement = match purpose {
-            Purpose::StripeApiKey => queries::REWRAP_API_KEY,
-            Purpose::WebhookSigningSecret => queries::REWRAP_WEBHOOK_SECRET,
+            Purpose::StripeApiKey => REWRAP_API_KEY,
+            Purpose::WebhookSigningSecret => REWRAP_WEBHOOK_SECRET,
         };
         let mut tx = pool.begin().await?;
         let mut replaced = 0;
@@ -115,14 +132,14 @@ impl Dialect for Sqlite {
         event: &NewEvent,
     ) -> Result<bool, StoreError> {
         let mut tx = pool.begin().await?;
-        let seq: Option<i64> = sqlx::query_scalar(queries::NEXT_EVENT_SEQ)
+        let seq: Option<i64> = sqlx::query_scalar(NEXT_EVENT_SEQ)
             .bind(tenant.as_str())
             .fetch_optional(&mut *tx)
             .await?;
         let Some(seq) = seq else {
             return Err(StoreError::TenantMissing);
         };
-        let inserted = sqlx::query(queries::INSERT_EVENT_WITH_SEQ)
+        let inserted = sqlx::query(INSERT_EVENT_WITH_SEQ)
             .bind(tenant.as_str())
             .bind(seq)
             .bind(connection_id)

@@ -1,0 +1,391 @@
+//! Stripe connections: connect, replace, re-verify and disconnect; the leases of the
+//! re-verification loop; the key reads of the key fetch and the proxy; and rewrapping the
+//! sealed secrets under a new master key.
+
+use serde_json::json;
+use sqlx::{Encode, Executor, FromRow, IntoArguments, Type};
+use time::OffsetDateTime;
+
+use super::dialect::Dialect;
+use super::model::{
+    Actor, ConnectionRecord, FetchedKey, KeyFetch, NewConnection, RewrappedRow, SaveOutcome,
+    SealedRow, StoredState, Verification, WebhookChange,
+};
+use super::rows::{
+    self, permissions_to_text, warnings_to_text, ApiKeyRow, ConnectionRow, KeyFetchRow,
+    SealedRowRaw,
+};
+use super::sql_store::{audit, SqlStore};
+use super::{queries, StoreError};
+use crate::clock::now;
+use crate::crypto::{MasterKeyId, Purpose};
+use crate::domain::{ConnectionStatus, Resource, TenantId};
+
+impl<DB: Dialect> SqlStore<DB>
+where
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
+    for<'r> (String,): FromRow<'r, DB::Row>,
+    for<'r> (String, i64): FromRow<'r, DB::Row>,
+    for<'r> (String, String): FromRow<'r, DB::Row>,
+    for<'r> (String, Option<String>, Vec<u8>): FromRow<'r, DB::Row>,
+    for<'r> ConnectionRow: FromRow<'r, DB::Row>,
+    for<'r> SealedRowRaw: FromRow<'r, DB::Row>,
+    for<'r> KeyFetchRow: FromRow<'r, DB::Row>,
+    for<'r> ApiKeyRow: FromRow<'r, DB::Row>,
+{
+    pub(super) async fn find_connection(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<ConnectionRecord>, StoreError> {
+        Self::read_connection(&self.pool, tenant).await
+    }
+
+    pub(super) async fn save_connection(
+        &self,
+        new: &NewConnection,
+        actor: &Actor,
+    ) -> Result<SaveOutcome, StoreError> {
+        let now = now();
+        let tenant = new.tenant_id.as_str();
+        let mut tx = self.pool.begin().await?;
+        let mode: Option<String> = sqlx::query_scalar(queries::LOCK_TENANT)
+            .bind(tenant)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match mode.as_deref().map(rows::parse_mode).transpose()? {
+            None => return Err(StoreError::TenantMissing),
+            Some(mode) if mode == new.mode => {}
+            Some(mode) => return Err(StoreError::ModeChanged(mode)),
+        }
+        let previous: Option<(String, Option<String>, Vec<u8>)> =
+            sqlx::query_as(queries::PREVIOUS_CONNECTION)
+                .bind(tenant)
+                .fetch_optional(&mut *tx)
+                .await?;
+        // Compare-and-swap on what the flow read: a connection created, deleted or moved to
+        // another endpoint meanwhile makes this save the loser.
+        let unchanged = match (&previous, &new.expected) {
+            (None, StoredState::Absent) => true,
+            (Some((id, stored, _)), StoredState::Present { endpoint_id }) => {
+                *id == new.connection_id && stored == endpoint_id
+            }
+            _ => false,
+        };
+        if !unchanged {
+            return Err(StoreError::Conflict);
+        }
+        let statement = match previous {
+            Some(_) => queries::UPDATE_CONNECTION,
+            None => queries::INSERT_CONNECTION,
+        };
+        sqlx::query(statement)
+            .bind(tenant)
+            .bind(new.connection_id.as_str())
+            .bind(new.secret_id.as_str())
+            .bind(new.status.as_str())
+            .bind(new.mode.as_str())
+            .bind(new.key_type.as_str())
+            .bind(new.key_last4.as_str())
+            .bind(new.key_fingerprint.as_slice())
+            .bind(permissions_to_text(&new.permissions))
+            .bind(warnings_to_text(&new.warnings))
+            .bind(new.verified_at)
+            .bind(now)
+            .bind(new.sealed.master_key_id.as_str())
+            .bind(new.sealed.wrapped_key.as_slice())
+            .bind(new.sealed.ciphertext.as_slice())
+            .bind(new.next_verify_at)
+            .execute(&mut *tx)
+            .await?;
+        let new_endpoint = match &new.webhook {
+            WebhookChange::Set(webhook) => {
+                sqlx::query(queries::SET_WEBHOOK)
+                    .bind(tenant)
+                    .bind(webhook.endpoint_id.as_str())
+                    .bind(webhook.secret_id.as_str())
+                    .bind(webhook.sealed.master_key_id.as_str())
+                    .bind(webhook.sealed.wrapped_key.as_slice())
+                    .bind(webhook.sealed.ciphertext.as_slice())
+                    .execute(&mut *tx)
+                    .await?;
+                Some(webhook.endpoint_id.as_str())
+            }
+            WebhookChange::Keep => None,
+        };
+        let detail = json!({
+            "connection_id": new.connection_id,
+            "key_type": new.key_type.as_str(),
+            "key_last4": new.key_last4,
+            "same_key": previous.as_ref().map(|(_, _, fp)| *fp == new.key_fingerprint),
+            "status": new.status,
+            "permissions": new.permissions,
+            "master_key_id": new.sealed.master_key_id,
+            "webhook_endpoint_id": new_endpoint,
+        });
+        let action = match previous {
+            Some(_) => "connection.replaced",
+            None => "connection.created",
+        };
+        audit(&mut *tx, now, actor, action, Some(&new.tenant_id), detail).await?;
+        let record = Self::read_connection(&mut *tx, &new.tenant_id)
+            .await?
+            .ok_or_else(|| {
+                StoreError::Corrupt("connection vanished in its own transaction".into())
+            })?;
+        tx.commit().await?;
+        Ok(match previous {
+            Some(_) => SaveOutcome::Replaced(record),
+            None => SaveOutcome::Created(record),
+        })
+    }
+
+    pub(super) async fn record_verification(
+        &self,
+        tenant: &TenantId,
+        secret_id: &str,
+        verification: &Verification,
+        actor: &Actor,
+    ) -> Result<Option<ConnectionRecord>, StoreError> {
+        let now = now();
+        let mut tx = self.pool.begin().await?;
+        let verified: Option<String> = sqlx::query_scalar(queries::RECORD_VERIFICATION)
+            .bind(tenant.as_str())
+            .bind(secret_id)
+            .bind(verification.status.as_str())
+            .bind(permissions_to_text(&verification.permissions))
+            .bind(verification.verified_at)
+            .bind(now)
+            .bind(verification.next_verify_at)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(connection_id) = verified else {
+            return Ok(None);
+        };
+        let detail = json!({
+            "connection_id": connection_id,
+            "status": verification.status,
+            "permissions": verification.permissions,
+        });
+        audit(
+            &mut *tx,
+            now,
+            actor,
+            "connection.verified",
+            Some(tenant),
+            detail,
+        )
+        .await?;
+        let record = Self::read_connection(&mut *tx, tenant).await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    pub(super) async fn delete_connection(
+        &self,
+        tenant: &TenantId,
+        endpoint_id: Option<&str>,
+        actor: &Actor,
+    ) -> Result<bool, StoreError> {
+        let now = now();
+        let mut tx = self.pool.begin().await?;
+        let deleted: Option<(String, String)> = sqlx::query_as(queries::DELETE_CONNECTION)
+            .bind(tenant.as_str())
+            .bind(endpoint_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some((connection_id, key_last4)) = deleted else {
+            return Ok(false);
+        };
+        let detail = json!({"connection_id": connection_id, "key_last4": key_last4});
+        audit(
+            &mut *tx,
+            now,
+            actor,
+            "connection.deleted",
+            Some(tenant),
+            detail,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn list_connections(
+        &self,
+        status: Option<ConnectionStatus>,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<ConnectionRecord>, StoreError> {
+        let rows: Vec<ConnectionRow> = sqlx::query_as(queries::LIST_CONNECTIONS)
+            .bind(status.map(ConnectionStatus::as_str))
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    pub(super) async fn fetch_key(
+        &self,
+        token_id: &str,
+        tenant: &TenantId,
+    ) -> Result<Option<KeyFetch>, StoreError> {
+        let row: Option<KeyFetchRow> = sqlx::query_as(queries::FETCH_KEY)
+            .bind(token_id)
+            .bind(tenant.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(TryInto::try_into).transpose()
+    }
+
+    pub(super) async fn find_api_key(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<FetchedKey>, StoreError> {
+        let row: Option<ApiKeyRow> = sqlx::query_as(queries::FIND_API_KEY)
+            .bind(tenant.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(TryInto::try_into).transpose()
+    }
+
+    pub(super) async fn claim_due_connections(
+        &self,
+        owner: &str,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<TenantId>, StoreError> {
+        let [head, tail] = queries::CLAIM_DUE;
+        let statement = [head, DB::SKIP_LOCKED, tail].concat();
+        let claimed: Vec<String> = sqlx::query_scalar(&statement)
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        claimed.iter().map(|t| rows::parse_tenant_id(t)).collect()
+    }
+
+    pub(super) async fn release_connection(
+        &self,
+        tenant: &TenantId,
+        owner: &str,
+        next_verify_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(queries::RELEASE_CONNECTION)
+            .bind(tenant.as_str())
+            .bind(owner)
+            .bind(next_verify_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn mark_due_lacking(
+        &self,
+        required: &[Resource],
+        now: OffsetDateTime,
+    ) -> Result<u64, StoreError> {
+        let mut marked = 0;
+        for resource in required {
+            let result = sqlx::query(queries::MARK_DUE_LACKING)
+                .bind(now)
+                .bind(format!("%\"{}\"%", resource.as_str()))
+                .execute(&self.pool)
+                .await?;
+            marked += DB::rows_affected(&result);
+        }
+        Ok(marked)
+    }
+
+    pub(super) async fn mark_due_now(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        sqlx::query(queries::MARK_DUE_NOW)
+            .bind(tenant.as_str())
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn count_connections_by_status(
+        &self,
+    ) -> Result<Vec<(ConnectionStatus, u64)>, StoreError> {
+        let counts: Vec<(String, i64)> = sqlx::query_as(queries::COUNT_CONNECTIONS_BY_STATUS)
+            .fetch_all(&self.pool)
+            .await?;
+        (counts.into_iter())
+            .map(|(status, n)| {
+                let status = ConnectionStatus::parse(&status)
+                    .ok_or_else(|| StoreError::Corrupt("status".into()))?;
+                Ok((status, n.max(0) as u64))
+            })
+            .collect()
+    }
+
+    pub(super) async fn count_secrets_by_master_key(
+        &self,
+    ) -> Result<Vec<(MasterKeyId, u64)>, StoreError> {
+        let counts: Vec<(String, i64)> = sqlx::query_as(queries::COUNT_SECRETS_BY_MASTER_KEY)
+            .fetch_all(&self.pool)
+            .await?;
+        (counts.into_iter())
+            .map(|(id, n)| {
+                let id = MasterKeyId::parse(&id)
+                    .map_err(|_| StoreError::Corrupt("master_key_id".into()))?;
+                Ok((id, n.max(0) as u64))
+            })
+            .collect()
+    }
+
+    pub(super) async fn secrets_to_rewrap(
+        &self,
+        purpose: Purpose,
+        active: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<SealedRow>, StoreError> {
+        let statement = match purpose {
+            Purpose::StripeApiKey => queries::API_KEYS_TO_REWRAP,
+            Purpose::WebhookSigningSecret => queries::WEBHOOK_SECRETS_TO_REWRAP,
+        };
+        let rows: Vec<SealedRowRaw> = sqlx::query_as(statement)
+            .bind(active)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(|row| row.into_row(purpose)).collect()
+    }
+
+    pub(super) async fn replace_wrapped_keys(
+        &self,
+        purpose: Purpose,
+        rows: &[RewrappedRow],
+    ) -> Result<u64, StoreError> {
+        DB::replace_wrapped_keys(&self.pool, purpose, rows).await
+    }
+
+    /// The tenant's connection, read through the pool or inside a transaction.
+    async fn read_connection<'e, E>(
+        executor: E,
+        tenant: &TenantId,
+    ) -> Result<Option<ConnectionRecord>, StoreError>
+    where
+        E: Executor<'e, Database = DB>,
+    {
+        let row: Option<ConnectionRow> = sqlx::query_as(queries::FIND_CONNECTION)
+            .bind(tenant.as_str())
+            .fetch_optional(executor)
+            .await?;
+        row.map(TryInto::try_into).transpose()
+    }
+}
