@@ -20,7 +20,7 @@ use aws_sdk_kms::types::DataKeySpec;
 use aws_smithy_http_client::tls;
 use zeroize::Zeroizing;
 
-use super::keyring::{Keyring, MasterKeyId};
+use super::keyring::{Holder, Keyring, KeyringError, MasterKeyId};
 
 /// The `service` value of every encryption context (and of the IAM condition on it).
 pub const SERVICE: &str = "atlas-stripe";
@@ -301,6 +301,60 @@ pub async fn generate_entry(
         "{}:kms:{encoded}",
         id.as_str()
     )))
+}
+
+/// The service's keyring: [`Keyring::from_config`], refusing `id:kms:…` entries (naming
+/// them) when KMS is not configured, since nothing could ever decrypt them.
+pub fn build_keyring(
+    master_keys: &secrecy::SecretString,
+    active_key_id: &str,
+    kms: Option<&KmsConfig>,
+) -> Result<Keyring, KeyringError> {
+    let keyring = Keyring::from_config(master_keys, active_key_id)?;
+    if keyring.has_kms() && kms.is_none() {
+        let ids: Vec<String> = (keyring.entries().into_iter())
+            .filter(|(_, holder)| *holder == Holder::Kms)
+            .map(|(id, _)| id.as_str().to_owned())
+            .collect();
+        return Err(KeyringError::KmsNotConfigured(ids.join(", ")));
+    }
+    Ok(keyring)
+}
+
+/// The KMS-held master keys after one round of decrypting them at start-up.
+pub struct Unlocked {
+    /// The client, when the keyring holds KMS entries and KMS is configured.
+    pub kms: Option<Kms>,
+    /// What could not be decrypted (already logged); empty when the keyring is complete.
+    pub failures: Vec<KmsError>,
+}
+
+/// Decrypts the KMS-held master keys once, for the server and the command-line tools alike:
+/// each failure is logged; the caller decides whether to wait (the server) or fail (tools).
+pub async fn unlock(keyring: &Keyring, config: Option<KmsConfig>) -> Unlocked {
+    let Some(config) = config.filter(|_| keyring.has_kms()) else {
+        return Unlocked {
+            kms: None,
+            failures: Vec::new(),
+        };
+    };
+    let kms = Kms::new(config).await;
+    let started = std::time::Instant::now();
+    let failures = unlock_pending(keyring, &kms).await;
+    for e in &failures {
+        log_failure(e, None);
+    }
+    if failures.is_empty() {
+        tracing::info!(
+            kms_endpoint = %kms.config().endpoint(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "AWS KMS decrypted the KMS-held master keys"
+        );
+    }
+    Unlocked {
+        kms: Some(kms),
+        failures,
+    }
 }
 
 /// Asks KMS to decrypt every KMS-held entry not decrypted yet and installs what it returns.
