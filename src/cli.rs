@@ -8,8 +8,8 @@ use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
 
 use crate::auth::{IssuedServiceToken, Scope, TenantTokens};
-use crate::config::Settings;
 use crate::config::Secrets;
+use crate::config::Settings;
 use crate::crypto::{kms, Holder, Keyring, Kms, MasterKeyId};
 use crate::domain::{Mode, TenantId};
 use crate::startup::{open_store, shutdown_signal, Application};

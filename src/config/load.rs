@@ -48,7 +48,10 @@ impl Settings {
         Self::load_layers(&layers, overrides)
     }
 
-    pub(super) fn load_layers(layers: &Layers, overrides: &[(&str, &str)]) -> Result<Self, SettingsError> {
+    pub(super) fn load_layers(
+        layers: &Layers,
+        overrides: &[(&str, &str)],
+    ) -> Result<Self, SettingsError> {
         let mut builder = config::Config::builder().add_source(config::File::from_str(
             DEFAULT_TOML,
             config::FileFormat::Toml,
@@ -120,8 +123,7 @@ fn describe_origin(
 
 /// The merged value at dotted `key`.
 fn lookup<'a>(merged: &'a config::Config, key: &str) -> Option<&'a config::Value> {
-    key
-        .split('.')
+    key.split('.')
         .try_fold(&merged.cache, |value, part| match &value.kind {
             config::ValueKind::Table(table) => table.get(part),
             _ => None,
@@ -192,4 +194,3 @@ fn explain_load_error(
     }
     SettingsError::Invalid(text)
 }
-

@@ -22,9 +22,9 @@ mod tests;
 use std::path::PathBuf;
 
 pub use schema::{
-    redact_url, AccountingSettings, AuthSettings, AwsKmsSettings, CryptoSettings,
-    DatabaseSettings, DevSettings, InternalSettings, LimitSettings, LogFormat, LogSettings,
-    ProxySettings, ReverifySettings, ServerSettings, Settings, StripeSettings, WebhookSettings,
+    redact_url, AccountingSettings, AuthSettings, AwsKmsSettings, CryptoSettings, DatabaseSettings,
+    DevSettings, InternalSettings, LimitSettings, LogFormat, LogSettings, ProxySettings,
+    ReverifySettings, ServerSettings, Settings, StripeSettings, WebhookSettings,
 };
 pub use secrets::Secrets;
 

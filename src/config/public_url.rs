@@ -155,4 +155,3 @@ pub(super) fn origin_problem(raw: &str) -> Option<String> {
     }
     None
 }
-

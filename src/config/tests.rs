@@ -61,8 +61,7 @@ fn redacts_database_passwords() {
         "postgres://…@db:5432/atlas"
     );
     assert_eq!(redact_url("sqlite://data/a.db"), "sqlite://data/a.db");
-    let settings =
-        Settings::load(None, &[("database.url", "postgres://u:hunter2@h/d")]).unwrap();
+    let settings = Settings::load(None, &[("database.url", "postgres://u:hunter2@h/d")]).unwrap();
     assert!(!format!("{settings:?}").contains("hunter2"));
 }
 
@@ -178,7 +177,11 @@ fn layers_apply_in_order() {
         7,
         "the environment's file"
     );
-    assert_eq!(s.limits.connect_attempts_per_minute.get(), 8, "--config over it");
+    assert_eq!(
+        s.limits.connect_attempts_per_minute.get(),
+        8,
+        "--config over it"
+    );
     assert_eq!(s.log.filter, "warn", "variables over --config");
     assert_eq!(s.server.body_limit_bytes, 16384, "default.toml under all");
 
@@ -215,8 +218,7 @@ fn production_never_generates_development_secrets() {
         &[PUBLIC_URL, ("ATLAS_STRIPE__DEV__GENERATE_SECRETS", "true")],
     ));
     assert!(
-        err.contains("dev.generate_secrets")
-            && err.contains("ATLAS_STRIPE__DEV__GENERATE_SECRETS"),
+        err.contains("dev.generate_secrets") && err.contains("ATLAS_STRIPE__DEV__GENERATE_SECRETS"),
         "names the setting and the variable: {err}"
     );
 
@@ -433,7 +435,10 @@ fn cors_origins_must_be_origins() {
         "https://[::1]:8443",
     ] {
         let s = Settings::load(None, &[("server.cors_allowed_origins", good)]).unwrap();
-        assert_eq!(s.server.cors_allowed_origins, [HeaderValue::from_static(good)]);
+        assert_eq!(
+            s.server.cors_allowed_origins,
+            [HeaderValue::from_static(good)]
+        );
     }
     for bad in [
         "*",

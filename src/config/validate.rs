@@ -78,11 +78,7 @@ impl Settings {
         );
         p.millis("server.idle_timeout_ms", s.idle_timeout, 1..=3_600_000);
         p.range("server.max_connections", s.max_connections, 1..=100_000);
-        p.millis(
-            "server.health_refresh_ms",
-            s.health_refresh,
-            50..=3_600_000,
-        );
+        p.millis("server.health_refresh_ms", s.health_refresh, 50..=3_600_000);
         if s.bind.trim().is_empty() {
             p.push("server.bind", "is empty; give host:port, e.g. 0.0.0.0:8080");
         }
@@ -123,11 +119,7 @@ impl Settings {
             );
         }
         p.millis("stripe.connect_timeout_ms", st.connect_timeout, 1..=60_000);
-        p.millis(
-            "stripe.request_timeout_ms",
-            st.request_timeout,
-            1..=300_000,
-        );
+        p.millis("stripe.request_timeout_ms", st.request_timeout, 1..=300_000);
         p.range("stripe.max_retries", st.max_retries, 0..=10);
         p.millis(
             "stripe.retry_base_delay_ms",
@@ -171,11 +163,7 @@ impl Settings {
         let r = &self.reverify;
         // Zero interval and retry: due at every tick (tests use it).
         p.secs("reverify.interval_secs", r.interval, 0..=30 * 86_400);
-        p.secs(
-            "reverify.jitter_secs",
-            r.jitter,
-            0..=r.interval.as_secs(),
-        );
+        p.secs("reverify.jitter_secs", r.jitter, 0..=r.interval.as_secs());
         p.secs("reverify.retry_secs", r.retry, 0..=86_400);
         p.millis("reverify.tick_ms", r.tick, 1..=3_600_000);
         p.range("reverify.batch", r.batch, 1..=10_000);
@@ -194,8 +182,7 @@ impl Settings {
 
     fn webhook_problems(&self, p: &mut Problems) {
         let w = &self.webhooks;
-        if let Some(problem) = public_base_url_problem(&w.public_base_url, self.is_production())
-        {
+        if let Some(problem) = public_base_url_problem(&w.public_base_url, self.is_production()) {
             p.push("webhooks.public_base_url", problem);
         }
         if w.enabled_events.is_empty() {

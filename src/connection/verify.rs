@@ -181,9 +181,9 @@ impl Reverifier {
         Self {
             store,
             connections,
+            budget: RateLimiter::direct(Quota::per_second(settings.stripe_requests_per_second)),
             settings,
             owner: random_id("proc_", 12),
-            budget: RateLimiter::direct(Quota::per_second(settings.stripe_requests_per_second)),
         }
     }
 
