@@ -456,6 +456,28 @@ mod tests {
     }
 
     #[test]
+    fn a_kms_entry_needs_kms_configured() {
+        use base64::Engine;
+        use secrecy::{ExposeSecret, SecretString};
+        let local = Keyring::generate_entry(&MasterKeyId::parse("k1").unwrap());
+        let blob = base64::engine::general_purpose::STANDARD.encode([7u8; 48]);
+        let both = SecretString::from(format!("{},k2:kms:{blob}", local.expose_secret()));
+        let err = build_keyring(&both, "k1", None).unwrap_err();
+        assert_eq!(err, KeyringError::KmsNotConfigured("k2".into()));
+        assert!(
+            err.to_string().contains("crypto.aws_kms.key_id is not set"),
+            "{err}"
+        );
+        let kms = KmsConfig {
+            key_id: "alias/atlas".into(),
+            region: "eu-west-1".into(),
+            endpoint_url: None,
+        };
+        assert!(build_keyring(&both, "k1", Some(&kms)).is_ok());
+        assert!(build_keyring(&local, "k1", None).is_ok());
+    }
+
+    #[test]
     fn context_binds_service_and_id() {
         let ctx = encryption_context(&MasterKeyId::parse("k2").unwrap());
         assert_eq!(ctx["service"], "atlas-stripe");
