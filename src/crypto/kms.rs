@@ -20,7 +20,7 @@ use aws_sdk_kms::types::DataKeySpec;
 use aws_smithy_http_client::tls;
 use zeroize::Zeroizing;
 
-use super::keyring::{Keyring, MasterKeyId};
+use super::keyring::{Holder, Keyring, KeyringError, MasterKeyId};
 
 /// The `service` value of every encryption context (and of the IAM condition on it).
 pub const SERVICE: &str = "atlas-stripe";
@@ -303,6 +303,60 @@ pub async fn generate_entry(
     )))
 }
 
+/// The service's keyring: [`Keyring::from_config`], refusing `id:kms:…` entries (naming
+/// them) when KMS is not configured, since nothing could ever decrypt them.
+pub fn build_keyring(
+    master_keys: &secrecy::SecretString,
+    active_key_id: &str,
+    kms: Option<&KmsConfig>,
+) -> Result<Keyring, KeyringError> {
+    let keyring = Keyring::from_config(master_keys, active_key_id)?;
+    if keyring.has_kms() && kms.is_none() {
+        let ids: Vec<String> = (keyring.entries().into_iter())
+            .filter(|(_, holder)| *holder == Holder::Kms)
+            .map(|(id, _)| id.as_str().to_owned())
+            .collect();
+        return Err(KeyringError::KmsNotConfigured(ids.join(", ")));
+    }
+    Ok(keyring)
+}
+
+/// The KMS-held master keys after one round of decrypting them at start-up.
+pub struct Unlocked {
+    /// The client, when the keyring holds KMS entries and KMS is configured.
+    pub kms: Option<Kms>,
+    /// What could not be decrypted (already logged); empty when the keyring is complete.
+    pub failures: Vec<KmsError>,
+}
+
+/// Decrypts the KMS-held master keys once, for the server and the command-line tools alike:
+/// each failure is logged; the caller decides whether to wait (the server) or fail (tools).
+pub async fn unlock(keyring: &Keyring, config: Option<KmsConfig>) -> Unlocked {
+    let Some(config) = config.filter(|_| keyring.has_kms()) else {
+        return Unlocked {
+            kms: None,
+            failures: Vec::new(),
+        };
+    };
+    let kms = Kms::new(config).await;
+    let started = std::time::Instant::now();
+    let failures = unlock_pending(keyring, &kms).await;
+    for e in &failures {
+        log_failure(e, None);
+    }
+    if failures.is_empty() {
+        tracing::info!(
+            kms_endpoint = %kms.config().endpoint(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "AWS KMS decrypted the KMS-held master keys"
+        );
+    }
+    Unlocked {
+        kms: Some(kms),
+        failures,
+    }
+}
+
 /// Asks KMS to decrypt every KMS-held entry not decrypted yet and installs what it returns.
 /// Each failure is recorded on the keyring (for `/readyz`) and returned (for the log).
 pub async fn unlock_pending(keyring: &Keyring, kms: &Kms) -> Vec<KmsError> {
@@ -399,6 +453,28 @@ mod tests {
         assert!(text.contains("unreachable"), "{text}");
         // The cause goes to the log on its own, not into the message.
         assert!(!text.contains("connection refused"), "{text}");
+    }
+
+    #[test]
+    fn a_kms_entry_needs_kms_configured() {
+        use base64::Engine;
+        use secrecy::{ExposeSecret, SecretString};
+        let local = Keyring::generate_entry(&MasterKeyId::parse("k1").unwrap());
+        let blob = base64::engine::general_purpose::STANDARD.encode([7u8; 48]);
+        let both = SecretString::from(format!("{},k2:kms:{blob}", local.expose_secret()));
+        let err = build_keyring(&both, "k1", None).unwrap_err();
+        assert_eq!(err, KeyringError::KmsNotConfigured("k2".into()));
+        assert!(
+            err.to_string().contains("crypto.aws_kms.key_id is not set"),
+            "{err}"
+        );
+        let kms = KmsConfig {
+            key_id: "alias/atlas".into(),
+            region: "eu-west-1".into(),
+            endpoint_url: None,
+        };
+        assert!(build_keyring(&both, "k1", Some(&kms)).is_ok());
+        assert!(build_keyring(&local, "k1", None).is_ok());
     }
 
     #[test]

@@ -198,17 +198,16 @@ async fn read_form_body(headers: &HeaderMap, body: Body, limit: usize) -> Result
 }
 
 impl ProxyState {
-    pub fn new(settings: &crate::config::ProxySettings) -> Result<Arc<Self>, String> {
-        let per_second = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
-        Ok(Arc::new(Self {
-            allowlist: Allowlist::parse(&settings.allowed)?,
+    pub fn new(settings: &crate::config::ProxySettings) -> Arc<Self> {
+        Arc::new(Self {
+            allowlist: settings.allowed.clone(),
             smoothing: AccountSmoothing::new(
-                per_second(settings.live_requests_per_second),
-                per_second(settings.test_requests_per_second),
-                Duration::from_millis(settings.max_wait_ms),
+                settings.live_requests_per_second,
+                settings.test_requests_per_second,
+                settings.max_wait,
             ),
             body_limit: settings.body_limit_bytes,
-            deadline: Duration::from_millis(settings.deadline_ms),
-        }))
+            deadline: settings.deadline,
+        })
     }
 }

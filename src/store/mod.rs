@@ -266,7 +266,7 @@ pub async fn connect(
 ) -> Result<Arc<dyn Store>, StoreError> {
     use secrecy::ExposeSecret;
     let url = settings.url.expose_secret();
-    let timeout = std::time::Duration::from_millis(settings.acquire_timeout_ms);
+    let timeout = settings.acquire_timeout;
     if is_postgres(url) {
         Ok(Arc::new(
             PgStore::connect(url, settings.max_connections, timeout).await?,
