@@ -553,15 +553,19 @@ def marked_processes(mark):
 def clean_run_command(args):
     """Runs the command with a temporary directory of its own (TMPDIR) and a mark in its
     environment; fails unless it exits 0, no marked process outlives it (a moment's grace
-    for ones being reaped) and its TMPDIR is empty. Its output goes to --log, and is printed
-    when the check fails."""
+    for ones being reaped) and its TMPDIR is empty. With --log its output goes there and is
+    printed when the check fails."""
     mark = secrets.token_hex(8)
     tmp = tempfile.mkdtemp(prefix=f"atlas-stripe-clean-{args.name}.")
     env = {**os.environ, MARK: mark, "TMPDIR": tmp}
     started = time.monotonic()
-    os.makedirs(os.path.dirname(os.path.abspath(args.log)), exist_ok=True)
-    with open(args.log, "w") as log:
-        status = subprocess.run(args.command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if args.log:
+        os.makedirs(os.path.dirname(os.path.abspath(args.log)), exist_ok=True)
+        with open(args.log, "w") as log:
+            status = subprocess.run(args.command, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT).returncode
+    else:
+        status = subprocess.run(args.command, env=env).returncode
     seconds = time.monotonic() - started
     left = marked_processes(mark)
     for _ in range(20):
@@ -583,8 +587,9 @@ def clean_run_command(args):
             pass
     shutil.rmtree(tmp, ignore_errors=True)
     if problems:
-        with open(args.log, encoding="utf-8", errors="replace") as f:
-            print(f.read())
+        if args.log:
+            with open(args.log, encoding="utf-8", errors="replace") as f:
+                print(f.read())
         print(f"clean-run {args.name}: FAILED after {seconds:.1f} s")
         print("\n".join(f"  {p}" for p in problems))
         return 1
@@ -630,7 +635,7 @@ def main():
 
     p = sub.add_parser("clean-run")
     p.add_argument("name")
-    p.add_argument("--log", required=True)
+    p.add_argument("--log")
     p.add_argument("command", nargs="+")
     p.set_defaults(run=clean_run_command)
 
