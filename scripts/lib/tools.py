@@ -557,6 +557,8 @@ def clean_run_command(args):
     printed when the check fails."""
     mark = secrets.token_hex(8)
     tmp = tempfile.mkdtemp(prefix=f"atlas-stripe-clean-{args.name}.")
+    # Open to all, as /tmp is: PostgreSQL runs as `nobody` under it (scripts/lib/pg.sh).
+    os.chmod(tmp, 0o1777)
     env = {**os.environ, MARK: mark, "TMPDIR": tmp}
     started = time.monotonic()
     if args.log:
@@ -579,12 +581,19 @@ def clean_run_command(args):
         problems.append(f"exit status {status}")
     problems += [f"process left: {pid} {cmdline}" for pid, cmdline in left]
     problems += [f"left in TMPDIR: {name}" for name in files]
-    # Leave nothing of ours either, whatever the command did.
-    for pid, _ in left:
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
+    # Leave nothing behind either: SIGTERM (PostgreSQL's postmaster then stops its
+    # backends), SIGKILL to whatever still runs after 5 s.
+    for signal_number in (15, 9):
+        for pid, _ in left:
+            try:
+                os.kill(pid, signal_number)
+            except OSError:
+                pass
+        for _ in range(50):
+            left = marked_processes(mark)
+            if not left:
+                break
+            time.sleep(0.1)
     shutil.rmtree(tmp, ignore_errors=True)
     if problems:
         if args.log:
