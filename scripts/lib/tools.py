@@ -428,7 +428,7 @@ def postgres_pids(data_dir):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[2])
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
             if ppid == postmaster:
@@ -478,8 +478,9 @@ def wrk_command(args):
     row = parse_wrk(done.stdout)
     row["key"] = args.key
     line = (f"{args.label:<{args.width}} {row['rps']:12.2f} req/s   p50 {row['p50']:>9}   "
-            f"p99 {row['p99']:>9}   non-2xx {row['non2xx']:<3}")
+            f"p99 {row['p99']:>9}   non-2xx {row['non2xx']}")
     if pids:
+        line = f"{line:<{args.width + 70}}"
         hz = os.sysconf("SC_CLK_TCK")
         per_request = 1e6 / hz / max(row["requests"], 1)
         own = (sum(cpu_ticks(p) for p in pids) - own_before) * per_request
