@@ -480,7 +480,7 @@ def wrk_command(args):
     line = (f"{args.label:<{args.width}} {row['rps']:12.2f} req/s   p50 {row['p50']:>9}   "
             f"p99 {row['p99']:>9}   non-2xx {row['non2xx']}")
     if pids:
-        line = f"{line:<{args.width + 70}}"
+        line = f"{line:<{args.width + 65}}"
         hz = os.sysconf("SC_CLK_TCK")
         per_request = 1e6 / hz / max(row["requests"], 1)
         own = (sum(cpu_ticks(p) for p in pids) - own_before) * per_request
