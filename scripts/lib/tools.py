@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -372,6 +373,10 @@ def schemathesis_run(args, name, run, base, methods, env, service_log):
             timed_out = True
             stop(st)
             status = st.returncode
+        except BaseException:
+            # Stopped from outside (SIGTERM, Ctrl-C): Schemathesis is not left running.
+            stop(st)
+            raise
     passed, failed = report_counts(f"{report}.xml")
     # Stopped by the time bound, or failed before any operation ran: a failure all the same.
     if (status != 0 or timed_out) and failed == 0:
@@ -608,6 +613,9 @@ def clean_run_command(args):
 
 
 def main():
+    # SIGTERM (the scripts' clean-up sends it) unwinds like Ctrl-C, through the `finally`
+    # blocks that stop what this started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
