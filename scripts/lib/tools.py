@@ -391,7 +391,8 @@ def schemathesis_run(args, name, run, base, methods, env, service_log):
         with open(service_log, encoding="utf-8", errors="replace") as f:
             print("".join(f.readlines()[-50:]))
     else:
-        print("\n".join(line for line in text.splitlines() if re.match(r"^  [0-9]+ generated", line)))
+        print("\n".join(line for line in text.splitlines()
+                        if re.match(r"^  [0-9]+ generated", line)))
     print("  statuses answered, per operation:")
     print("\n".join(report_statuses(f"{report}.ndjson")), flush=True)
     return passed, failed
@@ -506,7 +507,8 @@ def bench_summary_command(args):
     with open(args.results) as f:
         rows = {row["key"]: row for row in map(json.loads, f)}
     if args.bench == "key-fetch":
-        print(f"key fetch / bare select = {rows['a']['rps'] / rows['b']['rps']:.2f}   (target >= 0.80)")
+        print(f"key fetch / bare select = {rows['a']['rps'] / rows['b']['rps']:.2f}   "
+              "(target >= 0.80)")
         print(f"our /healthz / bare /healthz = {rows['c']['rps'] / rows['d']['rps']:.2f}   "
               "(target >= 0.90)")
     else:
