@@ -483,8 +483,8 @@ impl StripeFront {
         self.state.target.set(mock.to_owned()).expect("set once");
     }
 
-    /// Holds the answer to the next webhook-endpoint request `verb` made with the key ending
-    /// in `last4`, after the mock has acted on it (created, looked up, deleted), until the
+    /// Holds the answer to the next webhook-endpoint request `verb` (a registration for
+    /// `POST`, a call on an endpoint otherwise) made with the key ending in `last4`, after the mock has acted on it (created, looked up, deleted), until the
     /// gate is released. `arrived` gives the endpoint's id.
     pub fn hold(&self, verb: &str, last4: &str) -> RegistrationGate {
         let (gate, held) = gate_pair();
@@ -494,6 +494,15 @@ impl StripeFront {
             gate,
         });
         held
+    }
+}
+
+/// A registration (`POST /v1/webhook_endpoints`) or a call on one endpoint; not the
+/// permission probe, which POSTs to a made-up endpoint id.
+fn is_endpoint_call(path: &str, verb: &str) -> bool {
+    match verb {
+        "POST" => path == "/v1/webhook_endpoints",
+        _ => path.starts_with("/v1/webhook_endpoints/"),
     }
 }
 
@@ -532,7 +541,7 @@ async fn pass_through(
             .position(|h| {
                 h.verb == parts.method.as_str()
                     && h.last4 == last4
-                    && path.starts_with("/v1/webhook_endpoints")
+                    && is_endpoint_call(path, &h.verb)
             })
             .map(|i| holds.remove(i))
     };
