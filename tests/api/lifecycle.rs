@@ -353,10 +353,14 @@ async fn metrics_expose_the_named_series(backend: Backend) {
         201
     );
 
-    // The gauges come from the health snapshot, refreshed in the background.
+    // The gauges come from the health snapshot, refreshed in the background. The
+    // connections gauge may still hold what an earlier app in this process set, so the
+    // wait is on this app's own series (set in the same refresh, just before).
+    let sealed = format!(r#"atlas_sealed_keys{{master_key_id="{key_id}"}}"#);
     eventually("the gauges count the connection", || async {
         let text = scrape(&app).await;
-        series_value(&text, r#"atlas_connections{status="active"}"#) == 1.0
+        series_value(&text, &sealed) == 2.0
+            && series_value(&text, r#"atlas_connections{status="active"}"#) == 1.0
     })
     .await;
     let text = scrape(&app).await;
@@ -378,7 +382,7 @@ async fn metrics_expose_the_named_series(backend: Backend) {
     for series in [
         format!("atlas_http_request_duration_seconds_bucket{{{CONNECT},le=\"10\"}}"),
         r#"atlas_connections{status="active"}"#.to_owned(),
-        format!(r#"atlas_sealed_keys{{master_key_id="{key_id}"}}"#),
+        sealed.clone(),
     ] {
         assert!(
             text.contains(&format!("{series} ")),
