@@ -176,36 +176,7 @@ impl Kms {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         let cause = aws_sdk_kms::error::DisplayErrorContext(&err).to_string();
-        let failure = match &err {
-            SdkError::DispatchFailure(df)
-                if !(df.is_io() || df.is_timeout()) && cause.contains("no credentials") =>
-            {
-                KmsFailure::NoCredentials
-            }
-            SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => KmsFailure::Unreachable,
-            SdkError::ConstructionFailure(_) => KmsFailure::AccessDenied,
-            _ => match err.code() {
-                Some(
-                    "AccessDeniedException"
-                    | "UnrecognizedClientException"
-                    | "InvalidClientTokenId"
-                    | "InvalidSignatureException"
-                    | "IncompleteSignature"
-                    | "ExpiredTokenException"
-                    | "MissingAuthenticationToken",
-                ) => KmsFailure::AccessDenied,
-                Some("InvalidCiphertextException") => KmsFailure::WrongEncryptionContext,
-                Some("IncorrectKeyException") => KmsFailure::OtherKey,
-                Some(
-                    "NotFoundException"
-                    | "DisabledException"
-                    | "KMSInvalidStateException"
-                    | "KeyUnavailableException",
-                ) => KmsFailure::KeyUnusable,
-                Some(code) => KmsFailure::Other(code.to_owned()),
-                None => KmsFailure::Unreachable,
-            },
-        };
+        let failure = classify(&err, &cause);
         self.failure(id, failure, cause)
     }
 
@@ -286,6 +257,43 @@ impl Kms {
             return None;
         }
         Some(key_id.rsplit_once(":key/").map_or(key_id, |(_, id)| id))
+    }
+}
+
+/// What an SDK error means for the operator; `cause` is the SDK's account of it.
+fn classify<E>(err: &SdkError<E>, cause: &str) -> KmsFailure
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match err {
+        SdkError::DispatchFailure(df)
+            if !(df.is_io() || df.is_timeout()) && cause.contains("no credentials") =>
+        {
+            KmsFailure::NoCredentials
+        }
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => KmsFailure::Unreachable,
+        SdkError::ConstructionFailure(_) => KmsFailure::AccessDenied,
+        _ => match err.code() {
+            Some(
+                "AccessDeniedException"
+                | "UnrecognizedClientException"
+                | "InvalidClientTokenId"
+                | "InvalidSignatureException"
+                | "IncompleteSignature"
+                | "ExpiredTokenException"
+                | "MissingAuthenticationToken",
+            ) => KmsFailure::AccessDenied,
+            Some("InvalidCiphertextException") => KmsFailure::WrongEncryptionContext,
+            Some("IncorrectKeyException") => KmsFailure::OtherKey,
+            Some(
+                "NotFoundException"
+                | "DisabledException"
+                | "KMSInvalidStateException"
+                | "KeyUnavailableException",
+            ) => KmsFailure::KeyUnusable,
+            Some(code) => KmsFailure::Other(code.to_owned()),
+            None => KmsFailure::Unreachable,
+        },
     }
 }
 
@@ -453,6 +461,43 @@ mod tests {
         assert!(text.contains("unreachable"), "{text}");
         // The cause goes to the log on its own, not into the message.
         assert!(!text.contains("connection refused"), "{text}");
+    }
+
+    /// A `Decrypt` error as the SDK hands it over: KMS's error code, from a 400 answer.
+    fn decrypt_error(code: &str) -> SdkError<aws_sdk_kms::operation::decrypt::DecryptError> {
+        use aws_sdk_kms::error::ErrorMetadata;
+        use aws_sdk_kms::operation::decrypt::DecryptError;
+        let meta = ErrorMetadata::builder()
+            .code(code)
+            .message("refused")
+            .build();
+        let modeled = match code {
+            "IncorrectKeyException" => DecryptError::IncorrectKeyException(
+                aws_sdk_kms::types::error::IncorrectKeyException::builder()
+                    .message("The key ID in the request does not identify a CMK that can perform this operation.")
+                    .meta(meta)
+                    .build(),
+            ),
+            "AccessDeniedException" => DecryptError::generic(meta),
+            other => panic!("no such case here: {other}"),
+        };
+        let status = 400.try_into().expect("a status");
+        let raw = aws_sdk_kms::config::http::HttpResponse::new(status, "{}".into());
+        SdkError::service_error(modeled, raw)
+    }
+
+    /// AWS answers a blob of another KMS key with IncorrectKeyException, and a caller without
+    /// permission with AccessDeniedException: each is named for what it is. (moto answers
+    /// both with AccessDeniedException, so the API tests cannot tell them apart.)
+    #[test]
+    fn another_key_and_access_denied_are_told_apart() {
+        let other_key = decrypt_error("IncorrectKeyException");
+        assert_eq!(classify(&other_key, ""), KmsFailure::OtherKey);
+        let denied = decrypt_error("AccessDeniedException");
+        assert_eq!(classify(&denied, ""), KmsFailure::AccessDenied);
+        assert!(KmsFailure::OtherKey
+            .describe()
+            .contains("made under another KMS key"));
     }
 
     #[test]

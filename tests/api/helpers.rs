@@ -93,6 +93,24 @@ impl TestDatabase {
         }
     }
 
+    /// Runs one statement straight on the database, bypassing the store.
+    pub async fn execute(&self, sql: &str) {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(&self.url)
+                    .await
+                    .expect("sqlite");
+                sqlx::query(sql).execute(&mut conn).await.expect(sql);
+            }
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.url)
+                    .await
+                    .expect("postgres");
+                sqlx::query(sql).execute(&mut conn).await.expect(sql);
+            }
+        }
+    }
+
     /// A count (or any single integer) straight from the database, bypassing the store.
     pub async fn scalar(&self, sql: &str) -> i64 {
         match self.backend {
