@@ -10,9 +10,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::accounting::KeyFetchRecorder;
-use crate::auth::TenantTokens;
+use crate::auth::{ServiceTokenCache, ServiceTokens, TenantTokens};
 use crate::config::{redact_url, Settings};
-use crate::connection::{ConnectPolicy, ConnectionService, Reverifier, VerifySchedule};
+use crate::connection::{ConnectPolicy, ConnectionService, KeyAccess, Reverifier, VerifySchedule};
 use crate::crypto::Fingerprinter;
 use crate::domain::Resource;
 use crate::health::HealthMonitor;
@@ -28,6 +28,7 @@ pub struct Application {
     limits: ServerLimits,
     background: Vec<JoinHandle<()>>,
     stop_background: tokio::sync::watch::Sender<bool>,
+    service_token_cache: Arc<ServiceTokenCache>,
 }
 
 /// Opens the configured store and applies its migrations.
@@ -151,10 +152,10 @@ impl Application {
                 stop_rx.clone(),
             ));
         }
-        let service_tokens = Arc::new(crate::auth::ServiceTokenCache::default());
+        let service_token_cache = Arc::new(ServiceTokenCache::default());
         if let Some(listener) = crate::store::spawn_token_listener(
             &settings.database,
-            service_tokens.clone(),
+            service_token_cache.clone(),
             stop_rx.clone(),
         )? {
             background.push(listener);
@@ -168,12 +169,34 @@ impl Application {
             tracing::info!(owner = reverifier.owner(), "background re-verification on");
             background.push(reverifier.spawn(stop_rx));
         }
+        let service_tokens = Arc::new(ServiceTokens::new(
+            store.clone(),
+            service_token_cache.clone(),
+        ));
+        let keys = Arc::new(KeyAccess::new(
+            store.clone(),
+            keyring.clone(),
+            service_tokens.clone(),
+            key_fetches,
+        ));
+        let proxy = crate::proxy::Proxy::new(
+            &settings.proxy,
+            keys.clone(),
+            connections.clone(),
+            store.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("proxy.allowed: {e}"))?;
+        let webhooks = crate::webhooks::WebhookReceiver::new(
+            store.clone(),
+            keyring.clone(),
+            settings.webhooks.tolerance_secs,
+        );
         let state = AppState::new(crate::http::state::Shared {
             api_body_limit: settings.server.body_limit_bytes,
-            webhook_tolerance_secs: settings.webhooks.tolerance_secs,
             webhook_body_limit: settings.webhooks.body_limit_bytes,
-            key_fetches,
             service_tokens,
+            keys,
+            webhooks: Arc::new(webhooks),
             store,
             keyring,
             tenant_tokens: Arc::new(TenantTokens::from_settings(
@@ -182,8 +205,7 @@ impl Application {
             )),
             connections,
             health,
-            proxy: crate::http::proxy::ProxyState::new(&settings.proxy)
-                .map_err(|e| anyhow::anyhow!("proxy.allowed: {e}"))?,
+            proxy: Arc::new(proxy),
             key_fetch_enabled: settings.internal.key_fetch_enabled,
         });
         Ok(Self {
@@ -201,7 +223,13 @@ impl Application {
             },
             background,
             stop_background: stop_tx,
+            service_token_cache,
         })
+    }
+
+    /// The service-token cache, whose own counts a test reads (the metric is per process).
+    pub fn service_token_cache(&self) -> Arc<ServiceTokenCache> {
+        self.service_token_cache.clone()
     }
 
     pub fn port(&self) -> u16 {

@@ -10,6 +10,7 @@ mod queries;
 mod rows;
 mod sql_store;
 mod sqlite;
+mod token_lookup;
 
 use std::sync::Arc;
 
