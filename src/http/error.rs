@@ -427,3 +427,43 @@ impl From<DeliveryError<ApiError>> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A 429 names what was limited; its code, status and `Retry-After` are the same for all.
+    #[test]
+    fn a_rate_limit_names_what_was_limited() {
+        let wait = Duration::from_millis(1_200);
+        let cases = [
+            (
+                ApiError::from(ConnectError::RateLimited {
+                    attempt: Attempt::Connect,
+                    retry_after: wait,
+                }),
+                "Too many connect attempts for this tenant; try again in 2 s.",
+            ),
+            (
+                ApiError::from(ConnectError::RateLimited {
+                    attempt: Attempt::Verify,
+                    retry_after: wait,
+                }),
+                "Too many verify attempts for this tenant; try again in 2 s.",
+            ),
+            (
+                ApiError::from(ProxyError::RateLimited { retry_after: wait }),
+                "Too many Stripe calls through the proxy for this account; try again in 2 s.",
+            ),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message);
+            assert_eq!(error.code(), "rate_limited");
+            let response = error.into_response();
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        }
+    }
+}

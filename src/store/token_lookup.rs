@@ -6,7 +6,7 @@ use super::{Store, StoreError};
 use crate::auth::{StoredToken, TokenLookup};
 
 #[async_trait]
-impl TokenLookup for dyn Store {
+impl<'a> TokenLookup for dyn Store + 'a {
     type Error = StoreError;
 
     async fn find_token(&self, id: &str) -> Result<Option<StoredToken>, StoreError> {
