@@ -16,9 +16,7 @@ use tokio::task::JoinHandle;
 use crate::accounting::KeyFetchRecorder;
 use crate::auth::{ServiceTokenCache, ServiceTokens, TenantTokens};
 use crate::config::{redact_url, Secrets, Settings};
-use crate::connection::{
-    ConnectPolicy, ConnectionService, KeyAccess, Reverifier, VerifySchedule,
-};
+use crate::connection::{ConnectPolicy, ConnectionService, KeyAccess, Reverifier, VerifySchedule};
 use crate::crypto::{kms, Fingerprinter, Keyring, Kms};
 use crate::health::HealthMonitor;
 use crate::http::{self, AppState};
