@@ -238,6 +238,9 @@ pub struct ProxySettings {
     pub max_wait_ms: u64,
     /// The longest a call may take, retries included (a caller may ask for less).
     pub deadline_ms: u64,
+    /// The `Stripe-Version`s a caller may send (`YYYY-MM-DD[.name]`); empty accepts any.
+    #[serde(deserialize_with = "list")]
+    pub stripe_versions: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -626,6 +629,14 @@ impl Settings {
         );
         p.range("proxy.max_wait_ms", x.max_wait_ms, 0..=60_000);
         p.range("proxy.deadline_ms", x.deadline_ms, 100..=120_000);
+        for version in &x.stripe_versions {
+            if !crate::proxy::is_stripe_version(version) {
+                p.push(
+                    "proxy.stripe_versions",
+                    format!("{version:?} is not a Stripe version (YYYY-MM-DD, optionally .name)"),
+                );
+            }
+        }
 
         let k = &self.crypto.aws_kms;
         if k.is_configured() {

@@ -192,11 +192,35 @@ pub struct ErrorDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub key_mode: Option<Mode>,
+    /// The proxy route only (`…/stripe/v1/{path}`): Stripe's error `type` for our own
+    /// refusals, which Stripe's SDKs read beside `code` to pick their exception.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schema(rename = "type", nullable = false)]
+    pub stripe_type: Option<StripeErrorType>,
     /// `not_ready`: each readiness check (`database`, `keyring`) and its verdict (`ok`,
     /// `failed`, or `failed: ` and what to do).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<std::collections::BTreeMap<String, String>>, nullable = false)]
     pub checks: Option<serde_json::Value>,
+}
+
+/// Stripe's `error.type` for an answer of ours, by its status, as Stripe types its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StripeErrorType {
+    InvalidRequestError,
+    RateLimitError,
+    ApiError,
+}
+
+impl StripeErrorType {
+    pub fn for_status(status: StatusCode) -> Self {
+        match status.as_u16() {
+            429 => Self::RateLimitError,
+            500.. => Self::ApiError,
+            _ => Self::InvalidRequestError,
+        }
+    }
 }
 
 impl ErrorDetail {
@@ -212,12 +236,26 @@ impl ErrorDetail {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        self.respond(None)
+    }
+}
+
+impl ApiError {
+    /// The answer on the proxy route: the same body plus Stripe's `type`, so the caller's
+    /// Stripe SDK classifies our refusals as it does Stripe's.
+    pub fn into_stripe_response(self) -> Response {
+        let stripe_type = StripeErrorType::for_status(self.status());
+        self.respond(Some(stripe_type))
+    }
+
+    fn respond(self, stripe_type: Option<StripeErrorType>) -> Response {
         let status = self.status();
         if let Self::Internal(cause) = &self {
             // `{:#}` prints the whole chain; causes are built so that none holds a secret.
             tracing::error!(error = format!("{cause:#}"), "request failed");
         }
         let mut detail = ErrorDetail::new(self.code(), self.to_string());
+        detail.stripe_type = stripe_type;
         let mut retry_after_header = None;
         match self {
             Self::MissingPermissions {
