@@ -120,10 +120,16 @@ mod tests {
         );
         let plain = headers(&[("Stripe-Version", "2023-08-16")]);
         assert_eq!(
-            caller_headers(&plain, &[]).unwrap().stripe_version.as_deref(),
+            caller_headers(&plain, &[])
+                .unwrap()
+                .stripe_version
+                .as_deref(),
             Some("2023-08-16")
         );
-        assert_eq!(caller_headers(&HeaderMap::new(), &[]).unwrap(), CallerHeaders::default());
+        assert_eq!(
+            caller_headers(&HeaderMap::new(), &[]).unwrap(),
+            CallerHeaders::default()
+        );
     }
 
     #[test]
@@ -160,7 +166,12 @@ mod tests {
             "Stripe-Version 2025-03-31.basil is not accepted here (proxy.stripe_versions); send one of: 2023-08-16, 2026-10-28.endive."
         );
         // No version sent: the pinned one, whatever the setting.
-        assert_eq!(caller_headers(&HeaderMap::new(), &allowed).unwrap().stripe_version, None);
+        assert_eq!(
+            caller_headers(&HeaderMap::new(), &allowed)
+                .unwrap()
+                .stripe_version,
+            None
+        );
     }
 
     #[test]
