@@ -378,3 +378,46 @@ impl From<ConnectError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body(response: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("a small body");
+        serde_json::from_slice(&bytes).expect("JSON")
+    }
+
+    #[tokio::test]
+    async fn the_proxys_refusals_carry_stripes_type_by_status() {
+        let cases = [
+            (ApiError::EndpointNotAllowed, "invalid_request_error"),
+            (ApiError::NotConnected, "invalid_request_error"),
+            (
+                ApiError::InvalidRequest("Stripe-Version …".into()),
+                "invalid_request_error",
+            ),
+            (
+                ApiError::rate_limited(std::time::Duration::from_secs(1)),
+                "rate_limit_error",
+            ),
+            (ApiError::StripeUnavailable, "api_error"),
+            (ApiError::ServiceUnavailable, "api_error"),
+        ];
+        for (error, expected) in cases {
+            let code = error.code();
+            let error_body = body(error.into_stripe_response()).await;
+            assert_eq!(error_body["error"]["type"], expected, "{code}");
+            assert_eq!(error_body["error"]["code"], code);
+        }
+    }
+
+    #[tokio::test]
+    async fn other_routes_answer_without_a_type() {
+        let error_body = body(ApiError::NotConnected.into_response()).await;
+        assert_eq!(error_body["error"]["code"], "not_connected");
+        assert!(error_body["error"].get("type").is_none(), "{error_body}");
+    }
+}
