@@ -47,6 +47,7 @@ pub struct Settings {
     pub accounting: AccountingSettings,
     pub internal: InternalSettings,
     pub proxy: ProxySettings,
+    pub notifications: crate::notifications::NotificationSettings,
     pub dev: DevSettings,
     pub log: LogSettings,
     /// `ATLAS_STRIPE_ENVIRONMENT` when set (`production` turns on the production rules).
@@ -675,6 +676,10 @@ impl Settings {
             } else if self.dev.secrets_file.as_os_str().is_empty() {
                 p.push("dev.secrets_file", "is empty");
             }
+        }
+
+        for (key, problem) in self.notifications.problems(production) {
+            p.push(key, problem);
         }
 
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {

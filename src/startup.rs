@@ -159,6 +159,12 @@ impl Application {
         )? {
             background.push(listener);
         }
+        background.extend(crate::notifications::spawn(
+            &settings.notifications,
+            &settings.database,
+            store.clone(),
+            stop_rx.clone(),
+        )?);
         if settings.reverify.enabled {
             let reverifier = Reverifier::new(
                 store.clone(),

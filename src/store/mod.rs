@@ -5,6 +5,7 @@
 
 mod dialect;
 mod model;
+pub mod notifications;
 mod postgres;
 mod queries;
 mod rows;
@@ -23,6 +24,7 @@ pub use model::{
     ServiceTokenRecord, StoredEvent, StoredState, StoredWebhook, TenantRecord, TenantWrite,
     Verification, WebhookChange, WebhookTarget,
 };
+pub use notifications::Outbox;
 pub use sql_store::SqlStore;
 
 use crate::crypto::{MasterKeyId, Purpose};
@@ -122,7 +124,7 @@ pub enum Backend {
 /// Everything the service persists. One implementation per backend; the same story test
 /// suite runs against both.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: Outbox + Send + Sync + 'static {
     fn backend(&self) -> Backend;
 
     /// Applies pending migrations.

@@ -19,7 +19,7 @@ use super::rows::{
     self, permissions_to_text, warnings_to_text, ApiKeyRow, AuditRow, ConnectionRow, KeyFetchRow,
     KeyFetchTallyRow, SealedRowRaw, ServiceTokenRow, TenantRow, WebhookTargetRow,
 };
-use super::{queries, AttemptQuota, Backend, NotReady, Store, StoreError};
+use super::{notifications, queries, AttemptQuota, Backend, NotReady, Store, StoreError};
 use crate::clock::now;
 use crate::crypto::{MasterKeyId, Purpose};
 use crate::domain::{ConnectionStatus, Mode, Resource, TenantId};
@@ -38,6 +38,10 @@ impl<DB: Dialect> SqlStore<DB> {
         Ok(Self {
             pool: DB::open_pool(url, max_connections, acquire_timeout).await?,
         })
+    }
+
+    pub(super) fn pool(&self) -> &Pool<DB> {
+        &self.pool
     }
 }
 
@@ -71,6 +75,7 @@ where
     for<'r> KeyFetchTallyRow: FromRow<'r, DB::Row>,
     for<'r> ApiKeyRow: FromRow<'r, DB::Row>,
     for<'r> AuditRow: FromRow<'r, DB::Row>,
+    Self: super::Outbox,
 {
     fn backend(&self) -> Backend {
         DB::BACKEND
@@ -312,6 +317,7 @@ where
             .ok_or_else(|| {
                 StoreError::Corrupt("connection vanished in its own transaction".into())
             })?;
+        notifications::announce_saved::<DB>(&mut tx, &record, previous.is_some()).await?;
         tx.commit().await?;
         Ok(match previous {
             Some(_) => SaveOutcome::Replaced(record),
@@ -356,6 +362,7 @@ where
         )
         .await?;
         let record = find_connection(&mut *tx, tenant).await?;
+        notifications::announce_verified::<DB>(&mut tx, record.as_ref()).await?;
         tx.commit().await?;
         Ok(record)
     }
@@ -539,6 +546,8 @@ where
             detail,
         )
         .await?;
+        notifications::announce_disconnected::<DB>(&mut tx, tenant, &connection_id, &key_last4)
+            .await?;
         tx.commit().await?;
         Ok(true)
     }
