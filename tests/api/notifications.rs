@@ -29,6 +29,8 @@ backend_tests!(
     a_change_committed_before_a_crash_is_delivered_after_restart,
     two_instances_deliver_each_announcement_once,
     a_rolled_back_change_announces_nothing,
+    a_dead_instances_claim_comes_back_when_its_lease_expires,
+    retention_deletes_only_old_delivered_announcements_in_batches,
 );
 
 pub fn secret(fill: u8) -> String {
@@ -443,6 +445,14 @@ async fn a_410_stops_and_a_failed_announcement_is_redelivered_by_hand(backend: B
         metrics.contains("atlas_notification_deliveries_total{outcome=\"gone\"}"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("atlas_notification_queue_depth"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("atlas_notification_oldest_undelivered_seconds"),
+        "{metrics}"
+    );
 
     // Paging: one a page, newest first, the next named in Link.
     let first = app
@@ -706,4 +716,73 @@ async fn a_rolled_back_change_announces_nothing(backend: Backend) {
         4,
         "the rolled-back row is not in the outbox"
     );
+}
+
+async fn a_dead_instances_claim_comes_back_when_its_lease_expires(backend: Backend) {
+    let s = secret(10);
+    let receiver = Receiver::start(&[&s]).await;
+    // No deliverer yet: the change is recorded, then claimed by an instance that dies.
+    let app = spawn_app_with(backend, &[("notifications.secret", s.as_str())]).await;
+    app.create_tenant("ten_1", Mode::Test).await;
+    answer_all(&app.stripe, Answer::Granted).await;
+    connect(&app, "ten_1", "Dead").await;
+    let now = atlas_stripe::clock::now();
+    let lease = Duration::from_millis(1500);
+    let claimed = app
+        .store
+        .claim_announcements("deliverer_dead", now, now + lease, 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let started = Instant::now();
+    let live = app
+        .twin_with(&[("notifications.url", receiver.url.as_str())])
+        .await;
+    let received = receiver
+        .wait_until("the orphaned announcement", |r| !r.is_empty())
+        .await;
+    assert!(
+        received[0].at - started >= lease - Duration::from_millis(300),
+        "delivered while the dead instance's lease ran: {:?}",
+        received[0].at - started
+    );
+    assert_eq!(received[0].id, claimed[0].id, "under the same webhook-id");
+    drop(live);
+}
+
+async fn retention_deletes_only_old_delivered_announcements_in_batches(backend: Backend) {
+    let s = secret(11);
+    let receiver = Receiver::start(&[&s]).await;
+    receiver.answer(|r, _| Reply {
+        status: if r.tenant() == "ten_down" { 500 } else { 200 },
+        ..Reply::default()
+    });
+    let app = app_for(backend, &receiver, &s, "0s,1h").await;
+    answer_all(&app.stripe, Answer::Granted).await;
+    for tenant in ["ten_1", "ten_2", "ten_down"] {
+        app.create_tenant(tenant, Mode::Test).await;
+        connect(&app, tenant, "Ret1").await;
+    }
+    receiver.wait_until("three", |r| r.len() >= 3).await;
+    let delivered = "SELECT COUNT(*) FROM notifications WHERE status = 'delivered'";
+    eventually("two delivered", || async {
+        app.db.scalar(delivered).await == 2
+    })
+    .await;
+    use atlas_stripe::notifications::retention::purge;
+    // Delivered just now: within a day's retention, kept.
+    assert_eq!(
+        purge(app.store.as_ref(), Duration::from_secs(86_400), 1)
+            .await
+            .unwrap(),
+        0
+    );
+    // Older than no retention at all: both go, one batch at a time; the pending one stays.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        purge(app.store.as_ref(), Duration::ZERO, 1).await.unwrap(),
+        2
+    );
+    assert_eq!(app.db.scalar("SELECT COUNT(*) FROM notifications").await, 1);
+    assert_eq!(app.db.scalar(delivered).await, 0);
 }
