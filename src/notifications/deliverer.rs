@@ -98,7 +98,7 @@ impl Deliverer {
         let mut wake = outbox_written();
         let mut inflight: JoinSet<Option<Instant>> = JoinSet::new();
         let mut next_due: Option<Instant> = None;
-        let mut backlog_at = Instant::now();
+        let mut backlog_at: Option<Instant> = None;
         loop {
             wake.mark_unchanged();
             let free = CONCURRENCY - inflight.len();
@@ -117,9 +117,9 @@ impl Deliverer {
                     Err(e) => tracing::warn!(error = %e, "claiming announcements failed"),
                 }
             }
-            if backlog_at.elapsed() >= BACKLOG_EVERY || inflight.is_empty() {
+            if backlog_at.is_none_or(|at| at.elapsed() >= BACKLOG_EVERY) {
                 self.report_backlog().await;
-                backlog_at = Instant::now();
+                backlog_at = Some(Instant::now());
             }
             let wait = next_due
                 .map_or(POLL, |due| due.saturating_duration_since(Instant::now()))
