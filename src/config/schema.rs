@@ -32,6 +32,7 @@ pub struct Settings {
     pub accounting: AccountingSettings,
     pub internal: InternalSettings,
     pub proxy: ProxySettings,
+    pub notifications: crate::notifications::NotificationSettings,
     pub dev: DevSettings,
     pub log: LogSettings,
     /// `ATLAS_STRIPE_ENVIRONMENT` when set (`production` turns on the production rules).

@@ -37,6 +37,8 @@ pub enum ApiError {
     NotConnected,
     #[error("No route matches this path.")]
     RouteNotFound,
+    #[error("No announcement has this id (delivered ones are deleted after notifications.retention_days).")]
+    NotificationNotFound,
     #[error("This path does not accept that method.")]
     MethodNotAllowed,
     #[error("{0}")]
@@ -135,7 +137,7 @@ impl ApiError {
             Self::InsufficientScope(_) => (S::FORBIDDEN, "insufficient_scope"),
             Self::EndpointNotAllowed => (S::FORBIDDEN, "endpoint_not_allowed"),
             Self::NotConnected => (S::NOT_FOUND, "not_connected"),
-            Self::RouteNotFound => (S::NOT_FOUND, "not_found"),
+            Self::RouteNotFound | Self::NotificationNotFound => (S::NOT_FOUND, "not_found"),
             Self::UnknownWebhookConnection => (S::NOT_FOUND, "unknown_connection"),
             Self::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::InvalidJson(_) => (S::BAD_REQUEST, "invalid_json"),

@@ -9,7 +9,7 @@ use utoipa::{Modify, OpenApi};
 use super::error::{ErrorBody, ErrorDetail};
 use super::state::AppState;
 use super::summary::ConnectionSummary;
-use super::{integrations, internal, ops, proxy, webhooks};
+use super::{integrations, internal, notifications, ops, proxy, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,6 +25,8 @@ use super::{integrations, internal, ops, proxy, webhooks};
         internal::upsert_tenant,
         internal::fetch_key,
         internal::list_connections,
+        notifications::list_notifications,
+        notifications::redeliver,
         ops::healthz,
         ops::readyz,
         ops::metrics,
