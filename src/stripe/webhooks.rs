@@ -54,6 +54,19 @@ pub fn retrieve_request(endpoint_id: &str) -> StripeRequest {
     }
 }
 
+/// `POST /v1/webhook_endpoints/{id}` with `disabled=false`: turns an endpoint Stripe
+/// disabled (after days of failed deliveries) back on.
+pub fn enable_request(endpoint_id: &str) -> StripeRequest {
+    StripeRequest {
+        method: StripeMethod::Post,
+        endpoint: "/v1/webhook_endpoints/{webhook_endpoint}",
+        path: format!("/v1/webhook_endpoints/{endpoint_id}"),
+        form: vec![("disabled".to_owned(), "false".to_owned())],
+        // Setting a flag: sending it twice changes nothing more.
+        idempotency_key: None,
+    }
+}
+
 pub fn delete_request(endpoint_id: &str) -> StripeRequest {
     StripeRequest {
         method: StripeMethod::Delete,
@@ -95,6 +108,11 @@ pub fn parse_registration(reply: &StripeReply) -> Option<RegisteredEndpoint> {
         id: id.to_owned(),
         secret,
     })
+}
+
+/// `status` of an endpoint Stripe describes: `enabled` or `disabled`.
+pub fn endpoint_status(reply: &StripeReply) -> Option<&str> {
+    reply.body.get("status").and_then(Value::as_str)
 }
 
 /// The URL of an endpoint Stripe describes, to tell ours from a tenant's own.
