@@ -23,7 +23,7 @@ use super::announcements;
 use crate::crypto::Keyring;
 use crate::domain::{random_id, ConnectionStatus, Mode, StripeKey, TenantId};
 use crate::proxy::AccountSmoothing;
-use crate::store::{NewEvent, RecoveryClaim, RecoveryRun, Store, StoreError};
+use crate::store::{NewEvent, RecoveryClaim, RecoveryRun, Store, StoreError, WebhookStatus};
 use crate::stripe::events::{self, EventPage, RETENTION};
 use crate::stripe::{StripeClient, StripeFailure};
 
@@ -355,7 +355,14 @@ impl EventRecovery {
                     restarted = true;
                     continue;
                 }
-                Ok(reply) if reply.status == 403 => return Ok(Err(RunOutcome::Off)),
+                Ok(reply) if reply.status == 403 => {
+                    // The key lost Events: Read: off until a verification finds it again.
+                    let status = self.webhook_status(&listing.claim.connection_id).await?;
+                    (self.store)
+                        .record_webhook_health(&listing.claim.connection_id, false, status, false)
+                        .await?;
+                    return Ok(Err(RunOutcome::Off));
+                }
                 Ok(reply) => {
                     tracing::warn!(tenant_id = %tenant, status = reply.status, code = ?reply.error_code(), "Stripe refused to list events");
                     if reply.status == 401 {
@@ -402,6 +409,14 @@ impl EventRecovery {
             }
             after = Some(oldest_id);
         }
+    }
+
+    async fn webhook_status(&self, connection_id: &str) -> Result<WebhookStatus, StoreError> {
+        Ok(self
+            .store
+            .find_recovery_cursor(connection_id)
+            .await?
+            .map_or(WebhookStatus::Enabled, |c| c.webhook_status))
     }
 
     /// The listed events as rows; one whose livemode contradicts the tenant's mode is left
