@@ -8,8 +8,9 @@ use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
 
 use crate::auth::{IssuedServiceToken, Scope, TenantTokens};
+use crate::config::Secrets;
 use crate::config::Settings;
-use crate::crypto::{Holder, Keyring, Kms, MasterKeyId};
+use crate::crypto::{kms, Holder, Keyring, Kms, MasterKeyId};
 use crate::domain::{Mode, TenantId};
 use crate::startup::{open_store, shutdown_signal, Application};
 use crate::store::{Actor, NewServiceToken};
@@ -151,7 +152,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             };
             let kms = Kms::new(config).await;
-            let entry = match crate::crypto::kms::generate_entry(&kms, &id).await {
+            let entry = match kms::generate_entry(&kms, &id).await {
                 Ok(entry) => entry,
                 Err(e) => bail!("{e}\n  the SDK said: {}", e.cause),
             };
@@ -164,13 +165,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let store = open_store(&settings).await?;
             let secrets = settings.secrets()?;
-            unlock_or_fail(&settings, &secrets.keyring).await?;
-            let report =
-                crate::rotation::rewrap_all(&*store, &secrets.keyring, batch, None).await?;
+            let keyring = unlocked_keyring(&settings, &secrets).await?;
+            let report = crate::rotation::rewrap_all(&*store, &keyring, batch, None).await?;
             println!(
                 "rewrapped {} keys under {} in {} batches",
                 report.rewrapped,
-                secrets.keyring.active_id().as_str(),
+                keyring.active_id().as_str(),
                 report.batches
             );
             for (secret_id, reason) in &report.failed {
@@ -182,15 +182,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Keys(KeysCommand::Status) => {
             let store = open_store(&settings).await?;
-            let secrets = settings.secrets()?;
+            let keyring = crate::startup::keyring(&settings, &settings.secrets()?)?;
             println!("{:<34} {:>10}  configured", "master_key_id", "keys");
             for (id, count) in store.count_secrets_by_master_key().await? {
-                let configured = if secrets.keyring.contains(id.as_str()) {
+                let configured = if keyring.contains(id.as_str()) {
                     "yes"
                 } else {
                     "NO"
                 };
-                let active = if id == *secrets.keyring.active_id() {
+                let active = if id == *keyring.active_id() {
                     " (active)"
                 } else {
                     ""
@@ -199,12 +199,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!();
             println!("{:<34} {:<10}", "configured master key", "held by");
-            for (id, holder) in secrets.keyring.entries() {
+            for (id, holder) in keyring.entries() {
                 let held = match holder {
                     Holder::Local => "local".to_owned(),
                     Holder::Kms => format!("aws-kms ({})", settings.crypto.aws_kms.key_id.trim()),
                 };
-                let active = if id == *secrets.keyring.active_id() {
+                let active = if id == *keyring.active_id() {
                     " (active)"
                 } else {
                     ""
@@ -216,33 +216,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Decrypts the KMS-held master keys once (tools do not wait for KMS: they fail, naming the
-/// master-key id, the endpoint and what went wrong).
-async fn unlock_or_fail(settings: &Settings, keyring: &Keyring) -> anyhow::Result<()> {
-    let Some(config) = settings.crypto.aws_kms.kms_config() else {
-        return Ok(());
-    };
-    if !keyring.has_kms() {
-        return Ok(());
-    }
-    let kms = Kms::new(config).await;
-    let failures = crate::crypto::kms::unlock_pending(keyring, &kms).await;
-    for e in &failures {
-        crate::crypto::kms::log_failure(e, None);
-    }
-    if let Some(first) = failures.first() {
+/// The keyring, its KMS-held master keys decrypted once (tools do not wait for KMS: they
+/// fail, naming the master-key id, the endpoint and what went wrong).
+async fn unlocked_keyring(settings: &Settings, secrets: &Secrets) -> anyhow::Result<Keyring> {
+    let keyring = crate::startup::keyring(settings, secrets)?;
+    let failures = kms::unlock(&keyring, settings.crypto.aws_kms.kms_config())
+        .await
+        .failures;
+    if !failures.is_empty() {
         let all: Vec<String> = failures.iter().map(ToString::to_string).collect();
-        bail!(
-            "{} (nothing was rewrapped)",
-            if failures.len() == 1 {
-                first.to_string()
-            } else {
-                all.join("; ")
-            }
-        );
+        bail!("{} (nothing was rewrapped)", all.join("; "));
     }
     keyring.self_test().context("keyring self-test")?;
-    Ok(())
+    Ok(keyring)
 }
 
 /// `atlas-stripe demo-url`: the connect page for one tenant, its token in the fragment (which

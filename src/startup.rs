@@ -1,20 +1,23 @@
-//! Builds the application from settings: store, keyring, Stripe client, router, listener.
+//! Builds the application from settings, in named steps: secrets, store, keyring (unlocked
+//! through KMS when it holds master keys), the Stripe client and connection use cases, the
+//! listener, the background workers, the router. Settings arrive typed: nothing here
+//! parses or re-checks a value.
 
 use std::future::Future;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::accounting::KeyFetchRecorder;
-use crate::auth::TenantTokens;
-use crate::config::{redact_url, Settings};
-use crate::connection::{ConnectPolicy, ConnectionService, Reverifier, VerifySchedule};
-use crate::crypto::Fingerprinter;
-use crate::domain::Resource;
+use crate::auth::{ServiceTokenCache, ServiceTokens, TenantTokens};
+use crate::config::{redact_url, Secrets, Settings};
+use crate::connection::{ConnectPolicy, ConnectionService, KeyAccess, Reverifier, VerifySchedule};
+use crate::crypto::{kms, Fingerprinter, Keyring, Kms};
 use crate::health::HealthMonitor;
 use crate::http::{self, AppState};
 use crate::server::ServerLimits;
@@ -27,12 +30,12 @@ pub struct Application {
     shutdown_grace: Duration,
     limits: ServerLimits,
     background: Vec<JoinHandle<()>>,
-    stop_background: tokio::sync::watch::Sender<bool>,
+    stop_background: watch::Sender<bool>,
+    service_token_cache: Arc<ServiceTokenCache>,
 }
 
 /// Opens the configured store and applies its migrations.
 pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
-    use secrecy::ExposeSecret;
     let where_ = redact_url(settings.database.url.expose_secret());
     let store = store::connect(&settings.database)
         .await
@@ -42,166 +45,239 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
     Ok(store)
 }
 
-impl Application {
-    /// Binds `server.bind` (port 0 in tests) and wires everything.
-    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let secrets = settings.secrets()?;
-        if let Some(path) = &secrets.generated_into {
-            tracing::warn!(
-                file = %path.display(),
-                "USING DEVELOPMENT SECRETS (generated on first run). Never use them in production: \
-                 set crypto.master_keys, crypto.active_key_id, crypto.fingerprint_key and \
-                 auth.tenant_token_secret, and dev.generate_secrets = false"
-            );
-        }
-        let store = open_store(settings).await?;
-        let keyring = Arc::new(secrets.keyring);
-        // KMS-held master keys are decrypted once, here. When KMS does not answer, the
-        // service starts anyway, not ready, and keeps asking in the background.
-        let kms = match settings.crypto.aws_kms.kms_config() {
-            Some(config) if keyring.has_kms() => Some(crate::crypto::Kms::new(config).await),
-            _ => None,
-        };
-        let mut kms_pending = false;
-        if let Some(kms) = &kms {
-            let started = std::time::Instant::now();
-            let failures = crate::crypto::kms::unlock_pending(&keyring, kms).await;
-            for e in &failures {
-                crate::crypto::kms::log_failure(e, None);
-            }
-            kms_pending = !failures.is_empty();
-            if kms_pending {
-                tracing::error!(
-                    kms_endpoint = %kms.config().endpoint(),
-                    "NOT READY: a master key held by AWS KMS could not be decrypted; serving \
-                     anyway (requests needing it answer 503) and retrying in the background"
-                );
-            } else {
-                tracing::info!(
-                    kms_endpoint = %kms.config().endpoint(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "AWS KMS decrypted the KMS-held master keys"
-                );
-            }
-        }
-        if !kms_pending {
-            keyring.self_test().context("keyring self-test")?;
-        }
-        let stripe = StripeClient::new(StripeClientConfig::from_settings(&settings.stripe))
-            .context("building the Stripe HTTP client")?;
-        let required = settings
-            .stripe
-            .required_resources
-            .iter()
-            .map(|name| Resource::parse(name))
-            .collect::<Result<Vec<_>, _>>()?;
-        let attempts = NonZeroU32::new(settings.limits.connect_attempts_per_minute)
-            .context("limits.connect_attempts_per_minute must be at least 1")?;
-        let verifies = NonZeroU32::new(settings.limits.verify_attempts_per_minute)
-            .context("limits.verify_attempts_per_minute must be at least 1")?;
-        let connections = ConnectionService::new(
-            store.clone(),
-            keyring.clone(),
-            stripe,
-            Fingerprinter::new(secrets.fingerprint_key),
-            ConnectPolicy {
-                webhooks: settings.webhooks.clone(),
-                required,
-                probe_deadline: settings.stripe.probe_deadline(),
-                schedule: VerifySchedule {
-                    interval: Duration::from_secs(settings.reverify.interval_secs),
-                    jitter: Duration::from_secs(settings.reverify.jitter_secs),
-                    retry: Duration::from_secs(settings.reverify.retry_secs),
-                },
-                connect_attempts_per_minute: attempts,
-                verify_attempts_per_minute: verifies,
-            },
+/// The configured (or, in development, generated) secrets, warning loudly when generated.
+pub fn secrets(settings: &Settings) -> anyhow::Result<Secrets> {
+    let secrets = settings.secrets()?;
+    if let Some(path) = &secrets.generated_into {
+        tracing::warn!(
+            file = %path.display(),
+            "USING DEVELOPMENT SECRETS (generated on first run). Never use them in production: \
+             set crypto.master_keys, crypto.active_key_id, crypto.fingerprint_key and \
+             auth.tenant_token_secret, and dev.generate_secrets = false"
         );
-        let connections = Arc::new(connections);
-        // Connections verified before a resource became required are due now.
-        let marked = store
-            .mark_due_lacking(connections.required(), crate::clock::now())
-            .await?;
-        if marked > 0 {
-            tracing::info!(
-                connections = marked,
-                "the required resources grew: re-verifying connections that lack one"
-            );
-        }
-        let listener = TcpListener::bind(&settings.server.bind)
-            .await
-            .with_context(|| format!("binding {}", settings.server.bind))?;
+    }
+    Ok(secrets)
+}
 
-        // Background work starts only once nothing else can fail.
-        crate::telemetry::metrics();
-        let (key_fetches, accounting) = KeyFetchRecorder::spawn(
-            store.clone(),
-            Duration::from_millis(settings.accounting.flush_interval_ms),
-        );
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let health = HealthMonitor::start(store.clone(), keyring.clone()).await;
-        let refresh = Duration::from_millis(settings.server.health_refresh_ms);
-        let mut background = vec![accounting, health.clone().spawn(refresh, stop_rx.clone())];
-        if let (Some(kms), true) = (kms, kms_pending) {
-            let max_backoff = Duration::from_millis(settings.crypto.aws_kms.retry_max_ms);
-            background.push(crate::crypto::kms::spawn_retry(
-                keyring.clone(),
-                kms,
-                max_backoff,
-                stop_rx.clone(),
-            ));
-        }
-        let service_tokens = Arc::new(crate::auth::ServiceTokenCache::default());
-        if let Some(listener) = crate::store::spawn_token_listener(
-            &settings.database,
-            service_tokens.clone(),
-            stop_rx.clone(),
-        )? {
-            background.push(listener);
-        }
-        if settings.reverify.enabled {
-            let reverifier = Reverifier::new(
-                store.clone(),
-                connections.clone(),
-                settings.reverify.clone(),
+/// The keyring of the configured master keys, not unlocked yet.
+pub fn keyring(settings: &Settings, secrets: &Secrets) -> anyhow::Result<Keyring> {
+    let kms = settings.crypto.aws_kms.kms_config();
+    kms::build_keyring(&secrets.master_keys, &secrets.active_key_id, kms.as_ref())
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))
+}
+
+/// The keyring, its KMS-held master keys decrypted once. When KMS does not answer, the
+/// service starts anyway, not ready, and `workers` keeps asking (the pending client).
+async fn unlock(
+    settings: &Settings,
+    keyring: Keyring,
+) -> anyhow::Result<(Arc<Keyring>, Option<Kms>)> {
+    let keyring = Arc::new(keyring);
+    let unlocked = kms::unlock(&keyring, settings.crypto.aws_kms.kms_config()).await;
+    match unlocked.kms {
+        Some(kms) if !unlocked.failures.is_empty() => {
+            tracing::error!(
+                kms_endpoint = %kms.config().endpoint(),
+                "NOT READY: a master key held by AWS KMS could not be decrypted; serving \
+                 anyway (requests needing it answer 503) and retrying in the background"
             );
-            tracing::info!(owner = reverifier.owner(), "background re-verification on");
-            background.push(reverifier.spawn(stop_rx));
+            Ok((keyring, Some(kms)))
         }
-        let state = AppState::new(crate::http::state::Shared {
-            api_body_limit: settings.server.body_limit_bytes,
-            webhook_tolerance_secs: settings.webhooks.tolerance_secs,
-            webhook_body_limit: settings.webhooks.body_limit_bytes,
-            key_fetches,
-            service_tokens,
-            store,
-            keyring,
-            tenant_tokens: Arc::new(TenantTokens::from_settings(
-                &secrets.tenant_token_secret,
-                &settings.auth,
-            )),
-            connections,
-            health,
-            proxy: crate::http::proxy::ProxyState::new(&settings.proxy)
-                .map_err(|e| anyhow::anyhow!("proxy.allowed: {e}"))?,
-            key_fetch_enabled: settings.internal.key_fetch_enabled,
-        });
+        _ => {
+            keyring.self_test().context("keyring self-test")?;
+            Ok((keyring, None))
+        }
+    }
+}
+
+/// The Stripe client and the connection use cases over it; connections verified before a
+/// resource became required are marked due.
+async fn connections(
+    settings: &Settings,
+    store: &Arc<dyn Store>,
+    keyring: &Arc<Keyring>,
+    fingerprint_key: SecretString,
+) -> anyhow::Result<Arc<ConnectionService>> {
+    let stripe = StripeClient::new(StripeClientConfig::from_settings(&settings.stripe))
+        .context("building the Stripe HTTP client")?;
+    let connections = Arc::new(ConnectionService::new(
+        store.clone(),
+        keyring.clone(),
+        stripe,
+        Fingerprinter::new(fingerprint_key),
+        ConnectPolicy {
+            webhooks: settings.webhooks.clone(),
+            required: settings.stripe.required_resources.clone(),
+            probe_deadline: settings.stripe.probe_deadline,
+            schedule: VerifySchedule {
+                interval: settings.reverify.interval,
+                jitter: settings.reverify.jitter,
+                retry: settings.reverify.retry,
+            },
+            connect_attempts_per_minute: settings.limits.connect_attempts_per_minute,
+            verify_attempts_per_minute: settings.limits.verify_attempts_per_minute,
+        },
+    ));
+    let marked = store
+        .mark_due_lacking(connections.required(), crate::clock::now())
+        .await?;
+    if marked > 0 {
+        tracing::info!(
+            connections = marked,
+            "the required resources grew: re-verifying connections that lack one"
+        );
+    }
+    Ok(connections)
+}
+
+async fn listener(settings: &Settings) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(&settings.server.bind)
+        .await
+        .with_context(|| format!("binding {}", settings.server.bind))
+}
+
+/// What the background workers share with the routes.
+struct Workers {
+    handles: Vec<JoinHandle<()>>,
+    key_fetches: KeyFetchRecorder,
+    health: Arc<HealthMonitor>,
+    service_tokens: Arc<ServiceTokenCache>,
+}
+
+/// Starts the background work: accounting, health snapshots, the KMS retry (when a master
+/// key is still pending), the service-token listener and the re-verifier.
+async fn workers(
+    settings: &Settings,
+    store: &Arc<dyn Store>,
+    keyring: &Arc<Keyring>,
+    pending_kms: Option<Kms>,
+    connections: &Arc<ConnectionService>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Workers> {
+    crate::telemetry::metrics();
+    let (key_fetches, accounting) =
+        KeyFetchRecorder::spawn(store.clone(), settings.accounting.flush_interval);
+    let health = HealthMonitor::start(store.clone(), keyring.clone()).await;
+    let refresh = settings.server.health_refresh;
+    let mut handles = vec![accounting, health.clone().spawn(refresh, stop.clone())];
+    if let Some(kms) = pending_kms {
+        handles.push(kms::spawn_retry(
+            keyring.clone(),
+            kms,
+            settings.crypto.aws_kms.retry_max,
+            stop.clone(),
+        ));
+    }
+    let service_tokens = Arc::new(ServiceTokenCache::default());
+    if let Some(listener) =
+        store::spawn_token_listener(&settings.database, service_tokens.clone(), stop.clone())?
+    {
+        handles.push(listener);
+    }
+    if settings.reverify.enabled {
+        let reverifier = Reverifier::new(
+            store.clone(),
+            connections.clone(),
+            settings.reverify.clone(),
+        );
+        tracing::info!(owner = reverifier.owner(), "background re-verification on");
+        handles.push(reverifier.spawn(stop));
+    }
+    Ok(Workers {
+        handles,
+        key_fetches,
+        health,
+        service_tokens,
+    })
+}
+
+/// The use cases the routes call, and the routes over them.
+fn router(
+    settings: &Settings,
+    secrets: &Secrets,
+    store: Arc<dyn Store>,
+    keyring: Arc<Keyring>,
+    connections: Arc<ConnectionService>,
+    workers: &Workers,
+) -> axum::Router {
+    let service_tokens = Arc::new(ServiceTokens::new(
+        store.clone(),
+        workers.service_tokens.clone(),
+    ));
+    let keys = Arc::new(KeyAccess::new(
+        store.clone(),
+        keyring.clone(),
+        service_tokens.clone(),
+        workers.key_fetches.clone(),
+    ));
+    let proxy = crate::proxy::Proxy::new(
+        &settings.proxy,
+        keys.clone(),
+        connections.clone(),
+        store.clone(),
+    );
+    let webhooks = crate::webhooks::WebhookReceiver::new(
+        store.clone(),
+        keyring.clone(),
+        // At most 3600 (validated), so it fits.
+        i64::try_from(settings.webhooks.tolerance.as_secs()).unwrap_or(i64::MAX),
+    );
+    let state = AppState::new(crate::http::state::Shared {
+        api_body_limit: settings.server.body_limit_bytes,
+        webhook_body_limit: settings.webhooks.body_limit_bytes,
+        service_tokens,
+        keys,
+        webhooks: Arc::new(webhooks),
+        store,
+        keyring,
+        tenant_tokens: Arc::new(TenantTokens::from_settings(
+            &secrets.tenant_token_secret,
+            &settings.auth,
+        )),
+        connections,
+        health: workers.health.clone(),
+        proxy: Arc::new(proxy),
+        key_fetch_enabled: settings.internal.key_fetch_enabled,
+    });
+    http::router(
+        state,
+        &settings.server.cors_allowed_origins,
+        settings.server.body_read_timeout,
+    )
+}
+
+impl Application {
+    /// Binds `server.bind` (port 0 in tests) and wires everything, one step after another.
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let secrets = secrets(settings)?;
+        let keyring = keyring(settings, &secrets)?;
+        let store = open_store(settings).await?;
+        let (keyring, pending_kms) = unlock(settings, keyring).await?;
+        let fingerprint_key = secrets.fingerprint_key.clone();
+        let connections = connections(settings, &store, &keyring, fingerprint_key).await?;
+        let listener = listener(settings).await?;
+        // Background work starts only once nothing else can fail.
+        let (stop_background, stop) = watch::channel(false);
+        let workers = workers(settings, &store, &keyring, pending_kms, &connections, stop).await?;
+        let router = router(settings, &secrets, store, keyring, connections, &workers);
         Ok(Self {
             listener,
-            router: http::router(
-                state,
-                &settings.server.cors_allowed_origins,
-                Duration::from_millis(settings.server.body_read_timeout_ms),
-            ),
-            shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
+            router,
+            shutdown_grace: settings.server.shutdown_grace,
             limits: ServerLimits {
-                header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
-                idle_timeout: Duration::from_millis(settings.server.idle_timeout_ms),
+                header_read_timeout: settings.server.header_read_timeout,
+                idle_timeout: settings.server.idle_timeout,
                 max_connections: settings.server.max_connections,
             },
-            background,
-            stop_background: stop_tx,
+            background: workers.handles,
+            stop_background,
+            service_token_cache: workers.service_tokens,
         })
+    }
+
+    /// The service-token cache, whose own counts a test reads (the metric is per process).
+    pub fn service_token_cache(&self) -> Arc<ServiceTokenCache> {
+        self.service_token_cache.clone()
     }
 
     pub fn port(&self) -> u16 {

@@ -29,7 +29,7 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::load(None, &[])?;
     let store = open_store(&settings).await?;
     let secrets = settings.secrets()?;
-    let keyring = &secrets.keyring;
+    let keyring = &atlas_stripe::startup::keyring(&settings, &secrets)?;
     let fingerprinter = Fingerprinter::new(secrets.fingerprint_key.clone());
     let permissions: PermissionReport = Resource::ALL
         .iter()

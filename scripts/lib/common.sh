@@ -1,5 +1,9 @@
-# Sourced by scripts/*: the one way they install what they need, and the one way the
-# benchmarks configure the service.
+# Sourced by scripts/*: the one way they install what they need, clean up after themselves,
+# and configure the service for a benchmark.
+
+# Sourced once: a second `source` would forget what is registered for clean-up.
+[ -n "${ATLAS_COMMON_SH:-}" ] && return 0
+ATLAS_COMMON_SH=1
 
 # install_debian PACKAGE…: installs Debian packages (as root, with apt-get), or names them
 # and fails.
@@ -52,3 +56,42 @@ free_port() {
   done
   return 1
 }
+
+# The one EXIT trap of every script (set when this file is sourced). On exit, however the
+# script ends: every background job and every process given to `cleanup_pid` gets SIGTERM
+# and is waited for, its exit status ignored (a server killed here ends with 143, and under
+# `set -e` a failing `wait` in a trap would end the trap before the rest ran); then the
+# functions given to `cleanup_call` run, the latest first (stopping a PostgreSQL cluster,
+# say); then the paths given to `cleanup_dir` are removed. The script's exit status stays.
+CLEANUP_PIDS=()
+CLEANUP_CALLS=()
+CLEANUP_DIRS=()
+
+# cleanup_pid PID…: stops PID on exit (background jobs are stopped without this; it is for
+# processes started otherwise).
+cleanup_pid() { CLEANUP_PIDS+=("$@"); }
+
+# cleanup_call FUNCTION: runs FUNCTION on exit, once however often it is given.
+cleanup_call() {
+  local f
+  for f in "${CLEANUP_CALLS[@]}"; do [ "$f" = "$1" ] && return 0; done
+  CLEANUP_CALLS+=("$1")
+}
+
+# cleanup_dir PATH…: removes PATH (a directory or a file) on exit.
+cleanup_dir() { CLEANUP_DIRS+=("$@"); }
+
+run_cleanup() {
+  local status=$? pid i
+  set +e
+  trap - EXIT INT TERM
+  for pid in $(jobs -p) "${CLEANUP_PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+  for pid in $(jobs -p) "${CLEANUP_PIDS[@]}"; do wait "$pid" 2>/dev/null; done
+  for ((i = ${#CLEANUP_CALLS[@]} - 1; i >= 0; i--)); do "${CLEANUP_CALLS[i]}"; done
+  [ "${#CLEANUP_DIRS[@]}" -eq 0 ] || rm -rf "${CLEANUP_DIRS[@]}"
+  exit "$status"
+}
+trap run_cleanup EXIT
+# Stopped by a signal: exit with the usual status, through the EXIT trap above.
+trap 'exit 130' INT
+trap 'exit 143' TERM

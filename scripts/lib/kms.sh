@@ -3,8 +3,7 @@
 # 127.0.0.1 port and stopped on exit. Exports ATLAS_TEST_KMS_ENDPOINT and dummy AWS
 # credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION=us-east-1).
 #
-# start_local_kms registers stop_local_kms with the EXIT trap, beside whatever trap is
-# already set (scripts/test stops its PostgreSQL the same way).
+# start_local_kms registers stop_local_kms with scripts/lib/common.sh's clean-up on exit.
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -33,10 +32,7 @@ start_local_kms() {
   KMS_LOG=$(mktemp "${TMPDIR:-/tmp}/atlas-stripe-kms.XXXXXX.log")
   "$KMS_VENV/bin/moto_server" -H 127.0.0.1 -p "$KMS_PORT" >"$KMS_LOG" 2>&1 &
   KMS_PID=$!
-  local previous
-  previous=$(trap -p EXIT | sed -E "s/^trap -- '(.*)' EXIT$/\1/")
-  # shellcheck disable=SC2064
-  trap "stop_local_kms; ${previous:-:}" EXIT
+  cleanup_call stop_local_kms
   for _ in $(seq 1 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$KMS_PORT") 2>/dev/null; then
       break

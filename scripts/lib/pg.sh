@@ -2,7 +2,8 @@
 # initdb/pg_ctl on the PATH (or Debian's /usr/lib/postgresql/*/bin), as `nobody` when run
 # as root (initdb refuses root), installing Debian's postgresql package when missing.
 # Sets PGPORT, PGTMP, ATLAS_TEST_POSTGRES_URL, ATLAS_TEST_POSTGRES_DATA_DIR; stops and
-# removes the cluster on exit. Extra server settings: PG_EXTRA_OPTS.
+# removes the cluster on exit (scripts/lib/common.sh's clean-up, after the script's own
+# processes have stopped). Extra server settings: PG_EXTRA_OPTS.
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -22,13 +23,13 @@ start_throwaway_postgres() {
   PGBIN=$(dirname "$initdb")
   export ATLAS_TEST_PGBIN="$PGBIN"
   PGTMP=$(mktemp -d "${TMPDIR:-/tmp}/atlas-stripe-pg.XXXXXX")
+  cleanup_call stop_throwaway_postgres
   AS_PG=()
   if [ "$(id -u)" = 0 ]; then
     chown nobody "$PGTMP"
     AS_PG=(setpriv --reuid=nobody --regid="$(id -g nobody)" --clear-groups --)
   fi
   PGPORT=$(free_port)
-  trap stop_throwaway_postgres EXIT
   echo "==> starting a throwaway PostgreSQL on 127.0.0.1:$PGPORT ($PGBIN)" >&2
   "${AS_PG[@]}" "$PGBIN/initdb" -D "$PGTMP/data" -U postgres --auth=trust -E UTF8 --no-sync >"$PGTMP/initdb.log"
   "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$PGTMP/data" -l "$PGTMP/data/server.log" -w -t 60 \
@@ -39,7 +40,11 @@ start_throwaway_postgres() {
   export ATLAS_TEST_POSTGRES_DATA_DIR="$PGTMP/data"
 }
 
+# stop_throwaway_postgres: stops the cluster and removes its directory; does nothing when
+# there is none (it runs on exit too).
 stop_throwaway_postgres() {
+  [ -n "${PGTMP:-}" ] || return 0
   "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$PGTMP/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$PGTMP"
+  PGTMP=
 }

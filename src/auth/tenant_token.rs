@@ -54,8 +54,8 @@ impl TenantTokenPolicy {
 
     pub fn from_settings(auth: &AuthSettings) -> Self {
         Self {
-            leeway_secs: auth.tenant_token_leeway_secs,
-            max_ttl_secs: auth.tenant_token_max_ttl_secs,
+            leeway_secs: auth.tenant_token_leeway.as_secs(),
+            max_ttl_secs: auth.tenant_token_max_ttl.as_secs(),
             issuer: auth.tenant_token_issuer.clone(),
             audience: auth.tenant_token_audience.clone(),
         }

@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use tokio::sync::{watch, OnceCell};
 use tokio::task::JoinHandle;
 
-use super::{ConnectError, ConnectionService};
+use super::{Attempt, ConnectError, ConnectionService};
 use crate::config::ReverifySettings;
 use crate::domain::{random_id, ConnectionStatus, TenantId};
 use crate::store::{Actor, ConnectionRecord, Store, Verification};
@@ -73,8 +73,7 @@ impl ConnectionService {
         let outcome = flight
             .get_or_init(|| async {
                 if !joined {
-                    self.take_attempt(tenant, "verify", self.verify_quota)
-                        .await?;
+                    self.take_attempt(tenant, Attempt::Verify).await?;
                 }
                 self.verify(tenant, actor).await
             })
@@ -178,14 +177,12 @@ impl Reverifier {
         connections: Arc<ConnectionService>,
         settings: ReverifySettings,
     ) -> Self {
-        let per_second =
-            NonZeroU32::new(settings.stripe_requests_per_second).unwrap_or(NonZeroU32::MIN);
         Self {
             store,
             connections,
+            budget: RateLimiter::direct(Quota::per_second(settings.stripe_requests_per_second)),
             settings,
             owner: random_id("proc_", 12),
-            budget: RateLimiter::direct(Quota::per_second(per_second)),
         }
     }
 
@@ -196,7 +193,7 @@ impl Reverifier {
     /// Claims and verifies one batch; returns how many connections it took.
     pub async fn run_once(&self) -> usize {
         let now = crate::clock::now();
-        let lease_until = now + Duration::from_secs(self.settings.lease_secs);
+        let lease_until = now + self.settings.lease;
         let claimed = match self
             .store
             .claim_due_connections(
@@ -233,7 +230,7 @@ impl Reverifier {
     /// followed immediately by the next.
     pub fn spawn(self, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
         tokio::spawn(async move {
-            let tick = Duration::from_millis(self.settings.tick_ms);
+            let tick = self.settings.tick;
             loop {
                 let pause = tick.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
                 tokio::select! {

@@ -53,6 +53,12 @@ pub enum KeyringError {
     BadKmsBlob(String),
     #[error("crypto.active_key_id {0:?} is not one of the ids in crypto.master_keys")]
     ActiveMissing(String),
+    #[error(
+        "crypto.master_keys: master key {0} is held by AWS KMS (`id:kms:…`) but \
+         crypto.aws_kms.key_id is not set (set ATLAS_STRIPE__CRYPTO__AWS_KMS__KEY_ID \
+         and ATLAS_STRIPE__CRYPTO__AWS_KMS__REGION)"
+    )]
+    KmsNotConfigured(String),
 }
 
 /// Where a master key is held.

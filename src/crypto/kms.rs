@@ -20,7 +20,7 @@ use aws_sdk_kms::types::DataKeySpec;
 use aws_smithy_http_client::tls;
 use zeroize::Zeroizing;
 
-use super::keyring::{Keyring, MasterKeyId};
+use super::keyring::{Holder, Keyring, KeyringError, MasterKeyId};
 
 /// The `service` value of every encryption context (and of the IAM condition on it).
 pub const SERVICE: &str = "atlas-stripe";
@@ -176,36 +176,7 @@ impl Kms {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         let cause = aws_sdk_kms::error::DisplayErrorContext(&err).to_string();
-        let failure = match &err {
-            SdkError::DispatchFailure(df)
-                if !(df.is_io() || df.is_timeout()) && cause.contains("no credentials") =>
-            {
-                KmsFailure::NoCredentials
-            }
-            SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => KmsFailure::Unreachable,
-            SdkError::ConstructionFailure(_) => KmsFailure::AccessDenied,
-            _ => match err.code() {
-                Some(
-                    "AccessDeniedException"
-                    | "UnrecognizedClientException"
-                    | "InvalidClientTokenId"
-                    | "InvalidSignatureException"
-                    | "IncompleteSignature"
-                    | "ExpiredTokenException"
-                    | "MissingAuthenticationToken",
-                ) => KmsFailure::AccessDenied,
-                Some("InvalidCiphertextException") => KmsFailure::WrongEncryptionContext,
-                Some("IncorrectKeyException") => KmsFailure::OtherKey,
-                Some(
-                    "NotFoundException"
-                    | "DisabledException"
-                    | "KMSInvalidStateException"
-                    | "KeyUnavailableException",
-                ) => KmsFailure::KeyUnusable,
-                Some(code) => KmsFailure::Other(code.to_owned()),
-                None => KmsFailure::Unreachable,
-            },
-        };
+        let failure = classify(&err, &cause);
         self.failure(id, failure, cause)
     }
 
@@ -289,6 +260,43 @@ impl Kms {
     }
 }
 
+/// What an SDK error means for the operator; `cause` is the SDK's account of it.
+fn classify<E>(err: &SdkError<E>, cause: &str) -> KmsFailure
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match err {
+        SdkError::DispatchFailure(df)
+            if !(df.is_io() || df.is_timeout()) && cause.contains("no credentials") =>
+        {
+            KmsFailure::NoCredentials
+        }
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => KmsFailure::Unreachable,
+        SdkError::ConstructionFailure(_) => KmsFailure::AccessDenied,
+        _ => match err.code() {
+            Some(
+                "AccessDeniedException"
+                | "UnrecognizedClientException"
+                | "InvalidClientTokenId"
+                | "InvalidSignatureException"
+                | "IncompleteSignature"
+                | "ExpiredTokenException"
+                | "MissingAuthenticationToken",
+            ) => KmsFailure::AccessDenied,
+            Some("InvalidCiphertextException") => KmsFailure::WrongEncryptionContext,
+            Some("IncorrectKeyException") => KmsFailure::OtherKey,
+            Some(
+                "NotFoundException"
+                | "DisabledException"
+                | "KMSInvalidStateException"
+                | "KeyUnavailableException",
+            ) => KmsFailure::KeyUnusable,
+            Some(code) => KmsFailure::Other(code.to_owned()),
+            None => KmsFailure::Unreachable,
+        },
+    }
+}
+
 /// A new KMS-held master key in the configuration format: `id:kms:<base64 blob>`.
 pub async fn generate_entry(
     kms: &Kms,
@@ -301,6 +309,60 @@ pub async fn generate_entry(
         "{}:kms:{encoded}",
         id.as_str()
     )))
+}
+
+/// The service's keyring: [`Keyring::from_config`], refusing `id:kms:…` entries (naming
+/// them) when KMS is not configured, since nothing could ever decrypt them.
+pub fn build_keyring(
+    master_keys: &secrecy::SecretString,
+    active_key_id: &str,
+    kms: Option<&KmsConfig>,
+) -> Result<Keyring, KeyringError> {
+    let keyring = Keyring::from_config(master_keys, active_key_id)?;
+    if keyring.has_kms() && kms.is_none() {
+        let ids: Vec<String> = (keyring.entries().into_iter())
+            .filter(|(_, holder)| *holder == Holder::Kms)
+            .map(|(id, _)| id.as_str().to_owned())
+            .collect();
+        return Err(KeyringError::KmsNotConfigured(ids.join(", ")));
+    }
+    Ok(keyring)
+}
+
+/// The KMS-held master keys after one round of decrypting them at start-up.
+pub struct Unlocked {
+    /// The client, when the keyring holds KMS entries and KMS is configured.
+    pub kms: Option<Kms>,
+    /// What could not be decrypted (already logged); empty when the keyring is complete.
+    pub failures: Vec<KmsError>,
+}
+
+/// Decrypts the KMS-held master keys once, for the server and the command-line tools alike:
+/// each failure is logged; the caller decides whether to wait (the server) or fail (tools).
+pub async fn unlock(keyring: &Keyring, config: Option<KmsConfig>) -> Unlocked {
+    let Some(config) = config.filter(|_| keyring.has_kms()) else {
+        return Unlocked {
+            kms: None,
+            failures: Vec::new(),
+        };
+    };
+    let kms = Kms::new(config).await;
+    let started = std::time::Instant::now();
+    let failures = unlock_pending(keyring, &kms).await;
+    for e in &failures {
+        log_failure(e, None);
+    }
+    if failures.is_empty() {
+        tracing::info!(
+            kms_endpoint = %kms.config().endpoint(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "AWS KMS decrypted the KMS-held master keys"
+        );
+    }
+    Unlocked {
+        kms: Some(kms),
+        failures,
+    }
 }
 
 /// Asks KMS to decrypt every KMS-held entry not decrypted yet and installs what it returns.
@@ -399,6 +461,65 @@ mod tests {
         assert!(text.contains("unreachable"), "{text}");
         // The cause goes to the log on its own, not into the message.
         assert!(!text.contains("connection refused"), "{text}");
+    }
+
+    /// A `Decrypt` error as the SDK hands it over: KMS's error code, from a 400 answer.
+    fn decrypt_error(code: &str) -> SdkError<aws_sdk_kms::operation::decrypt::DecryptError> {
+        use aws_sdk_kms::error::ErrorMetadata;
+        use aws_sdk_kms::operation::decrypt::DecryptError;
+        let meta = ErrorMetadata::builder()
+            .code(code)
+            .message("refused")
+            .build();
+        let modeled = match code {
+            "IncorrectKeyException" => DecryptError::IncorrectKeyException(
+                aws_sdk_kms::types::error::IncorrectKeyException::builder()
+                    .message("The key ID in the request does not identify a CMK that can perform this operation.")
+                    .meta(meta)
+                    .build(),
+            ),
+            "AccessDeniedException" => DecryptError::generic(meta),
+            other => panic!("no such case here: {other}"),
+        };
+        let status = 400.try_into().expect("a status");
+        let raw = aws_sdk_kms::config::http::HttpResponse::new(status, "{}".into());
+        SdkError::service_error(modeled, raw)
+    }
+
+    /// AWS answers a blob of another KMS key with IncorrectKeyException, and a caller without
+    /// permission with AccessDeniedException: each is named for what it is. (moto answers
+    /// both with AccessDeniedException, so the API tests cannot tell them apart.)
+    #[test]
+    fn another_key_and_access_denied_are_told_apart() {
+        let other_key = decrypt_error("IncorrectKeyException");
+        assert_eq!(classify(&other_key, ""), KmsFailure::OtherKey);
+        let denied = decrypt_error("AccessDeniedException");
+        assert_eq!(classify(&denied, ""), KmsFailure::AccessDenied);
+        assert!(KmsFailure::OtherKey
+            .describe()
+            .contains("made under another KMS key"));
+    }
+
+    #[test]
+    fn a_kms_entry_needs_kms_configured() {
+        use base64::Engine;
+        use secrecy::{ExposeSecret, SecretString};
+        let local = Keyring::generate_entry(&MasterKeyId::parse("k1").unwrap());
+        let blob = base64::engine::general_purpose::STANDARD.encode([7u8; 48]);
+        let both = SecretString::from(format!("{},k2:kms:{blob}", local.expose_secret()));
+        let err = build_keyring(&both, "k1", None).unwrap_err();
+        assert_eq!(err, KeyringError::KmsNotConfigured("k2".into()));
+        assert!(
+            err.to_string().contains("crypto.aws_kms.key_id is not set"),
+            "{err}"
+        );
+        let kms = KmsConfig {
+            key_id: "alias/atlas".into(),
+            region: "eu-west-1".into(),
+            endpoint_url: None,
+        };
+        assert!(build_keyring(&both, "k1", Some(&kms)).is_ok());
+        assert!(build_keyring(&local, "k1", None).is_ok());
     }
 
     #[test]

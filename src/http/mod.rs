@@ -37,7 +37,7 @@ pub use summary::ConnectionSummary;
 /// applied where a body is read (`extract::read_body`).
 pub fn router(
     state: AppState,
-    cors_allowed_origins: &[String],
+    cors_allowed_origins: &[axum::http::HeaderValue],
     body_read_timeout: std::time::Duration,
 ) -> Router {
     let routes = Router::new()

@@ -17,6 +17,7 @@ mod rows;
 mod sql_store;
 mod sqlite;
 mod tenants;
+mod token_lookup;
 mod usage;
 
 use std::sync::Arc;
@@ -350,7 +351,7 @@ pub async fn connect(
 ) -> Result<Arc<dyn Store>, StoreError> {
     use secrecy::ExposeSecret;
     let url = settings.url.expose_secret();
-    let timeout = std::time::Duration::from_millis(settings.acquire_timeout_ms);
+    let timeout = settings.acquire_timeout;
     if is_postgres(url) {
         Ok(Arc::new(
             PgStore::connect(url, settings.max_connections, timeout).await?,

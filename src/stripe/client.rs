@@ -85,11 +85,11 @@ impl StripeClientConfig {
         Self {
             api_base: s.api_base.trim_end_matches('/').to_owned(),
             api_version: s.api_version.clone(),
-            connect_timeout: Duration::from_millis(s.connect_timeout_ms),
-            request_timeout: Duration::from_millis(s.request_timeout_ms),
+            connect_timeout: s.connect_timeout,
+            request_timeout: s.request_timeout,
             max_retries: s.max_retries,
-            retry_base_delay: Duration::from_millis(s.retry_base_delay_ms),
-            retry_max_delay: Duration::from_millis(s.retry_max_delay_ms),
+            retry_base_delay: s.retry_base_delay,
+            retry_max_delay: s.retry_max_delay,
         }
     }
 }

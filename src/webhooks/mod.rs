@@ -1,5 +1,10 @@
-//! Stripe's events for a connection, beyond their delivery: the recovery of missed ones
-//! (`recovery.rs`) and what it announces (`announcements.rs`).
+//! Stripe's deliveries of a connection's events: verified against the endpoint's signing
+//! secret, then stored durably before Stripe hears a 2xx (`receive.rs`); the recovery of
+//! events Stripe could not deliver (`recovery.rs`), and what it announces
+//! (`announcements.rs`).
 
 pub mod announcements;
+mod receive;
 pub mod recovery;
+
+pub use receive::{DeliveryError, Stored, WebhookReceiver};

@@ -9,6 +9,8 @@ use crate::helpers::{spawn_app_with, Backend, TestApp};
 backend_tests!(only_configured_origins_reach_the_tenant_routes);
 
 const ALLOWED: &str = "https://app.atlas.example";
+/// The second configured origin: every configured origin is honoured, not only the first.
+const ALSO_ALLOWED: &str = "https://admin.atlas.example";
 const REFUSED: &str = "https://evil.example";
 
 async fn preflight(app: &TestApp, path: &str, origin: &str) -> reqwest::Response {
@@ -34,7 +36,7 @@ async fn only_configured_origins_reach_the_tenant_routes(backend: Backend) {
         backend,
         &[(
             "server.cors_allowed_origins",
-            "https://app.atlas.example,https://admin.atlas.example",
+            &format!("{ALLOWED},{ALSO_ALLOWED}"),
         )],
     )
     .await;
@@ -64,6 +66,10 @@ async fn only_configured_origins_reach_the_tenant_routes(backend: Backend) {
         .get("access-control-allow-credentials")
         .is_none());
 
+    let second = preflight(&app, &connection, ALSO_ALLOWED).await;
+    assert!(second.status().is_success(), "{}", second.status());
+    assert_eq!(allowed_origin(&second).as_deref(), Some(ALSO_ALLOWED));
+
     let refused = preflight(&app, &connection, REFUSED).await;
     assert_eq!(allowed_origin(&refused), None);
 
@@ -83,6 +89,9 @@ async fn only_configured_origins_reach_the_tenant_routes(backend: Backend) {
         .unwrap()
         .to_lowercase();
     assert!(exposed.contains("x-request-id"), "{exposed}");
+    let from_second = get(ALSO_ALLOWED).await.unwrap();
+    assert_eq!(from_second.status(), 404, "not connected yet");
+    assert_eq!(allowed_origin(&from_second).as_deref(), Some(ALSO_ALLOWED));
     assert_eq!(allowed_origin(&get(REFUSED).await.unwrap()), None);
 
     // Internal, webhook and ops routes never answer a preflight, whatever the origin.

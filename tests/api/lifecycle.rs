@@ -274,11 +274,24 @@ async fn scrape(app: &TestApp) -> String {
 }
 
 async fn metrics_expose_the_named_series(backend: Backend) {
-    let app = spawn_app_with(backend, &[]).await;
+    // The sealed-keys gauge is labelled by master-key id: an id of this app's own makes
+    // that gauge this app's alone.
+    let key_id = format!("m{}", atlas_stripe::domain::random_id("", 12));
+    let entry = Keyring::generate_entry(&MasterKeyId::parse(&key_id).unwrap());
+    let app = spawn_app_with(
+        backend,
+        &[
+            ("crypto.master_keys", entry.expose_secret()),
+            ("crypto.active_key_id", &key_id),
+        ],
+    )
+    .await;
     app.create_tenant("ten_1", Mode::Test).await;
     // Counters are process-wide: this test reads how much they moved. Under nextest each
     // test has the process to itself and the moves are exact; under `cargo test` other
-    // tests run beside it and can only add.
+    // tests run beside it and can only add. (So can the connections gauge, which every
+    // app sets: run this test alone or one test at a time, as `cargo test -- --test-threads
+    // 1` does.)
     let alone = std::env::var_os("NEXTEST").is_some();
     const CONNECT: &str = r#"route="/v1/tenants/{tenant_id}/stripe/connection",method="POST""#;
     let counters = [
@@ -340,10 +353,14 @@ async fn metrics_expose_the_named_series(backend: Backend) {
         201
     );
 
-    // The gauges come from the health snapshot, refreshed in the background.
+    // The gauges come from the health snapshot, refreshed in the background. The
+    // connections gauge may still hold what an earlier app in this process set, so the
+    // wait is on this app's own series (set in the same refresh, just before).
+    let sealed = format!(r#"atlas_sealed_keys{{master_key_id="{key_id}"}}"#);
     eventually("the gauges count the connection", || async {
         let text = scrape(&app).await;
-        series_value(&text, r#"atlas_connections{status="active"}"#) == 1.0
+        series_value(&text, &sealed) == 2.0
+            && series_value(&text, r#"atlas_connections{status="active"}"#) == 1.0
     })
     .await;
     let text = scrape(&app).await;
@@ -365,7 +382,7 @@ async fn metrics_expose_the_named_series(backend: Backend) {
     for series in [
         format!("atlas_http_request_duration_seconds_bucket{{{CONNECT},le=\"10\"}}"),
         r#"atlas_connections{status="active"}"#.to_owned(),
-        r#"atlas_sealed_keys{master_key_id="test1"}"#.to_owned(),
+        sealed.clone(),
     ] {
         assert!(
             text.contains(&format!("{series} ")),
@@ -377,7 +394,10 @@ async fn metrics_expose_the_named_series(backend: Backend) {
         1.0
     );
     assert_eq!(
-        series_value(&text, r#"atlas_sealed_keys{master_key_id="test1"}"#),
+        series_value(
+            &text,
+            &format!(r#"atlas_sealed_keys{{master_key_id="{key_id}"}}"#)
+        ),
         2.0,
         "the key and the webhook secret"
     );

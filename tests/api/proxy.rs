@@ -6,6 +6,8 @@ use atlas_stripe::auth::Scope;
 use atlas_stripe::domain::{Mode, TenantId};
 use reqwest::Method;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
@@ -16,6 +18,9 @@ use crate::stripe_mock::{answer_all, key, Answer};
 backend_tests!(
     forwards_the_request_and_passes_the_answer_back,
     only_allowlisted_endpoints_are_forwarded,
+    a_dot_dot_segment_never_reaches_stripe,
+    bodies_are_forms_within_the_limit,
+    the_caller_can_shorten_the_deadline,
     scope_tenant_and_connection_state_are_checked,
     only_what_is_safe_to_repeat_is_retried,
     a_401_passes_back_and_makes_the_connection_due,
@@ -49,9 +54,13 @@ async fn connected(backend: Backend, extra: &[(&str, &str)]) -> Proxied {
 
 impl Proxied {
     fn call(&self, verb: Method, below_v1: &str) -> reqwest::RequestBuilder {
-        let url = self
-            .app
-            .url(&format!("/internal/v1/tenants/ten_1/stripe/v1/{below_v1}"));
+        self.call_for("ten_1", verb, below_v1)
+    }
+
+    fn call_for(&self, tenant: &str, verb: Method, below_v1: &str) -> reqwest::RequestBuilder {
+        let url = (self.app).url(&format!(
+            "/internal/v1/tenants/{tenant}/stripe/v1/{below_v1}"
+        ));
         self.app.http.request(verb, url).bearer_auth(&self.token)
     }
 
@@ -177,7 +186,9 @@ async fn only_allowlisted_endpoints_are_forwarded(backend: Backend) {
         (Method::GET, "customers/search"),
         (Method::DELETE, "customers/cus_1"),
         (Method::POST, "invoices/in_1/pay/extra"),
-        (Method::GET, "customers/..%2Fcharges"),
+        // An encoded slash alone (the `..` is tested over a raw socket, below).
+        (Method::GET, "customers/cus%2F1"),
+        (Method::GET, "customers/cus_1%2Fsources"),
         (Method::PUT, "customers/cus_1"),
         (Method::POST, "webhook_endpoints"),
     ] {
@@ -188,6 +199,134 @@ async fn only_allowlisted_endpoints_are_forwarded(backend: Backend) {
         p.forwarded().await.len(),
         before,
         "nothing refused reached Stripe"
+    );
+}
+
+/// `..` (and `.`) as a path segment: reqwest and most clients resolve it before sending, so
+/// it is sent as it is over a raw socket. Taken for an id, `customers/..` would reach Stripe
+/// as `GET /v1/`.
+async fn a_dot_dot_segment_never_reaches_stripe(backend: Backend) {
+    let p = connected(backend, &[]).await;
+    let before = p.forwarded().await.len();
+    for below_v1 in ["customers/..", "customers/.", "invoices/.."] {
+        let host = p.app.address.trim_start_matches("http://");
+        let mut socket = TcpStream::connect(host).await.unwrap();
+        let head = format!(
+            "GET /internal/v1/tenants/ten_1/stripe/v1/{below_v1} HTTP/1.1\r\nHost: {host}\r\n\
+             Authorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            p.token
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer))
+            .await
+            .expect("answered in time")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 403"), "{below_v1}: {answer}");
+        assert!(
+            answer.contains(r#""code":"endpoint_not_allowed""#),
+            "{below_v1}: {answer}"
+        );
+    }
+    assert_eq!(
+        p.forwarded().await.len(),
+        before,
+        "nothing refused reached Stripe"
+    );
+}
+
+/// The proxy's body limit (`proxy.body_limit_bytes`, 256 KiB by default).
+const BODY_LIMIT: usize = 256 * 1024;
+
+/// A `description=…` form of exactly `len` bytes.
+fn form_of(len: usize) -> String {
+    let field = "description=";
+    format!("{field}{}", "a".repeat(len - field.len()))
+}
+
+async fn bodies_are_forms_within_the_limit(backend: Backend) {
+    let p = connected(backend, &[]).await;
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(stripe_json(
+            200,
+            json!({"id": "cus_Big", "object": "customer"}),
+        ))
+        .mount(&p.app.stripe)
+        .await;
+    let post = |body: String, content_type: &str| {
+        p.call(Method::POST, "customers")
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let form = "application/x-www-form-urlencoded";
+    let at_limit = post(form_of(BODY_LIMIT), form).await.unwrap();
+    assert_eq!(at_limit.status(), 200, "a form of the limit is forwarded");
+    let over = post(form_of(BODY_LIMIT + 1), form).await.unwrap();
+    let body = assert_error(over, 413, "payload_too_large").await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("262144"),
+        "{body}"
+    );
+    // Stripe takes forms only: JSON (or any other body) is refused, not passed on.
+    let not_a_form = post(r#"{"email":"ada@example.com"}"#.into(), "application/json").await;
+    assert_error(not_a_form.unwrap(), 415, "unsupported_media_type").await;
+    let sent = p.forwarded().await;
+    assert_eq!(
+        sent.len(),
+        1,
+        "only the form within the limit reached Stripe"
+    );
+    assert_eq!(sent[0].body.len(), BODY_LIMIT);
+}
+
+/// `X-Deadline-Ms` bounds the whole call: a Stripe slower than the caller's deadline is a
+/// 502 at the deadline, while the same answer within the configured deadline comes back.
+async fn the_caller_can_shorten_the_deadline(backend: Backend) {
+    let p = connected(backend, &[("stripe.max_retries", "0")]).await;
+    Mock::given(method("GET"))
+        .and(path("/v1/customers"))
+        .respond_with(
+            stripe_json(
+                200,
+                json!({"object": "list", "data": [], "has_more": false}),
+            )
+            .set_delay(Duration::from_millis(1200)),
+        )
+        .mount(&p.app.stripe)
+        .await;
+    let started = Instant::now();
+    let hurried = (p.call(Method::GET, "customers"))
+        .header("x-deadline-ms", "300")
+        .send()
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_error(hurried, 502, "stripe_unavailable").await;
+    assert!(waited < Duration::from_millis(1000), "{waited:?}");
+    let patient = p.call(Method::GET, "customers").send().await.unwrap();
+    assert_eq!(
+        patient.status(),
+        200,
+        "the same call, within proxy.deadline_ms"
+    );
+    for bad in ["0", "soon", "-5"] {
+        let refused = (p.call(Method::GET, "customers"))
+            .header("x-deadline-ms", bad)
+            .send()
+            .await
+            .unwrap();
+        assert_error(refused, 400, "invalid_request").await;
+    }
+    assert_eq!(
+        p.forwarded().await.len(),
+        2,
+        "the refused calls did not reach Stripe"
     );
 }
 
@@ -345,23 +484,27 @@ async fn each_account_is_smoothed_under_its_rate(backend: Backend) {
         ],
     )
     .await;
+    // A second account, connected before any call so that its calls below come within the
+    // first account's second.
+    p.app.create_tenant("ten_2", Mode::Test).await;
+    let second_key = key("rk_test_", "Scnd");
+    assert_eq!(p.app.connect("ten_2", &second_key).await.status(), 201);
+    let before = p.forwarded().await.len();
     empty_list(&p.app.stripe, "/v1/coupons").await;
-    assert_eq!(
-        p.call(Method::GET, "coupons")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let limited = p.call(Method::GET, "coupons").send().await.unwrap();
+    let coupons = |tenant: &str| p.call_for(tenant, Method::GET, "coupons").send();
+    assert_eq!(coupons("ten_1").await.unwrap().status(), 200);
+    let limited = coupons("ten_1").await.unwrap();
     assert_eq!(limited.headers()["retry-after"], "1");
     let body = assert_error(limited, 429, "rate_limited").await;
     assert_eq!(body["error"]["retryable"], true);
+    // The first account's turn used up is not the second's: it is served at once, and then
+    // smoothed under its own rate.
+    assert_eq!(coupons("ten_2").await.unwrap().status(), 200);
+    assert_error(coupons("ten_2").await.unwrap(), 429, "rate_limited").await;
     assert_eq!(
         p.forwarded().await.len(),
-        1,
-        "the refused call did not reach Stripe"
+        before + 2,
+        "the refused calls did not reach Stripe"
     );
 
     // With room to wait, the next call waits for its turn instead.

@@ -4,14 +4,13 @@
 //! database names, and none once disconnected.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use atlas_stripe::domain::{Mode, TenantId};
 use reqwest::Method;
 
 use crate::backend_tests;
-use crate::helpers::{spawn_app, Backend, TestApp};
-use crate::stripe_mock::{answer_all, key, FakeEndpoints};
+use crate::helpers::{spawn_app_with, Backend, TestApp};
+use crate::stripe_mock::{answer_all, key, FakeEndpoints, StripeFront};
 
 backend_tests!(
     replacements_onto_two_accounts_leave_one_endpoint,
@@ -19,11 +18,12 @@ backend_tests!(
     a_replacement_during_a_disconnect_is_cleaned_up_too,
 );
 
-/// Long enough for the other side to finish while this side's answer is held.
-const HOLD: Duration = Duration::from_millis(1500);
-
-async fn connected(backend: Backend) -> (Arc<TestApp>, FakeEndpoints) {
-    let app = Arc::new(spawn_app(backend).await);
+/// The app, its Stripe's webhook endpoints, and the front that can hold one of their
+/// answers while Stripe goes on serving the other side of the race.
+async fn connected(backend: Backend) -> (Arc<TestApp>, FakeEndpoints, StripeFront) {
+    let front = StripeFront::start().await;
+    let app = Arc::new(spawn_app_with(backend, &[("stripe.api_base", front.uri())]).await);
+    front.forward_to(&app.stripe.uri());
     app.create_tenant("ten_1", Mode::Test).await;
     let endpoints = answer_all(&app.stripe, crate::stripe_mock::Answer::Granted).await;
     assert_eq!(
@@ -32,26 +32,7 @@ async fn connected(backend: Backend) -> (Arc<TestApp>, FakeEndpoints) {
             .status(),
         201
     );
-    (app, endpoints)
-}
-
-/// Waits until Stripe has received a webhook-endpoint request (`verb`) made with the key
-/// ending in `last4`.
-async fn stripe_saw(app: &TestApp, verb: &str, last4: &str) {
-    for _ in 0..500 {
-        let seen = app.stripe_requests().await.iter().any(|r| {
-            r.method.as_str() == verb
-                && r.url.path().starts_with("/v1/webhook_endpoints")
-                && (r.headers.get("authorization"))
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.ends_with(last4))
-        });
-        if seen {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("Stripe never saw {verb} with the key …{last4}");
+    (app, endpoints, front)
 }
 
 /// The invariant: our endpoints on Stripe are exactly the one the database names.
@@ -77,19 +58,20 @@ async fn assert_only_the_stored_endpoint(app: &TestApp, endpoints: &FakeEndpoint
 /// registration answer is held; A's save then loses the compare-and-swap, deletes what it
 /// registered, and starts over from B's connection.
 async fn replacements_onto_two_accounts_leave_one_endpoint(backend: Backend) {
-    let (app, endpoints) = connected(backend).await;
-    endpoints.delay_key("XSlw", HOLD);
+    let (app, endpoints, front) = connected(backend).await;
+    let mut gate = front.hold("POST", "XSlw");
     let slow = {
         let app = app.clone();
         tokio::spawn(async move { app.connect("ten_1", &key("rk_test_", "XSlw")).await })
     };
-    stripe_saw(&app, "POST", "XSlw").await;
+    gate.arrived().await;
     assert_eq!(
         app.connect("ten_1", &key("rk_test_", "YFst"))
             .await
             .status(),
         200
     );
+    gate.release();
     assert_eq!(slow.await.unwrap().status(), 200);
     let stored = (app.store)
         .find_connection(&TenantId::parse("ten_1").unwrap())
@@ -110,15 +92,16 @@ async fn replacements_onto_two_accounts_leave_one_endpoint(backend: Backend) {
 /// deletes it (and the connection) while A's look-up answer is held. A's save then finds
 /// no connection where it expected one and starts over as a first connect.
 async fn a_disconnect_during_a_replacement_leaves_the_new_endpoint_stored(backend: Backend) {
-    let (app, endpoints) = connected(backend).await;
-    endpoints.delay_key("Slow", HOLD);
+    let (app, endpoints, front) = connected(backend).await;
+    let mut gate = front.hold("GET", "Slow");
     let slow = {
         let app = app.clone();
         tokio::spawn(async move { app.connect("ten_1", &key("rk_test_", "Slow")).await })
     };
-    stripe_saw(&app, "GET", "Slow").await;
+    gate.arrived().await;
     let disconnect = app.tenant_request(Method::DELETE, "ten_1", "").await;
     assert_eq!(disconnect.status(), 204);
+    gate.release();
     assert_eq!(slow.await.unwrap().status(), 201, "connected anew");
     assert_only_the_stored_endpoint(&app, &endpoints).await;
     assert_eq!(endpoints.endpoints().len(), 1);
@@ -128,15 +111,16 @@ async fn a_disconnect_during_a_replacement_leaves_the_new_endpoint_stored(backen
 /// onto another account commits. The disconnect's delete then finds another key, and
 /// cleans up what the replacement stored before deleting the connection.
 async fn a_replacement_during_a_disconnect_is_cleaned_up_too(backend: Backend) {
-    let (app, endpoints) = connected(backend).await;
-    endpoints.delay_key("Main", HOLD);
+    let (app, endpoints, front) = connected(backend).await;
+    let mut gate = front.hold("GET", "Main");
     let disconnect = {
         let app = app.clone();
         tokio::spawn(async move { app.tenant_request(Method::DELETE, "ten_1", "").await })
     };
-    stripe_saw(&app, "GET", "Main").await;
+    gate.arrived().await;
     let replaced = app.connect("ten_1", &key("rk_test_", "XOth")).await;
     assert_eq!(replaced.status(), 200);
+    gate.release();
     assert_eq!(disconnect.await.unwrap().status(), 204);
     assert_only_the_stored_endpoint(&app, &endpoints).await;
     assert!(

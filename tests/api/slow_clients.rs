@@ -1,5 +1,7 @@
 //! Clients that stall or trickle: each bound is tested with a raw socket.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use atlas_stripe::auth::Scope;
@@ -44,30 +46,59 @@ async fn a_stalled_request_head_is_cut_off(backend: Backend) {
     assert!(started.elapsed() >= Duration::from_millis(250));
 }
 
+/// A whole body, trickled one byte every 100 ms over 3 s, against a 600 ms deadline for
+/// the body: each byte comes in time, the body does not. The 408 comes near the deadline,
+/// while the client is still sending (a deadline reset by every chunk would let the body
+/// finish, and answer it).
 async fn a_trickled_body_is_a_408_in_our_error_shape(backend: Backend) {
+    const DEADLINE: Duration = Duration::from_millis(600);
     let app = spawn_app_with(backend, &[("server.body_read_timeout_ms", "600")]).await;
     let token = app.service_token(&[Scope::TenantsWrite]).await;
-    let mut socket = socket(&app).await;
+    let body = format!("{:<30}", r#"{"mode":"test"}"#);
     let head = format!(
         "PUT /internal/v1/tenants/ten_1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/json\r\nContent-Length: 16\r\n\r\n"
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
     );
-    socket.write_all(head.as_bytes()).await.unwrap();
-    // One byte every 200 ms: each arrives in time, the whole body never does.
+    let (mut reader, mut writer) = socket(&app).await.into_split();
+    writer.write_all(head.as_bytes()).await.unwrap();
     let started = Instant::now();
-    for byte in br#"{"mode":"te"#.iter() {
-        if socket.write_all(&[*byte]).await.is_err() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if started.elapsed() > Duration::from_millis(1500) {
-            break;
-        }
-    }
-    let answer = read_to_close(&mut socket, Duration::from_secs(5)).await;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let trickle = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            for byte in body.bytes() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if writer.write_all(&[byte]).await.is_err() {
+                    return;
+                }
+                sent.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let mut first = [0; 1];
+    tokio::time::timeout(Duration::from_secs(5), reader.read_exact(&mut first))
+        .await
+        .expect("answered in time")
+        .expect("an answer");
+    let answered_after = started.elapsed();
+    let sent_by_then = sent.load(Ordering::SeqCst);
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut rest)).await;
+    let answer = format!("{}{}", first[0] as char, String::from_utf8_lossy(&rest));
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains(r#""code":"request_timeout""#), "{answer}");
     assert!(answer.contains(r#""request_id""#), "{answer}");
+    assert!(
+        answered_after >= DEADLINE - Duration::from_millis(50)
+            && answered_after < DEADLINE + Duration::from_millis(900),
+        "answered {answered_after:?} after the head, against a {DEADLINE:?} deadline"
+    );
+    assert!(
+        sent_by_then < 30,
+        "answered while the body was still coming ({sent_by_then} of 30 bytes sent)"
+    );
+    trickle.abort();
 }
 
 async fn an_idle_connection_is_closed(backend: Backend) {

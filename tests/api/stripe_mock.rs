@@ -299,8 +299,6 @@ struct FakeState {
     next: u32,
     refuse: bool,
     omit_secret: bool,
-    /// Answers to a key ending in these four characters come this much later.
-    key_delays: Vec<(String, Duration)>,
     gate: Option<GateInside>,
     /// Endpoints Stripe has disabled (after days of failed deliveries).
     disabled: Vec<String>,
@@ -315,8 +313,9 @@ struct GateInside {
     go: std::sync::mpsc::Receiver<()>,
 }
 
-/// Holds the next registration after Stripe has created the endpoint and before it answers,
-/// until the test says go: the test acts at a known point of the connect flow (no sleeps).
+/// Holds an answer after Stripe has acted on the request (the next registration, created;
+/// or a request [`StripeFront::hold`] names) and before it answers, until the test says
+/// go: the test acts at a known point of the flow (no sleeps).
 pub struct RegistrationGate {
     arrived: tokio::sync::mpsc::UnboundedReceiver<String>,
     go: std::sync::mpsc::Sender<()>,
@@ -440,24 +439,153 @@ impl FakeEndpoints {
 
     /// Holds the next registration at the gate returned (see [`RegistrationGate`]).
     pub fn gate_registration(&self) -> RegistrationGate {
-        let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
-        let (go, go_rx) = std::sync::mpsc::channel();
-        self.inner.lock().unwrap().gate = Some(GateInside {
-            arrived: arrived_tx,
-            go: go_rx,
+        let (inside, gate) = gate_pair();
+        self.inner.lock().unwrap().gate = Some(inside);
+        gate
+    }
+}
+
+fn gate_pair() -> (GateInside, RegistrationGate) {
+    let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let inside = GateInside {
+        arrived: arrived_tx,
+        go: go_rx,
+    };
+    (inside, RegistrationGate { arrived, go })
+}
+
+/// A pass-through in front of the mock Stripe that can hold one answer while the mock goes
+/// on serving everything else: [`FakeEndpoints::gate_registration`] holds the mock's own
+/// thread, so nothing can reach Stripe meanwhile, which a race between two connects needs.
+/// The app is pointed at [`StripeFront::uri`], the front at the mock with
+/// [`StripeFront::forward_to`] once the mock exists.
+pub struct StripeFront {
+    uri: String,
+    state: std::sync::Arc<FrontState>,
+}
+
+struct FrontState {
+    target: std::sync::OnceLock<String>,
+    holds: std::sync::Mutex<Vec<FrontHold>>,
+    client: reqwest::Client,
+}
+
+/// The next webhook-endpoint request `verb` made with the key ending in `last4` is held.
+struct FrontHold {
+    verb: String,
+    last4: String,
+    gate: GateInside,
+}
+
+impl StripeFront {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri = format!("http://{}", listener.local_addr().unwrap());
+        let state = std::sync::Arc::new(FrontState {
+            target: Default::default(),
+            holds: Default::default(),
+            client: reqwest::Client::new(),
         });
-        RegistrationGate { arrived, go }
+        let router = axum::Router::new()
+            .fallback(pass_through)
+            .with_state(state.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Self { uri, state }
     }
 
-    /// Every answer to the key ending in `last4` comes `delay` late (the change itself is
-    /// made at once, as on Stripe when an answer is slow to arrive).
-    pub fn delay_key(&self, last4: &str, delay: Duration) {
-        self.inner
-            .lock()
-            .unwrap()
-            .key_delays
-            .push((last4.to_owned(), delay));
+    pub fn uri(&self) -> &str {
+        &self.uri
     }
+
+    pub fn forward_to(&self, mock: &str) {
+        self.state.target.set(mock.to_owned()).expect("set once");
+    }
+
+    /// Holds the answer to the next webhook-endpoint request `verb` (a registration for
+    /// `POST`, a call on an endpoint otherwise) made with the key ending in `last4`, after the mock has acted on it (created, looked up, deleted), until the
+    /// gate is released. `arrived` gives the endpoint's id.
+    pub fn hold(&self, verb: &str, last4: &str) -> RegistrationGate {
+        let (gate, held) = gate_pair();
+        self.state.holds.lock().unwrap().push(FrontHold {
+            verb: verb.to_owned(),
+            last4: last4.to_owned(),
+            gate,
+        });
+        held
+    }
+}
+
+/// A registration (`POST /v1/webhook_endpoints`) or a call on one endpoint; not the
+/// permission probe, which POSTs to a made-up endpoint id.
+fn is_endpoint_call(path: &str, verb: &str) -> bool {
+    match verb {
+        "POST" => path == "/v1/webhook_endpoints",
+        _ => path.starts_with("/v1/webhook_endpoints/"),
+    }
+}
+
+async fn pass_through(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<FrontState>>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let target = state.target.get().expect("StripeFront::forward_to first");
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut forwarded = (state.client)
+        .request(parts.method.clone(), format!("{target}{path_and_query}"))
+        .body(body);
+    for (name, value) in &parts.headers {
+        if !matches!(
+            name.as_str(),
+            "host" | "content-length" | "transfer-encoding"
+        ) {
+            forwarded = forwarded.header(name, value);
+        }
+    }
+    let answer = forwarded.send().await.expect("the mock answers");
+    let status = answer.status();
+    let headers = answer.headers().clone();
+    let bytes = answer.bytes().await.expect("the mock's body");
+
+    let key = (parts.headers.get("authorization"))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let last4 = key.get(key.len().saturating_sub(4)..).unwrap_or_default();
+    let path = parts.uri.path();
+    let hold = {
+        let mut holds = state.holds.lock().unwrap();
+        (holds.iter())
+            .position(|h| {
+                h.verb == parts.method.as_str()
+                    && h.last4 == last4
+                    && is_endpoint_call(path, &h.verb)
+            })
+            .map(|i| holds.remove(i))
+    };
+    if let Some(hold) = hold {
+        let created = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+        let id = (created.as_ref())
+            .and_then(|c| c["id"].as_str())
+            .unwrap_or_else(|| path.rsplit('/').next().unwrap_or_default())
+            .to_owned();
+        let _ = hold.gate.arrived.send(id);
+        let go = hold.gate.go;
+        let _ = tokio::task::spawn_blocking(move || go.recv_timeout(Duration::from_secs(10))).await;
+    }
+
+    let mut response = axum::response::Response::new(axum::body::Body::from(bytes));
+    *response.status_mut() = status;
+    for (name, value) in &headers {
+        if !matches!(
+            name.as_str(),
+            "content-length" | "transfer-encoding" | "connection"
+        ) {
+            response.headers_mut().insert(name, value.clone());
+        }
+    }
+    response
 }
 
 /// Matches a request naming an endpoint that exists on the key's account.
@@ -482,16 +610,7 @@ fn not_found(id: &str) -> ResponseTemplate {
 
 impl Respond for FakeEndpoints {
     fn respond(&self, request: &Request) -> ResponseTemplate {
-        let template = self.answer(request);
-        let state = self.inner.lock().unwrap();
-        match state
-            .key_delays
-            .iter()
-            .find(|(k, _)| k == last4_of(request))
-        {
-            Some((_, delay)) => template.set_delay(*delay),
-            None => template,
-        }
+        self.answer(request)
     }
 }
 
