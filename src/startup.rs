@@ -20,9 +20,11 @@ use crate::connection::{ConnectPolicy, ConnectionService, KeyAccess, Reverifier,
 use crate::crypto::{kms, Fingerprinter, Keyring, Kms};
 use crate::health::HealthMonitor;
 use crate::http::{self, AppState};
+use crate::proxy::AccountSmoothing;
 use crate::server::ServerLimits;
 use crate::store::{self, Store};
 use crate::stripe::{StripeClient, StripeClientConfig};
+use crate::webhooks::recovery::{EventRecovery, RecoverySettings};
 
 pub struct Application {
     listener: TcpListener,
@@ -139,19 +141,31 @@ async fn listener(settings: &Settings) -> anyhow::Result<TcpListener> {
 /// What the background workers share with the routes.
 struct Workers {
     handles: Vec<JoinHandle<()>>,
+    recovery: Arc<EventRecovery>,
     key_fetches: KeyFetchRecorder,
     health: Arc<HealthMonitor>,
     service_tokens: Arc<ServiceTokenCache>,
 }
 
+/// Each connected account's smoothed rate, shared by the proxy and the recovery of events.
+fn smoothing(settings: &Settings) -> Arc<AccountSmoothing> {
+    Arc::new(AccountSmoothing::new(
+        settings.proxy.live_requests_per_second,
+        settings.proxy.test_requests_per_second,
+        settings.proxy.max_wait,
+    ))
+}
+
 /// Starts the background work: accounting, health snapshots, the KMS retry (when a master
-/// key is still pending), the service-token listener and the re-verifier.
+/// key is still pending), the service-token listener, the re-verifier and the recovery of
+/// missed events.
 async fn workers(
     settings: &Settings,
     store: &Arc<dyn Store>,
     keyring: &Arc<Keyring>,
     pending_kms: Option<Kms>,
     connections: &Arc<ConnectionService>,
+    smoothing: &Arc<AccountSmoothing>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Workers> {
     crate::telemetry::metrics();
@@ -181,10 +195,25 @@ async fn workers(
             settings.reverify.clone(),
         );
         tracing::info!(owner = reverifier.owner(), "background re-verification on");
-        handles.push(reverifier.spawn(stop));
+        handles.push(reverifier.spawn(stop.clone()));
+    }
+    let recovery = Arc::new(EventRecovery::new(
+        store.clone(),
+        keyring.clone(),
+        connections.stripe().clone(),
+        smoothing.clone(),
+        RecoverySettings::new(
+            settings.webhooks.recovery_interval,
+            settings.webhooks.enabled_events.clone(),
+        ),
+    ));
+    if settings.webhooks.recovery_enabled {
+        tracing::info!(owner = recovery.owner(), "recovery of missed events on");
+        handles.push(recovery.clone().spawn(stop));
     }
     Ok(Workers {
         handles,
+        recovery,
         key_fetches,
         health,
         service_tokens,
@@ -198,6 +227,7 @@ fn router(
     store: Arc<dyn Store>,
     keyring: Arc<Keyring>,
     connections: Arc<ConnectionService>,
+    smoothing: Arc<AccountSmoothing>,
     workers: &Workers,
 ) -> axum::Router {
     let service_tokens = Arc::new(ServiceTokens::new(
@@ -212,6 +242,7 @@ fn router(
     ));
     let proxy = crate::proxy::Proxy::new(
         &settings.proxy,
+        smoothing,
         keys.clone(),
         connections.clone(),
         store.clone(),
@@ -237,6 +268,7 @@ fn router(
         connections,
         health: workers.health.clone(),
         proxy: Arc::new(proxy),
+        recovery: workers.recovery.clone(),
         key_fetch_enabled: settings.internal.key_fetch_enabled,
     });
     http::router(
@@ -258,8 +290,26 @@ impl Application {
         let listener = listener(settings).await?;
         // Background work starts only once nothing else can fail.
         let (stop_background, stop) = watch::channel(false);
-        let workers = workers(settings, &store, &keyring, pending_kms, &connections, stop).await?;
-        let router = router(settings, &secrets, store, keyring, connections, &workers);
+        let smoothing = smoothing(settings);
+        let workers = workers(
+            settings,
+            &store,
+            &keyring,
+            pending_kms,
+            &connections,
+            &smoothing,
+            stop,
+        )
+        .await?;
+        let router = router(
+            settings,
+            &secrets,
+            store,
+            keyring,
+            connections,
+            smoothing,
+            &workers,
+        );
         Ok(Self {
             listener,
             router,

@@ -18,16 +18,19 @@ pub enum Scope {
     OpsRead,
     /// Read the events Stripe delivered for a tenant (charging services).
     EventsRead,
+    /// Ask for a recovery of a tenant's missed events.
+    EventsWrite,
     /// Call Stripe for a tenant through the proxy, which adds the key (charging services).
     StripeCall,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] = [
+    pub const ALL: [Scope; 6] = [
         Self::TenantsWrite,
         Self::KeysRead,
         Self::OpsRead,
         Self::EventsRead,
+        Self::EventsWrite,
         Self::StripeCall,
     ];
 
@@ -37,6 +40,7 @@ impl Scope {
             Self::KeysRead => "keys:read",
             Self::OpsRead => "ops:read",
             Self::EventsRead => "events:read",
+            Self::EventsWrite => "events:write",
             Self::StripeCall => "stripe:call",
         }
     }

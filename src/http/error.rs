@@ -14,6 +14,7 @@ use crate::crypto::CryptoError;
 use crate::domain::{KeyFormatError, Mode, Resource};
 use crate::proxy::ProxyError;
 use crate::store::StoreError;
+use crate::webhooks::recovery::RecoverError;
 use crate::webhooks::DeliveryError;
 
 tokio::task_local! {
@@ -84,6 +85,10 @@ pub enum ApiError {
     MasterKeyUnavailable,
     #[error("The webhook delivery was rejected.")]
     WebhookRejected,
+    #[error("This connection's key may not read Events, so missed events cannot be recovered. Create a restricted key that adds Events: Read (the connection's fix_url pre-fills it) and connect it.")]
+    EventRecoveryOff,
+    #[error("since is older than Stripe keeps events (30 days); give a later time, or none to start where the last recovery ended.")]
+    SinceOutOfRange,
     #[error("No connection has this webhook URL.")]
     UnknownWebhookConnection,
     /// Anything that is our fault: logged with its cause, sent opaque.
@@ -151,7 +156,9 @@ impl ApiError {
             Self::WebhookRegistrationFailed => {
                 (S::UNPROCESSABLE_ENTITY, "webhook_registration_failed")
             }
+            Self::SinceOutOfRange => (S::UNPROCESSABLE_ENTITY, "since_out_of_range"),
             Self::RateLimited { .. } => (S::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::EventRecoveryOff => (S::CONFLICT, "event_recovery_off"),
             Self::TenantHasConnection => (S::CONFLICT, "tenant_has_connection"),
             Self::ConnectionNotActive(_) => (S::CONFLICT, "connection_not_active"),
             Self::ConcurrentChange => (S::CONFLICT, "concurrent_change"),
@@ -411,6 +418,17 @@ impl From<ProxyError> for ApiError {
             }
             ProxyError::StripeUnavailable => Self::StripeUnavailable,
             ProxyError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<RecoverError> for ApiError {
+    fn from(e: RecoverError) -> Self {
+        match e {
+            RecoverError::NotConnected => Self::NotConnected,
+            RecoverError::Off => Self::EventRecoveryOff,
+            RecoverError::SinceOutOfRange => Self::SinceOutOfRange,
+            RecoverError::Store(e) => e.into(),
         }
     }
 }

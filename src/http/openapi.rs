@@ -30,6 +30,7 @@ use super::{integrations, internal, ops, proxy, webhooks};
         ops::metrics,
         webhooks::receive,
         internal::list_events,
+        internal::recover_events,
         proxy::forward,
         openapi_json,
     ),

@@ -112,6 +112,30 @@ impl RunOutcome {
     }
 }
 
+/// Why an on-demand recovery was not started.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("no such tenant or connection")]
+    NotConnected,
+    /// The key may not read Events (`GET /v1/events`).
+    #[error("event recovery is off for this connection")]
+    Off,
+    /// Stripe keeps events for 30 days.
+    #[error("since is older than Stripe's event retention")]
+    SinceOutOfRange,
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// An accepted on-demand recovery.
+#[derive(Clone, Debug)]
+pub struct RecoveryRequested {
+    /// Names the request in logs and in what it announces.
+    pub recovery_id: String,
+    /// Where the recovery starts: `since` when given, never later than the cursor.
+    pub since: OffsetDateTime,
+}
+
 /// The worker of one process.
 pub struct EventRecovery {
     store: Arc<dyn Store>,
@@ -151,6 +175,39 @@ impl EventRecovery {
     /// Starts a sweep now (a recovery was requested or an endpoint repaired).
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// `POST …/stripe/events/recover`: makes the tenant's connection due now, from `since`
+    /// (default: where the last recovery ended), and wakes this process's worker (any
+    /// process's worker will take it at its next tick).
+    pub async fn request(
+        &self,
+        tenant: &TenantId,
+        since: Option<OffsetDateTime>,
+    ) -> Result<RecoveryRequested, RecoverError> {
+        if since.is_some_and(|since| since < crate::clock::now() - RETENTION) {
+            return Err(RecoverError::SinceOutOfRange);
+        }
+        let record =
+            (self.store.find_connection(tenant).await?).ok_or(RecoverError::NotConnected)?;
+        let cursor = (self.store)
+            .find_recovery_cursor(&record.connection_id)
+            .await?
+            .ok_or(RecoverError::NotConnected)?;
+        if !cursor.event_recovery {
+            return Err(RecoverError::Off);
+        }
+        let requested = (self.store)
+            .request_recovery(&record.connection_id, since)
+            .await?
+            .ok_or(RecoverError::NotConnected)?;
+        let recovery_id = random_id("rcv_", 20);
+        let since = requested
+            .requested_since
+            .unwrap_or(requested.recovered_through);
+        tracing::info!(tenant_id = %tenant, %recovery_id, since = %since, "event recovery requested");
+        self.wake();
+        Ok(RecoveryRequested { recovery_id, since })
     }
 
     /// Claims and recovers one batch; returns how many connections it took.
