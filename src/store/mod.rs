@@ -320,6 +320,17 @@ pub trait Store: Send + Sync + 'static {
         recover_now: bool,
     ) -> Result<(), StoreError>;
 
+    /// Replaces our webhook endpoint (registered again after it was deleted on Stripe) while
+    /// the connection still has the key `secret_id` and the endpoint `old_endpoint_id`;
+    /// false when either changed meanwhile.
+    async fn replace_webhook(
+        &self,
+        tenant: &TenantId,
+        secret_id: &str,
+        old_endpoint_id: &str,
+        new: &StoredWebhook,
+    ) -> Result<bool, StoreError>;
+
     /// The oldest recovery cursor per mode (connections whose events are recovered).
     async fn oldest_recovery_cursors(&self) -> Result<Vec<(Mode, OffsetDateTime)>, StoreError>;
 }

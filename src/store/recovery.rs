@@ -11,7 +11,7 @@ use sqlx::{Encode, Executor, FromRow, IntoArguments, Type};
 use time::OffsetDateTime;
 
 use super::dialect::Dialect;
-use super::model::NewEvent;
+use super::model::{NewEvent, StoredWebhook};
 use super::rows::{parse_mode, parse_tenant_id};
 use super::sql_store::SqlStore;
 use super::StoreError;
@@ -86,6 +86,13 @@ const REQUEST_RECOVERY: &str = "UPDATE recovery_cursors SET due_at = $2, \
 const RECORD_HEALTH: &str = "UPDATE recovery_cursors SET event_recovery = $3, \
     webhook_status = $4, due_at = CASE WHEN $5 = 'now' THEN $2 ELSE due_at END \
     WHERE connection_id = $1";
+
+/// Our endpoint registered again (`$4`…`$8`), only while the connection still has the key
+/// `$2` and the endpoint `$3` (compare-and-swap).
+const REPLACE_WEBHOOK: &str = "UPDATE stripe_connections SET webhook_endpoint_id = $4, \
+    webhook_secret_id = $5, webhook_master_key_id = $6, webhook_wrapped_key = $7, \
+    webhook_ciphertext = $8 WHERE tenant_id = $1 AND api_key_secret_id = $2 \
+    AND webhook_endpoint_id = $3";
 
 /// The oldest cursor per mode among connections whose events are recovered.
 const OLDEST_CURSORS: &str = "SELECT c.mode, MIN(r.recovered_through) \
@@ -219,6 +226,7 @@ where
     for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
     for<'r> (String, String): FromRow<'r, DB::Row>,
@@ -411,6 +419,27 @@ where
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    pub(super) async fn replace_webhook(
+        &self,
+        tenant: &TenantId,
+        secret_id: &str,
+        old_endpoint_id: &str,
+        new: &StoredWebhook,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(REPLACE_WEBHOOK)
+            .bind(tenant.as_str())
+            .bind(secret_id)
+            .bind(old_endpoint_id)
+            .bind(new.endpoint_id.as_str())
+            .bind(new.secret_id.as_str())
+            .bind(new.sealed.master_key_id.as_str())
+            .bind(new.sealed.wrapped_key.as_slice())
+            .bind(new.sealed.ciphertext.as_slice())
+            .execute(&self.pool)
+            .await?;
+        Ok(DB::rows_affected(&result) == 1)
     }
 
     pub(super) async fn oldest_recovery_cursors(

@@ -14,7 +14,8 @@ use super::dialect::Dialect;
 use super::model::{
     Actor, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch, KeyFetchTally,
     NewConnection, NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow,
-    ServiceTokenRecord, StoredEvent, TenantRecord, TenantWrite, Verification, WebhookTarget,
+    ServiceTokenRecord, StoredEvent, StoredWebhook, TenantRecord, TenantWrite, Verification,
+    WebhookTarget,
 };
 use super::recovery::{RecoveryClaim, RecoveryCursor, RecoveryCursorRow, WebhookStatus};
 use super::rows::{
@@ -386,6 +387,17 @@ where
         recover_now: bool,
     ) -> Result<(), StoreError> {
         self.record_webhook_health(connection_id, event_recovery, status, recover_now)
+            .await
+    }
+
+    async fn replace_webhook(
+        &self,
+        tenant: &TenantId,
+        secret_id: &str,
+        old_endpoint_id: &str,
+        new: &StoredWebhook,
+    ) -> Result<bool, StoreError> {
+        self.replace_webhook(tenant, secret_id, old_endpoint_id, new)
             .await
     }
 

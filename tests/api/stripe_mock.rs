@@ -218,6 +218,8 @@ pub async fn answer_all(server: &MockServer, answer: Answer) -> FakeEndpoints {
     }
     let endpoints = FakeEndpoints::default();
     endpoints.mount(server).await;
+    // The Events: Read probe of every connect and verification: an empty log.
+    FakeEvents::default().mount(server).await;
     endpoints
 }
 
@@ -233,6 +235,8 @@ pub async fn grant_all_but(server: &MockServer, denied: &[Resource]) -> FakeEndp
     }
     let endpoints = FakeEndpoints::default();
     endpoints.mount(server).await;
+    // The Events: Read probe of every connect and verification: an empty log.
+    FakeEvents::default().mount(server).await;
     endpoints
 }
 
