@@ -99,6 +99,7 @@ async fn connections(
     store: &Arc<dyn Store>,
     keyring: &Arc<Keyring>,
     fingerprint_key: SecretString,
+    recovery_due: &Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<Arc<ConnectionService>> {
     let stripe = StripeClient::new(StripeClientConfig::from_settings(&settings.stripe))
         .context("building the Stripe HTTP client")?;
@@ -118,6 +119,7 @@ async fn connections(
             },
             connect_attempts_per_minute: settings.limits.connect_attempts_per_minute,
             verify_attempts_per_minute: settings.limits.verify_attempts_per_minute,
+            recovery_due: recovery_due.clone(),
         },
     ));
     let marked = store
@@ -156,6 +158,29 @@ fn smoothing(settings: &Settings) -> Arc<AccountSmoothing> {
     ))
 }
 
+/// The recovery of missed events over the Stripe client, at the rate the proxy also takes
+/// per account; `due` wakes it.
+fn event_recovery(
+    settings: &Settings,
+    store: &Arc<dyn Store>,
+    keyring: &Arc<Keyring>,
+    connections: &ConnectionService,
+    smoothing: &Arc<AccountSmoothing>,
+    due: &Arc<tokio::sync::Notify>,
+) -> Arc<EventRecovery> {
+    Arc::new(EventRecovery::new(
+        store.clone(),
+        keyring.clone(),
+        connections.stripe().clone(),
+        smoothing.clone(),
+        RecoverySettings::new(
+            settings.webhooks.recovery_interval,
+            settings.webhooks.enabled_events.clone(),
+        ),
+        due.clone(),
+    ))
+}
+
 /// Starts the background work: accounting, health snapshots, the KMS retry (when a master
 /// key is still pending), the service-token listener, the re-verifier and the recovery of
 /// missed events.
@@ -165,7 +190,7 @@ async fn workers(
     keyring: &Arc<Keyring>,
     pending_kms: Option<Kms>,
     connections: &Arc<ConnectionService>,
-    smoothing: &Arc<AccountSmoothing>,
+    recovery: &Arc<EventRecovery>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Workers> {
     crate::telemetry::metrics();
@@ -197,23 +222,13 @@ async fn workers(
         tracing::info!(owner = reverifier.owner(), "background re-verification on");
         handles.push(reverifier.spawn(stop.clone()));
     }
-    let recovery = Arc::new(EventRecovery::new(
-        store.clone(),
-        keyring.clone(),
-        connections.stripe().clone(),
-        smoothing.clone(),
-        RecoverySettings::new(
-            settings.webhooks.recovery_interval,
-            settings.webhooks.enabled_events.clone(),
-        ),
-    ));
     if settings.webhooks.recovery_enabled {
         tracing::info!(owner = recovery.owner(), "recovery of missed events on");
         handles.push(recovery.clone().spawn(stop));
     }
     Ok(Workers {
         handles,
-        recovery,
+        recovery: recovery.clone(),
         key_fetches,
         health,
         service_tokens,
@@ -286,18 +301,29 @@ impl Application {
         let store = open_store(settings).await?;
         let (keyring, pending_kms) = unlock(settings, keyring).await?;
         let fingerprint_key = secrets.fingerprint_key.clone();
-        let connections = connections(settings, &store, &keyring, fingerprint_key).await?;
+        // Rung by a repaired endpoint or a requested recovery; the recovery worker listens.
+        let recovery_due = Arc::new(tokio::sync::Notify::new());
+        let connections =
+            connections(settings, &store, &keyring, fingerprint_key, &recovery_due).await?;
         let listener = listener(settings).await?;
         // Background work starts only once nothing else can fail.
         let (stop_background, stop) = watch::channel(false);
         let smoothing = smoothing(settings);
+        let recovery = event_recovery(
+            settings,
+            &store,
+            &keyring,
+            &connections,
+            &smoothing,
+            &recovery_due,
+        );
         let workers = workers(
             settings,
             &store,
             &keyring,
             pending_kms,
             &connections,
-            &smoothing,
+            &recovery,
             stop,
         )
         .await?;

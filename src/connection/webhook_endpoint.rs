@@ -86,7 +86,7 @@ impl ConnectionService {
                 failure,
             })?;
         if reply.status != 200 {
-            return Err(ConnectError::WebhookRefused);
+            return Err(self.why_refused(key).await);
         }
         let registered = webhooks::parse_registration(&reply)
             .ok_or(Inconclusive::RegistrationIncomplete("id"))?;
@@ -108,6 +108,21 @@ impl ConnectionService {
             secret_id,
             sealed,
         }))
+    }
+
+    /// Stripe refuses a registration at its cap of endpoints with a 400 that has no `code`:
+    /// counting the account's endpoints tells that apart without reading the message.
+    async fn why_refused(&self, key: &StripeKey) -> ConnectError {
+        match self.stripe.send(key, &webhooks::list_request()).await {
+            Ok(reply)
+                if reply.status == 200
+                    && webhooks::endpoint_count(&reply)
+                        .is_some_and(|count| count >= webhooks::ENDPOINT_CAP) =>
+            {
+                ConnectError::WebhookEndpointLimit
+            }
+            _ => ConnectError::WebhookRefused,
+        }
     }
 
     /// Events: Read, probed without side effects (`GET /v1/events?limit=1`): `None` when
@@ -242,6 +257,8 @@ impl ConnectionService {
             .await
         {
             tracing::warn!(tenant_id = %record.tenant_id, error = %e, "could not record the webhook endpoint's health");
+        } else if recover_now {
+            self.recovery_due.notify_one();
         }
     }
 

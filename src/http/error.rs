@@ -77,6 +77,8 @@ pub enum ApiError {
     ConcurrentChange,
     #[error("Stripe refused to register Atlas's webhook endpoint on this account; nothing was stored. An account holds at most 16 webhook endpoints: delete an unused one in the Stripe dashboard and try again.")]
     WebhookRegistrationFailed,
+    #[error("This Stripe account already has the maximum of 16 webhook endpoints, so Atlas cannot register its own; nothing was stored. Delete unused webhook endpoints in the Stripe dashboard (Developers → Webhooks) and try again.")]
+    WebhookEndpointLimit,
     #[error(
         "The service cannot reach its database right now; nothing was changed. Try again shortly."
     )]
@@ -157,6 +159,7 @@ impl ApiError {
                 (S::UNPROCESSABLE_ENTITY, "webhook_registration_failed")
             }
             Self::SinceOutOfRange => (S::UNPROCESSABLE_ENTITY, "since_out_of_range"),
+            Self::WebhookEndpointLimit => (S::UNPROCESSABLE_ENTITY, "webhook_endpoint_limit"),
             Self::RateLimited { .. } => (S::TOO_MANY_REQUESTS, "rate_limited"),
             Self::EventRecoveryOff => (S::CONFLICT, "event_recovery_off"),
             Self::TenantHasConnection => (S::CONFLICT, "tenant_has_connection"),
@@ -416,6 +419,7 @@ impl From<ConnectError> for ApiError {
                 Self::StripeUnavailable
             }
             ConnectError::WebhookRefused => Self::WebhookRegistrationFailed,
+            ConnectError::WebhookEndpointLimit => Self::WebhookEndpointLimit,
             ConnectError::Store(e) => {
                 Self::for_store(&e).unwrap_or_else(|| Self::Internal(anyhow::Error::new(e)))
             }

@@ -44,6 +44,31 @@ pub fn register_request(
     }
 }
 
+/// Stripe's cap on webhook endpoints per account: past it, a registration answers 400
+/// with no `code` to tell it from any other refusal.
+pub const ENDPOINT_CAP: usize = 16;
+
+/// `GET /v1/webhook_endpoints?limit=100`: the account's endpoints (at most the cap, so one
+/// page), to tell a registration refused at the cap from another refusal.
+pub fn list_request() -> StripeRequest {
+    StripeRequest {
+        method: StripeMethod::Get,
+        endpoint: "/v1/webhook_endpoints",
+        path: "/v1/webhook_endpoints".to_owned(),
+        form: vec![("limit".to_owned(), "100".to_owned())],
+        idempotency_key: None,
+    }
+}
+
+/// How many endpoints a list answer holds.
+pub fn endpoint_count(reply: &StripeReply) -> Option<usize> {
+    reply
+        .body
+        .get("data")
+        .and_then(Value::as_array)
+        .map(Vec::len)
+}
+
 pub fn retrieve_request(endpoint_id: &str) -> StripeRequest {
     StripeRequest {
         method: StripeMethod::Get,

@@ -145,8 +145,9 @@ pub struct EventRecovery {
     settings: RecoverySettings,
     /// Names this process in leases.
     owner: String,
-    /// Rings when a recovery was asked for, so it starts before the next tick.
-    wake: Notify,
+    /// Rings when a recovery was asked for or an endpoint repaired, so it starts before the
+    /// next tick.
+    wake: Arc<Notify>,
 }
 
 impl EventRecovery {
@@ -156,6 +157,7 @@ impl EventRecovery {
         stripe: StripeClient,
         smoothing: Arc<AccountSmoothing>,
         settings: RecoverySettings,
+        wake: Arc<Notify>,
     ) -> Self {
         Self {
             store,
@@ -164,7 +166,7 @@ impl EventRecovery {
             smoothing,
             settings,
             owner: random_id("proc_", 12),
-            wake: Notify::new(),
+            wake,
         }
     }
 

@@ -6,6 +6,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use atlas_stripe::auth::Scope;
 use atlas_stripe::crypto::Keyring;
 use atlas_stripe::domain::{Mode, TenantId};
 use atlas_stripe::proxy::AccountSmoothing;
@@ -15,7 +16,7 @@ use atlas_stripe::webhooks::recovery::{EventRecovery, RecoverySettings};
 use serde_json::json;
 
 use crate::backend_tests;
-use crate::helpers::{spawn_app, Backend, TestApp};
+use crate::helpers::{assert_error, eventually, json, spawn_app_with, Backend, TestApp};
 use crate::stripe_mock::{answer_all, key, Answer, FakeEndpoints, FakeEvents};
 
 backend_tests!(
@@ -25,6 +26,11 @@ backend_tests!(
     two_instances_recover_one_connection_once,
     a_rate_limited_listing_is_tried_again,
     a_key_without_events_read_recovers_nothing,
+    recovery_on_demand_fills_the_feed,
+    a_key_without_events_read_connects_with_recovery_off,
+    a_disabled_endpoint_is_enabled_again_then_recovered,
+    a_deleted_endpoint_is_registered_again_then_recovered,
+    the_endpoint_cap_is_a_clear_422,
 );
 
 const TYPES: [&str; 2] = ["invoice.paid", "checkout.session.completed"];
@@ -38,7 +44,13 @@ struct Connected {
 }
 
 async fn connected(backend: Backend) -> Connected {
-    let app = spawn_app(backend).await;
+    connected_with(backend, &[]).await
+}
+
+/// Connected on an app whose own recovery worker runs (ticking every few seconds, woken by
+/// requests and repairs).
+async fn connected_with(backend: Backend, settings: &[(&str, &str)]) -> Connected {
+    let app = spawn_app_with(backend, settings).await;
     app.create_tenant("ten_1", Mode::Test).await;
     let events = FakeEvents::default();
     events.mount(&app.stripe).await;
@@ -102,6 +114,7 @@ fn worker(c: &Connected, settings: RecoverySettings) -> Arc<EventRecovery> {
         stripe,
         Arc::new(smoothing),
         settings,
+        Arc::default(),
     ))
 }
 
@@ -376,4 +389,251 @@ async fn a_key_without_events_read_recovers_nothing(backend: Backend) {
         "off until a verification finds Events: Read"
     );
     assert_eq!(worker.run_once().await, 0, "not claimed while off");
+}
+
+const WORKER_ON: [(&str, &str); 1] = [("webhooks.recovery_enabled", "true")];
+
+/// `POST …/events/recover` as a charging service would send it.
+async fn recover(
+    c: &Connected,
+    token: &str,
+    tenant: &str,
+    body: Option<serde_json::Value>,
+) -> reqwest::Response {
+    let mut request = c
+        .app
+        .http
+        .post(c.app.url(&format!(
+            "/internal/v1/tenants/{tenant}/stripe/events/recover"
+        )))
+        .bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.unwrap()
+}
+
+/// The feed as a charging service reads it.
+async fn served_feed(c: &Connected, token: &str) -> Vec<serde_json::Value> {
+    let page = json(
+        c.app
+            .http
+            .get(
+                c.app
+                    .url("/internal/v1/tenants/ten_1/stripe/events?limit=500"),
+            )
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    page["events"].as_array().cloned().unwrap_or_default()
+}
+
+async fn recovery_on_demand_fills_the_feed(backend: Backend) {
+    let c = connected_with(backend, &WORKER_ON).await;
+    let writer = c.app.service_token(&[Scope::EventsWrite]).await;
+    let reader = c.app.service_token(&[Scope::EventsRead]).await;
+    // The worker's first sweep finds nothing yet; the events come after.
+    let ids = missed(&c.events, 40);
+    let accepted = recover(&c, &writer, "ten_1", Some(json!({}))).await;
+    assert_eq!(accepted.status(), 202);
+    let accepted = json(accepted).await;
+    assert!(accepted["recovery_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("rcv_"));
+    let since = crate::stripe_mock::timestamp(&accepted["since"]);
+    assert!(since <= atlas_stripe::clock::now());
+    eventually("the recovered events are in the feed", || async {
+        served_feed(&c, &reader).await.len() == ids.len()
+    })
+    .await;
+    let served = served_feed(&c, &reader).await;
+    assert!(
+        served.iter().all(|e| e["source"] == "recovered"),
+        "{served:?}"
+    );
+    // A recovery from a given point, and without a body.
+    let from = (time::OffsetDateTime::now_utc() - time::Duration::days(2))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let accepted = json(recover(&c, &writer, "ten_1", Some(json!({"since": from}))).await).await;
+    assert_eq!(
+        crate::stripe_mock::timestamp(&accepted["since"]),
+        crate::stripe_mock::timestamp(&json!(from))
+    );
+    assert_eq!(recover(&c, &writer, "ten_1", None).await.status(), 202);
+    // What is refused, and how.
+    assert_error(
+        recover(&c, &reader, "ten_1", None).await,
+        403,
+        "insufficient_scope",
+    )
+    .await;
+    c.app.create_tenant("ten_2", Mode::Test).await;
+    assert_error(
+        recover(&c, &writer, "ten_2", None).await,
+        404,
+        "not_connected",
+    )
+    .await;
+    let too_old = (time::OffsetDateTime::now_utc() - time::Duration::days(31))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    assert_error(
+        recover(&c, &writer, "ten_1", Some(json!({"since": too_old}))).await,
+        422,
+        "since_out_of_range",
+    )
+    .await;
+    assert_error(
+        recover(&c, &writer, "ten_1", Some(json!({"since": "yesterday"}))).await,
+        400,
+        "invalid_json",
+    )
+    .await;
+    // Still exactly once each, whatever ran meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_once(&feed(&c).await, &ids);
+}
+
+async fn a_key_without_events_read_connects_with_recovery_off(backend: Backend) {
+    let app = spawn_app_with(backend, &[]).await;
+    app.create_tenant("ten_1", Mode::Test).await;
+    let events = FakeEvents::default();
+    events.deny_key("NoEv");
+    events.mount(&app.stripe).await;
+    answer_all(&app.stripe, Answer::Granted).await;
+    let response = app.connect("ten_1", &key("rk_test_", "NoEv")).await;
+    assert_eq!(response.status(), 201, "Events: Read is not required");
+    let body = json(response).await;
+    assert_eq!(body["status"], "active");
+    assert_eq!(body["warnings"], json!(["event_recovery_off"]));
+    assert_eq!(body["webhook"]["event_recovery"], "off");
+    assert_eq!(body["webhook"]["status"], "enabled");
+    let fix_url = body["webhook"]["fix_url"].as_str().expect("a fix link");
+    assert!(
+        fix_url.contains("permissions[]=rak_event_read"),
+        "{fix_url}"
+    );
+    let writer = app.service_token(&[Scope::EventsWrite]).await;
+    let refused = app
+        .http
+        .post(app.url("/internal/v1/tenants/ten_1/stripe/events/recover"))
+        .bearer_auth(&writer)
+        .send()
+        .await
+        .unwrap();
+    assert_error(refused, 409, "event_recovery_off").await;
+    // A key that may read Events: on, no warning.
+    let body = json(app.connect("ten_1", &key("rk_test_", "Evts")).await).await;
+    assert_eq!(body["warnings"], json!([]));
+    assert_eq!(body["webhook"]["event_recovery"], "on");
+    assert!(body["webhook"].get("fix_url").is_none());
+}
+
+async fn a_disabled_endpoint_is_enabled_again_then_recovered(backend: Backend) {
+    let c = connected_with(backend, &WORKER_ON).await;
+    let endpoint = c.endpoints.endpoints()[0].id.clone();
+    c.endpoints.disable(&endpoint);
+    let ids = missed(&c.events, 12);
+    let body = json(
+        c.app
+            .tenant_request(reqwest::Method::POST, "ten_1", "/verify")
+            .await,
+    )
+    .await;
+    assert!(
+        !c.endpoints.is_disabled(&endpoint),
+        "enabled again on Stripe"
+    );
+    assert_eq!(body["webhook"]["status"], "enabled");
+    let enable = (c.app.stripe_requests().await.into_iter())
+        .find(|r| {
+            r.method.as_str() == "POST"
+                && r.url.path() == format!("/v1/webhook_endpoints/{endpoint}")
+        })
+        .expect("an update of our endpoint");
+    assert_eq!(String::from_utf8_lossy(&enable.body), "disabled=false");
+    eventually("what the endpoint missed is recovered", || async {
+        c.app.db.scalar("SELECT COUNT(*) FROM webhook_events").await == ids.len() as i64
+    })
+    .await;
+    assert_once(&feed(&c).await, &ids);
+}
+
+async fn a_deleted_endpoint_is_registered_again_then_recovered(backend: Backend) {
+    let c = connected_with(backend, &WORKER_ON).await;
+    let old = c.endpoints.endpoints()[0].id.clone();
+    c.endpoints.delete_on_stripe(&old);
+    let ids = missed(&c.events, 12);
+    let body = json(
+        c.app
+            .tenant_request(reqwest::Method::POST, "ten_1", "/verify")
+            .await,
+    )
+    .await;
+    assert_eq!(body["webhook"]["status"], "enabled");
+    let on_stripe = c.endpoints.endpoints();
+    assert_eq!(on_stripe.len(), 1, "one endpoint again, ours");
+    assert!(on_stripe[0]
+        .url
+        .ends_with(&format!("/webhooks/stripe/{}", c.connection_id)));
+    let stored = c
+        .app
+        .store
+        .find_connection(&tenant())
+        .await
+        .unwrap()
+        .unwrap();
+    let webhook = stored.webhook.expect("an endpoint stored");
+    assert_eq!(webhook.endpoint_id, on_stripe[0].id);
+    assert_ne!(webhook.endpoint_id, old);
+    eventually("what the endpoint missed is recovered", || async {
+        c.app.db.scalar("SELECT COUNT(*) FROM webhook_events").await == ids.len() as i64
+    })
+    .await;
+    assert_once(&feed(&c).await, &ids);
+}
+
+async fn the_endpoint_cap_is_a_clear_422(backend: Backend) {
+    let app = spawn_app_with(backend, &[]).await;
+    app.create_tenant("ten_1", Mode::Test).await;
+    let endpoints = answer_all(&app.stripe, Answer::Granted).await;
+    for n in 0..crate::stripe_mock::ENDPOINT_CAP {
+        endpoints.add_foreign("acct_main", &format!("https://example.com/hooks/{n}"));
+    }
+    let body = assert_error(
+        app.connect("ten_1", &key("rk_test_", "Main")).await,
+        422,
+        "webhook_endpoint_limit",
+    )
+    .await;
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Delete unused webhook endpoints"));
+    assert!(
+        app.store
+            .find_connection(&tenant())
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing stored"
+    );
+    assert_eq!(
+        endpoints.endpoints().len(),
+        crate::stripe_mock::ENDPOINT_CAP
+    );
+    // Any other refusal stays the generic one.
+    endpoints.delete_on_stripe(&endpoints.endpoints()[0].id.clone());
+    endpoints.refuse(true);
+    assert_error(
+        app.connect("ten_1", &key("rk_test_", "Main")).await,
+        422,
+        "webhook_registration_failed",
+    )
+    .await;
 }

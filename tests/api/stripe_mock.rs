@@ -436,6 +436,21 @@ impl FakeEndpoints {
         self.inner.lock().unwrap().refuse = refuse;
     }
 
+    /// Stripe disables the endpoint `id` (as after days of failed deliveries).
+    pub fn disable(&self, id: &str) {
+        self.inner.lock().unwrap().disabled.push(id.to_owned());
+    }
+
+    /// Whether Stripe has the endpoint `id` disabled.
+    pub fn is_disabled(&self, id: &str) -> bool {
+        self.inner.lock().unwrap().disabled.iter().any(|d| d == id)
+    }
+
+    /// The tenant deletes the endpoint `id` in their dashboard.
+    pub fn delete_on_stripe(&self, id: &str) {
+        self.inner.lock().unwrap().endpoints.retain(|e| e.id != id);
+    }
+
     /// Stripe answers a registration without its secret.
     pub fn omit_secret(&self, omit: bool) {
         self.inner.lock().unwrap().omit_secret = omit;
