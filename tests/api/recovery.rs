@@ -16,7 +16,7 @@ use atlas_stripe::webhooks::recovery::{EventRecovery, RecoverySettings};
 use serde_json::json;
 
 use crate::backend_tests;
-use crate::helpers::{assert_error, eventually, json, spawn_app_with, Backend, TestApp};
+use crate::helpers::{assert_error, json, spawn_app_with, Backend, TestApp};
 use crate::stripe_mock::{answer_all, key, Answer, FakeEndpoints, FakeEvents};
 
 backend_tests!(
@@ -138,7 +138,8 @@ fn missed(events: &FakeEvents, count: usize) -> Vec<String> {
 /// while an older transaction anywhere in the cluster (another test's) is still running.
 async fn feed(c: &Connected) -> Vec<StoredEvent> {
     let stored = c.app.db.scalar("SELECT COUNT(*) FROM webhook_events").await;
-    for _ in 0..250 {
+    // Up to 30 s: a test elsewhere in the cluster may hold a transaction open at a gate.
+    for _ in 0..1_500 {
         let feed = c
             .app
             .store
@@ -282,7 +283,7 @@ async fn a_run_killed_between_pages_resumes(backend: Backend) {
     let c = connected(backend).await;
     let ids = missed(&c.events, 250);
     let mut short = settings();
-    short.lease = Duration::from_secs(1);
+    short.lease = Duration::from_secs(3);
     let first = worker(&c, short.clone());
     let mut gate = c.events.gate_listing(2);
     let running = tokio::spawn({
@@ -303,7 +304,7 @@ async fn a_run_killed_between_pages_resumes(backend: Backend) {
         0,
         "still leased to the killed process"
     );
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
     assert_eq!(second.run_once().await, 1);
     assert_once(&feed(&c).await, &ids);
     assert_eq!(c.events.pages(), 4, "page one is not listed again");
@@ -391,6 +392,22 @@ async fn a_key_without_events_read_recovers_nothing(backend: Backend) {
     assert_eq!(worker.run_once().await, 0, "not claimed while off");
 }
 
+/// Waits until `check` holds, for up to 30 s: the worker and the feed's horizon run on
+/// their own time, which a loaded machine stretches.
+async fn within<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..1_500 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("never happened: {what}");
+}
+
 const WORKER_ON: [(&str, &str); 1] = [("webhooks.recovery_enabled", "true")];
 
 /// `POST …/events/recover` as a charging service would send it.
@@ -446,7 +463,7 @@ async fn recovery_on_demand_fills_the_feed(backend: Backend) {
         .starts_with("rcv_"));
     let since = crate::stripe_mock::timestamp(&accepted["since"]);
     assert!(since <= atlas_stripe::clock::now());
-    eventually("the recovered events are in the feed", || async {
+    within("the recovered events are in the feed", || async {
         served_feed(&c, &reader).await.len() == ids.len()
     })
     .await;
@@ -557,7 +574,7 @@ async fn a_disabled_endpoint_is_enabled_again_then_recovered(backend: Backend) {
         })
         .expect("an update of our endpoint");
     assert_eq!(String::from_utf8_lossy(&enable.body), "disabled=false");
-    eventually("what the endpoint missed is recovered", || async {
+    within("what the endpoint missed is recovered", || async {
         c.app.db.scalar("SELECT COUNT(*) FROM webhook_events").await == ids.len() as i64
     })
     .await;
@@ -591,7 +608,7 @@ async fn a_deleted_endpoint_is_registered_again_then_recovered(backend: Backend)
     let webhook = stored.webhook.expect("an endpoint stored");
     assert_eq!(webhook.endpoint_id, on_stripe[0].id);
     assert_ne!(webhook.endpoint_id, old);
-    eventually("what the endpoint missed is recovered", || async {
+    within("what the endpoint missed is recovered", || async {
         c.app.db.scalar("SELECT COUNT(*) FROM webhook_events").await == ids.len() as i64
     })
     .await;
