@@ -27,6 +27,7 @@ backend_tests!(
     a_rate_limited_listing_is_tried_again,
     a_key_without_events_read_recovers_nothing,
     recovery_on_demand_fills_the_feed,
+    a_restart_recovers_what_arrived_while_stopped,
     a_key_without_events_read_connects_with_recovery_off,
     a_disabled_endpoint_is_enabled_again_then_recovered,
     a_deleted_endpoint_is_registered_again_then_recovered,
@@ -653,4 +654,22 @@ async fn the_endpoint_cap_is_a_clear_422(backend: Backend) {
         "webhook_registration_failed",
     )
     .await;
+}
+
+async fn a_restart_recovers_what_arrived_while_stopped(backend: Backend) {
+    // Connected on an instance without the worker; events happen while "it is down"; the
+    // next start-up finds the connection due and recovers them, once.
+    let c = connected(backend).await;
+    let ids = missed(&c.events, 30);
+    let restarted = c.app.twin_with(&WORKER_ON).await;
+    // The twin talks to its own mock: point it at the same event log and endpoints.
+    c.events.mount(&restarted.stripe).await;
+    crate::stripe_mock::mount_unknown_urls(&restarted.stripe).await;
+    within("recovered at start-up", || async {
+        c.app.db.scalar("SELECT COUNT(*) FROM webhook_events").await == ids.len() as i64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_once(&feed(&c).await, &ids);
+    restarted.shut_down().await;
 }
