@@ -2,7 +2,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::domain::{ConnectionStatus, Mode, PermissionReport, TenantId, Warning};
-use crate::store::{ConnectionRecord, RecoveryCursor};
+use crate::store::{ConnectionRecord, RecoveryCursor, WebhookStatus};
 
 /// The masked view of a connection: everything but the key.
 // `deny_unknown_fields` only closes the schema (`additionalProperties: false`): this type
@@ -41,11 +41,9 @@ pub struct ConnectionSummary {
 pub struct WebhookView {
     /// `enabled`; `disabled` (Stripe turned it off; re-enabled at the next verification);
     /// `missing` (deleted on Stripe's side; registered again at the next verification).
-    #[schema(value_type = WebhookEndpointStatus)]
-    pub status: &'static str,
+    pub status: WebhookEndpointStatus,
     /// `on` when the key may read Events, else `off` (with the warning `event_recovery_off`).
-    #[schema(value_type = EventRecovery)]
-    pub event_recovery: &'static str,
+    pub event_recovery: EventRecovery,
     /// When the newest stored event was created on Stripe.
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
@@ -61,6 +59,23 @@ pub struct WebhookView {
     pub fix_url: Option<String>,
 }
 
+/// What the last verification found of our webhook endpoint.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookEndpointStatus {
+    Enabled,
+    Disabled,
+    Missing,
+}
+
+/// Whether missed events can be recovered for the key.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventRecovery {
+    On,
+    Off,
+}
+
 impl ConnectionSummary {
     /// The summary with what the recovery cursor says of events (`fix_url`: the link that
     /// adds Events: Read).
@@ -69,8 +84,16 @@ impl ConnectionSummary {
             self.warnings.push(Warning::EventRecoveryOff);
         }
         self.webhook = Some(WebhookView {
-            status: cursor.webhook_status.as_str(),
-            event_recovery: if cursor.event_recovery { "on" } else { "off" },
+            status: match cursor.webhook_status {
+                WebhookStatus::Enabled => WebhookEndpointStatus::Enabled,
+                WebhookStatus::Disabled => WebhookEndpointStatus::Disabled,
+                WebhookStatus::Missing => WebhookEndpointStatus::Missing,
+            },
+            event_recovery: if cursor.event_recovery {
+                EventRecovery::On
+            } else {
+                EventRecovery::Off
+            },
             last_event_at: (cursor.last_event_created)
                 .and_then(|created| OffsetDateTime::from_unix_timestamp(created).ok()),
             recovered_through: Some(cursor.recovered_through),
@@ -106,25 +129,6 @@ impl From<&ConnectionRecord> for ConnectionSummary {
 #[schema(as = TenantId, pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", example = "ten_123")]
 #[allow(dead_code)]
 pub struct TenantIdSchema(String);
-
-/// What the last verification found of our webhook endpoint.
-#[derive(utoipa::ToSchema)]
-#[schema(rename_all = "snake_case")]
-#[allow(dead_code)]
-pub enum WebhookEndpointStatus {
-    Enabled,
-    Disabled,
-    Missing,
-}
-
-/// Whether missed events can be recovered for the key.
-#[derive(utoipa::ToSchema)]
-#[schema(rename_all = "snake_case")]
-#[allow(dead_code)]
-pub enum EventRecovery {
-    On,
-    Off,
-}
 
 /// `restricted` (`rk_…`) or `secret` (`sk_…`).
 #[derive(utoipa::ToSchema)]
