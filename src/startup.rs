@@ -20,9 +20,11 @@ use crate::connection::{ConnectPolicy, ConnectionService, KeyAccess, Reverifier,
 use crate::crypto::{kms, Fingerprinter, Keyring, Kms};
 use crate::health::HealthMonitor;
 use crate::http::{self, AppState};
+use crate::proxy::AccountSmoothing;
 use crate::server::ServerLimits;
 use crate::store::{self, Store};
 use crate::stripe::{StripeClient, StripeClientConfig};
+use crate::webhooks::recovery::{EventRecovery, RecoverySettings};
 
 pub struct Application {
     listener: TcpListener,
@@ -97,6 +99,7 @@ async fn connections(
     store: &Arc<dyn Store>,
     keyring: &Arc<Keyring>,
     fingerprint_key: SecretString,
+    recovery_due: &Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<Arc<ConnectionService>> {
     let stripe = StripeClient::new(StripeClientConfig::from_settings(&settings.stripe))
         .context("building the Stripe HTTP client")?;
@@ -116,6 +119,7 @@ async fn connections(
             },
             connect_attempts_per_minute: settings.limits.connect_attempts_per_minute,
             verify_attempts_per_minute: settings.limits.verify_attempts_per_minute,
+            recovery_due: recovery_due.clone(),
         },
     ));
     let marked = store
@@ -139,19 +143,54 @@ async fn listener(settings: &Settings) -> anyhow::Result<TcpListener> {
 /// What the background workers share with the routes.
 struct Workers {
     handles: Vec<JoinHandle<()>>,
+    recovery: Arc<EventRecovery>,
     key_fetches: KeyFetchRecorder,
     health: Arc<HealthMonitor>,
     service_tokens: Arc<ServiceTokenCache>,
 }
 
+/// Each connected account's smoothed rate, shared by the proxy and the recovery of events.
+fn smoothing(settings: &Settings) -> Arc<AccountSmoothing> {
+    Arc::new(AccountSmoothing::new(
+        settings.proxy.live_requests_per_second,
+        settings.proxy.test_requests_per_second,
+        settings.proxy.max_wait,
+    ))
+}
+
+/// The recovery of missed events over the Stripe client, at the rate the proxy also takes
+/// per account; `due` wakes it.
+fn event_recovery(
+    settings: &Settings,
+    store: &Arc<dyn Store>,
+    keyring: &Arc<Keyring>,
+    connections: &ConnectionService,
+    smoothing: &Arc<AccountSmoothing>,
+    due: &Arc<tokio::sync::Notify>,
+) -> Arc<EventRecovery> {
+    Arc::new(EventRecovery::new(
+        store.clone(),
+        keyring.clone(),
+        connections.stripe().clone(),
+        smoothing.clone(),
+        RecoverySettings::new(
+            settings.webhooks.recovery_interval,
+            settings.webhooks.enabled_events.clone(),
+        ),
+        due.clone(),
+    ))
+}
+
 /// Starts the background work: accounting, health snapshots, the KMS retry (when a master
-/// key is still pending), the service-token listener and the re-verifier.
+/// key is still pending), the service-token listener, the re-verifier and the recovery of
+/// missed events.
 async fn workers(
     settings: &Settings,
     store: &Arc<dyn Store>,
     keyring: &Arc<Keyring>,
     pending_kms: Option<Kms>,
     connections: &Arc<ConnectionService>,
+    recovery: &Arc<EventRecovery>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Workers> {
     crate::telemetry::metrics();
@@ -187,10 +226,15 @@ async fn workers(
             settings.reverify.clone(),
         );
         tracing::info!(owner = reverifier.owner(), "background re-verification on");
-        handles.push(reverifier.spawn(stop));
+        handles.push(reverifier.spawn(stop.clone()));
+    }
+    if settings.webhooks.recovery_enabled {
+        tracing::info!(owner = recovery.owner(), "recovery of missed events on");
+        handles.push(recovery.clone().spawn(stop));
     }
     Ok(Workers {
         handles,
+        recovery: recovery.clone(),
         key_fetches,
         health,
         service_tokens,
@@ -204,6 +248,7 @@ fn router(
     store: Arc<dyn Store>,
     keyring: Arc<Keyring>,
     connections: Arc<ConnectionService>,
+    smoothing: Arc<AccountSmoothing>,
     workers: &Workers,
 ) -> axum::Router {
     let service_tokens = Arc::new(ServiceTokens::new(
@@ -218,6 +263,7 @@ fn router(
     ));
     let proxy = crate::proxy::Proxy::new(
         &settings.proxy,
+        smoothing,
         keys.clone(),
         connections.clone(),
         store.clone(),
@@ -243,6 +289,7 @@ fn router(
         connections,
         health: workers.health.clone(),
         proxy: Arc::new(proxy),
+        recovery: workers.recovery.clone(),
         key_fetch_enabled: settings.internal.key_fetch_enabled,
     });
     http::router(
@@ -260,12 +307,41 @@ impl Application {
         let store = open_store(settings).await?;
         let (keyring, pending_kms) = unlock(settings, keyring).await?;
         let fingerprint_key = secrets.fingerprint_key.clone();
-        let connections = connections(settings, &store, &keyring, fingerprint_key).await?;
+        // Rung by a repaired endpoint or a requested recovery; the recovery worker listens.
+        let recovery_due = Arc::new(tokio::sync::Notify::new());
+        let connections =
+            connections(settings, &store, &keyring, fingerprint_key, &recovery_due).await?;
         let listener = listener(settings).await?;
         // Background work starts only once nothing else can fail.
         let (stop_background, stop) = watch::channel(false);
-        let workers = workers(settings, &store, &keyring, pending_kms, &connections, stop).await?;
-        let router = router(settings, &secrets, store, keyring, connections, &workers);
+        let smoothing = smoothing(settings);
+        let recovery = event_recovery(
+            settings,
+            &store,
+            &keyring,
+            &connections,
+            &smoothing,
+            &recovery_due,
+        );
+        let workers = workers(
+            settings,
+            &store,
+            &keyring,
+            pending_kms,
+            &connections,
+            &recovery,
+            stop,
+        )
+        .await?;
+        let router = router(
+            settings,
+            &secrets,
+            store,
+            keyring,
+            connections,
+            smoothing,
+            &workers,
+        );
         Ok(Self {
             listener,
             router,

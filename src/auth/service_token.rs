@@ -20,17 +20,20 @@ pub enum Scope {
     OpsWrite,
     /// Read the events Stripe delivered for a tenant (charging services).
     EventsRead,
+    /// Ask for a recovery of a tenant's missed events.
+    EventsWrite,
     /// Call Stripe for a tenant through the proxy, which adds the key (charging services).
     StripeCall,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 6] = [
+    pub const ALL: [Scope; 7] = [
         Self::TenantsWrite,
         Self::KeysRead,
         Self::OpsRead,
         Self::OpsWrite,
         Self::EventsRead,
+        Self::EventsWrite,
         Self::StripeCall,
     ];
 
@@ -41,6 +44,7 @@ impl Scope {
             Self::OpsRead => "ops:read",
             Self::OpsWrite => "ops:write",
             Self::EventsRead => "events:read",
+            Self::EventsWrite => "events:write",
             Self::StripeCall => "stripe:call",
         }
     }

@@ -213,6 +213,11 @@ pub struct WebhookSettings {
     #[serde(rename = "tolerance_secs", deserialize_with = "de::secs")]
     pub tolerance: Duration,
     pub body_limit_bytes: usize,
+    /// Whether this process recovers missed events from Stripe's event log.
+    pub recovery_enabled: bool,
+    /// Each connection's events are recovered about this often.
+    #[serde(rename = "recovery_interval_secs", deserialize_with = "de::secs")]
+    pub recovery_interval: Duration,
 }
 
 #[derive(Debug, Deserialize)]

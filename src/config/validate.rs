@@ -201,6 +201,11 @@ impl Settings {
             );
         }
         p.secs("webhooks.tolerance_secs", w.tolerance, 1..=3600);
+        p.secs(
+            "webhooks.recovery_interval_secs",
+            w.recovery_interval,
+            10..=86_400,
+        );
         p.range(
             "webhooks.body_limit_bytes",
             w.body_limit_bytes,

@@ -14,7 +14,8 @@ use crate::stripe::probe_write_access;
 /// How many times a connect or disconnect starts over after losing a race to another.
 const SAVE_ROUNDS: usize = 3;
 
-/// The Stripe dashboard link that pre-fills a restricted key with exactly `required`.
+/// The Stripe dashboard link that pre-fills a restricted key with exactly `required`, and
+/// Events: Read so that missed events can be recovered.
 pub fn fix_url(mode: Mode, required: &[Resource]) -> String {
     let mode_segment = match mode {
         Mode::Test => "test/",
@@ -25,8 +26,13 @@ pub fn fix_url(mode: Mode, required: &[Resource]) -> String {
         url.push_str("&permissions[]=");
         url.push_str(resource.dashboard_write_scope());
     }
+    url.push_str("&permissions[]=");
+    url.push_str(EVENTS_READ_SCOPE);
     url
 }
+
+/// The dashboard's name for Events: Read.
+pub const EVENTS_READ_SCOPE: &str = "rak_event_read";
 
 impl ConnectionService {
     /// The modal's Activate: verify the pasted key and store it sealed, replacing any
@@ -64,6 +70,8 @@ impl ConnectionService {
             KeyKind::Secret => vec![Warning::SecretKeyFullAccess],
             KeyKind::Restricted => Vec::new(),
         };
+        // Not required: a key without Events: Read connects, with recovery off.
+        let events_readable = self.probe_events_read(&key).await.unwrap_or(true);
         // The save is a compare-and-swap on the connection this round read. When another
         // connect or a disconnect commits meanwhile, this one deletes the endpoint it
         // registered and starts over from what is stored now.
@@ -120,6 +128,11 @@ impl ConnectionService {
                     if let (Some(old), Some(new_id)) = (&existing, &registered) {
                         self.delete_replaced_endpoint(old, new_id).await;
                     }
+                    let record = match &outcome {
+                        SaveOutcome::Created(r) | SaveOutcome::Replaced(r) => r,
+                    };
+                    self.record_endpoint_health(record, Some(events_readable), None)
+                        .await;
                     return Ok(outcome);
                 }
                 Err(StoreError::Conflict) if round < SAVE_ROUNDS => continue,
@@ -173,14 +186,15 @@ mod tests {
         assert_eq!(
             fix_url(Mode::Test, &[Resource::Customers, Resource::Coupons]),
             "https://dashboard.stripe.com/test/apikeys/create?name=Atlas\
-             &permissions[]=rak_customer_write&permissions[]=rak_coupon_write"
+             &permissions[]=rak_customer_write&permissions[]=rak_coupon_write\
+             &permissions[]=rak_event_read"
         );
         assert_eq!(
             fix_url(Mode::Live, &Resource::ALL),
             "https://dashboard.stripe.com/apikeys/create?name=Atlas\
              &permissions[]=rak_customer_write&permissions[]=rak_checkout_session_write\
              &permissions[]=rak_coupon_write&permissions[]=rak_invoice_write\
-             &permissions[]=rak_webhook_write"
+             &permissions[]=rak_webhook_write&permissions[]=rak_event_read"
         );
     }
 }

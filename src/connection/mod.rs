@@ -51,6 +51,9 @@ pub enum ConnectError {
     StripeUnavailable(#[from] Inconclusive),
     #[error("Stripe refused to register the webhook endpoint")]
     WebhookRefused,
+    /// The account holds Stripe's maximum of webhook endpoints.
+    #[error("the account holds Stripe's maximum of webhook endpoints")]
+    WebhookEndpointLimit,
     #[error("store: {0}")]
     Store(Arc<StoreError>),
     #[error("crypto: {0}")]
@@ -122,6 +125,9 @@ pub struct ConnectPolicy {
     pub schedule: VerifySchedule,
     pub connect_attempts_per_minute: NonZeroU32,
     pub verify_attempts_per_minute: NonZeroU32,
+    /// Rung when a repaired endpoint makes a recovery of missed events due now (the
+    /// recovery worker listens).
+    pub recovery_due: Arc<tokio::sync::Notify>,
 }
 
 /// What the connection flows need, built once at start-up.
@@ -136,6 +142,7 @@ pub struct ConnectionService {
     webhooks: WebhookSettings,
     connect_quota: AttemptQuota,
     verify_quota: AttemptQuota,
+    recovery_due: Arc<tokio::sync::Notify>,
     /// Verifies in flight, per tenant: a verify arriving meanwhile shares the run's outcome.
     verifying: std::sync::Mutex<HashMap<TenantId, verify::Flight>>,
 }
@@ -159,6 +166,7 @@ impl ConnectionService {
             webhooks: policy.webhooks,
             connect_quota: AttemptQuota::per_minute(policy.connect_attempts_per_minute),
             verify_quota: AttemptQuota::per_minute(policy.verify_attempts_per_minute),
+            recovery_due: policy.recovery_due,
             verifying: Default::default(),
         }
     }

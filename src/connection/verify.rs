@@ -113,6 +113,9 @@ impl ConnectionService {
             }
             Err(inconclusive) => return Err(inconclusive.into()),
         };
+        if status != ConnectionStatus::Revoked {
+            self.keep_endpoint_alive(&record, &key).await;
+        }
         let verification = Verification {
             status,
             permissions,

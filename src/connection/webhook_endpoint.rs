@@ -8,8 +8,9 @@ use secrecy::ExposeSecret;
 use super::{ConnectError, ConnectionService, Inconclusive};
 use crate::crypto::SecretContext;
 use crate::domain::{random_id, StripeKey, TenantId};
-use crate::store::{ConnectionRecord, StoredWebhook, WebhookChange};
-use crate::stripe::webhooks;
+use crate::store::{ConnectionRecord, StoredWebhook, WebhookChange, WebhookStatus};
+use crate::stripe::{events, webhooks};
+use crate::webhooks::announcements::{self, Repair};
 
 /// What happened to our webhook endpoint on Stripe when a connection was deleted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,7 +86,7 @@ impl ConnectionService {
                 failure,
             })?;
         if reply.status != 200 {
-            return Err(ConnectError::WebhookRefused);
+            return Err(self.why_refused(key).await);
         }
         let registered = webhooks::parse_registration(&reply)
             .ok_or(Inconclusive::RegistrationIncomplete("id"))?;
@@ -107,6 +108,165 @@ impl ConnectionService {
             secret_id,
             sealed,
         }))
+    }
+
+    /// Stripe refuses a registration at its cap of endpoints with a 400 that has no `code`:
+    /// counting the account's endpoints tells that apart without reading the message.
+    async fn why_refused(&self, key: &StripeKey) -> ConnectError {
+        match self.stripe.send(key, &webhooks::list_request()).await {
+            Ok(reply)
+                if reply.status == 200
+                    && webhooks::endpoint_count(&reply)
+                        .is_some_and(|count| count >= webhooks::ENDPOINT_CAP) =>
+            {
+                ConnectError::WebhookEndpointLimit
+            }
+            _ => ConnectError::WebhookRefused,
+        }
+    }
+
+    /// Events: Read, probed without side effects (`GET /v1/events?limit=1`): `None` when
+    /// Stripe gave no conclusive answer.
+    pub(super) async fn probe_events_read(&self, key: &StripeKey) -> Option<bool> {
+        match self.stripe.send(key, &events::probe_request()).await {
+            Ok(reply) if reply.status == 200 => Some(true),
+            Ok(reply) if reply.status == 403 => Some(false),
+            Ok(reply) => {
+                tracing::info!(status = reply.status, "Events: Read probe inconclusive");
+                None
+            }
+            Err(failure) => {
+                tracing::info!(%failure, "Events: Read probe inconclusive");
+                None
+            }
+        }
+    }
+
+    /// On every verification: whether the key may read Events, and whether Stripe still has
+    /// our endpoint enabled. A disabled endpoint is enabled again, a deleted one registered
+    /// again; either way a recovery is due at once for what it missed meanwhile.
+    pub(super) async fn keep_endpoint_alive(&self, record: &ConnectionRecord, key: &StripeKey) {
+        let events_readable = self.probe_events_read(key).await;
+        let Some(webhook) = &record.webhook else {
+            self.record_endpoint_health(record, events_readable, None)
+                .await;
+            return;
+        };
+        let retrieved = (self.stripe)
+            .send(key, &webhooks::retrieve_request(&webhook.endpoint_id))
+            .await;
+        let found = match retrieved {
+            Ok(reply)
+                if reply.status == 200 && webhooks::endpoint_status(&reply) == Some("disabled") =>
+            {
+                let enabled = (self.stripe)
+                    .send(key, &webhooks::enable_request(&webhook.endpoint_id))
+                    .await;
+                match enabled {
+                    Ok(reply)
+                        if reply.status == 200
+                            && webhooks::endpoint_status(&reply) == Some("enabled") =>
+                    {
+                        announcements::webhook_endpoint_repaired(
+                            self.store.as_ref(),
+                            record,
+                            Repair::Reenabled,
+                        )
+                        .await;
+                        Some((WebhookStatus::Enabled, true))
+                    }
+                    _ => {
+                        tracing::warn!(tenant_id = %record.tenant_id, "could not enable the disabled webhook endpoint");
+                        Some((WebhookStatus::Disabled, false))
+                    }
+                }
+            }
+            Ok(reply) if reply.status == 200 => Some((WebhookStatus::Enabled, false)),
+            Ok(reply) if reply.status == 404 => {
+                if self.register_again(record, key).await {
+                    announcements::webhook_endpoint_repaired(
+                        self.store.as_ref(),
+                        record,
+                        Repair::Registered,
+                    )
+                    .await;
+                    Some((WebhookStatus::Enabled, true))
+                } else {
+                    Some((WebhookStatus::Missing, false))
+                }
+            }
+            // Inconclusive: what was last found stands.
+            _ => None,
+        };
+        self.record_endpoint_health(record, events_readable, found)
+            .await;
+    }
+
+    /// Registers our endpoint again after it was deleted on Stripe, stored only while the
+    /// connection still has the key and the endpoint this run read (compare-and-swap); the
+    /// new endpoint is deleted again when the swap loses.
+    async fn register_again(&self, record: &ConnectionRecord, key: &StripeKey) -> bool {
+        let Some(old) = &record.webhook else {
+            return false;
+        };
+        let change = match self
+            .webhook_for(key, &record.tenant_id, &record.connection_id, Some(record))
+            .await
+        {
+            Ok(WebhookChange::Set(new)) => new,
+            Ok(WebhookChange::Keep) => return true,
+            Err(e) => {
+                tracing::warn!(tenant_id = %record.tenant_id, error = %e, "could not register the webhook endpoint again");
+                return false;
+            }
+        };
+        match (self.store)
+            .replace_webhook(
+                &record.tenant_id,
+                &record.secret_id,
+                &old.endpoint_id,
+                &change,
+            )
+            .await
+        {
+            Ok(true) => true,
+            outcome => {
+                if let Err(e) = outcome {
+                    tracing::warn!(tenant_id = %record.tenant_id, error = %e, "could not store the registered webhook endpoint");
+                }
+                self.delete_endpoint(key, &change.endpoint_id).await;
+                false
+            }
+        }
+    }
+
+    /// Stores what was found; `None` leaves that part as it was.
+    pub(super) async fn record_endpoint_health(
+        &self,
+        record: &ConnectionRecord,
+        events_readable: Option<bool>,
+        endpoint: Option<(WebhookStatus, bool)>,
+    ) {
+        let stored = match self.store.find_recovery_cursor(&record.connection_id).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(tenant_id = %record.tenant_id, error = %e, "could not read the recovery cursor");
+                return;
+            }
+        };
+        let (was_readable, was_status) = stored.map_or((true, WebhookStatus::Enabled), |c| {
+            (c.event_recovery, c.webhook_status)
+        });
+        let (status, recover_now) = endpoint.unwrap_or((was_status, false));
+        let readable = events_readable.unwrap_or(was_readable);
+        if let Err(e) = (self.store)
+            .record_webhook_health(&record.connection_id, readable, status, recover_now)
+            .await
+        {
+            tracing::warn!(tenant_id = %record.tenant_id, error = %e, "could not record the webhook endpoint's health");
+        } else if recover_now {
+            self.recovery_due.notify_one();
+        }
     }
 
     /// After a replacement onto another account: the old account's endpoint goes, with the

@@ -39,12 +39,15 @@ impl ConnectionStatus {
 pub enum Warning {
     /// A secret key can do everything on the account; a restricted key is least privilege.
     SecretKeyFullAccess,
+    /// The key may not read Events: missed events cannot be recovered for it.
+    EventRecoveryOff,
 }
 
 impl Warning {
     pub fn parse(raw: &str) -> Option<Self> {
         match raw {
             "secret_key_full_access" => Some(Self::SecretKeyFullAccess),
+            "event_recovery_off" => Some(Self::EventRecoveryOff),
             _ => None,
         }
     }

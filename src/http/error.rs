@@ -14,6 +14,7 @@ use crate::crypto::CryptoError;
 use crate::domain::{KeyFormatError, Mode, Resource};
 use crate::proxy::ProxyError;
 use crate::store::StoreError;
+use crate::webhooks::recovery::RecoverError;
 use crate::webhooks::DeliveryError;
 
 tokio::task_local! {
@@ -78,6 +79,8 @@ pub enum ApiError {
     ConcurrentChange,
     #[error("Stripe refused to register Atlas's webhook endpoint on this account; nothing was stored. An account holds at most 16 webhook endpoints: delete an unused one in the Stripe dashboard and try again.")]
     WebhookRegistrationFailed,
+    #[error("This Stripe account already has the maximum of 16 webhook endpoints, so Atlas cannot register its own; nothing was stored. Delete unused webhook endpoints in the Stripe dashboard (Developers → Webhooks) and try again.")]
+    WebhookEndpointLimit,
     #[error(
         "The service cannot reach its database right now; nothing was changed. Try again shortly."
     )]
@@ -86,6 +89,10 @@ pub enum ApiError {
     MasterKeyUnavailable,
     #[error("The webhook delivery was rejected.")]
     WebhookRejected,
+    #[error("This connection's key may not read Events, so missed events cannot be recovered. Create a restricted key that adds Events: Read (the connection's fix_url pre-fills it) and connect it.")]
+    EventRecoveryOff,
+    #[error("since is older than Stripe keeps events (30 days); give a later time, or none to start where the last recovery ended.")]
+    SinceOutOfRange,
     #[error("No connection has this webhook URL.")]
     UnknownWebhookConnection,
     /// Anything that is our fault: logged with its cause, sent opaque.
@@ -153,7 +160,10 @@ impl ApiError {
             Self::WebhookRegistrationFailed => {
                 (S::UNPROCESSABLE_ENTITY, "webhook_registration_failed")
             }
+            Self::SinceOutOfRange => (S::UNPROCESSABLE_ENTITY, "since_out_of_range"),
+            Self::WebhookEndpointLimit => (S::UNPROCESSABLE_ENTITY, "webhook_endpoint_limit"),
             Self::RateLimited { .. } => (S::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::EventRecoveryOff => (S::CONFLICT, "event_recovery_off"),
             Self::TenantHasConnection => (S::CONFLICT, "tenant_has_connection"),
             Self::ConnectionNotActive(_) => (S::CONFLICT, "connection_not_active"),
             Self::ConcurrentChange => (S::CONFLICT, "concurrent_change"),
@@ -411,6 +421,7 @@ impl From<ConnectError> for ApiError {
                 Self::StripeUnavailable
             }
             ConnectError::WebhookRefused => Self::WebhookRegistrationFailed,
+            ConnectError::WebhookEndpointLimit => Self::WebhookEndpointLimit,
             ConnectError::Store(e) => {
                 Self::for_store(&e).unwrap_or_else(|| Self::Internal(anyhow::Error::new(e)))
             }
@@ -451,6 +462,17 @@ impl From<ProxyError> for ApiError {
             }
             ProxyError::StripeUnavailable => Self::StripeUnavailable,
             ProxyError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<RecoverError> for ApiError {
+    fn from(e: RecoverError) -> Self {
+        match e {
+            RecoverError::NotConnected => Self::NotConnected,
+            RecoverError::Off => Self::EventRecoveryOff,
+            RecoverError::SinceOutOfRange => Self::SinceOutOfRange,
+            RecoverError::Store(e) => e.into(),
         }
     }
 }

@@ -54,6 +54,28 @@ where
     }
 }
 
+/// Like [`AppJson`], for a route whose body may be left out: no body (or an empty one) is
+/// `None`.
+pub struct OptionalAppJson<T>(pub Option<T>);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalAppJson<T>
+where
+    BodyLimit: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(body, BodyLimit::from_ref(state).0).await?;
+        if bytes.is_empty() {
+            return Ok(Self(None));
+        }
+        let req = Request::from_parts(parts, Body::from(bytes));
+        let AppJson(value) = AppJson::from_request(req, state).await?;
+        Ok(Self(Some(value)))
+    }
+}
+
 /// `application/json` or `application/<anything>+json`, parameters allowed: what axum's
 /// `Json` accepts.
 fn is_json(headers: &HeaderMap) -> bool {
@@ -156,6 +178,11 @@ impl RequiredScope for OpsWrite {
 pub struct EventsRead;
 impl RequiredScope for EventsRead {
     const SCOPE: Scope = Scope::EventsRead;
+}
+
+pub struct EventsWrite;
+impl RequiredScope for EventsWrite {
+    const SCOPE: Scope = Scope::EventsWrite;
 }
 
 pub struct StripeCall;

@@ -15,7 +15,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{AppJson, AuthorizedTenant};
 use super::state::AppState;
 use super::summary::{ConnectionSummary, TenantIdSchema};
-use crate::store::{Actor, SaveOutcome};
+use crate::store::{Actor, ConnectionRecord, SaveOutcome};
 
 /// The tenant-facing routes. With `cors_allowed_origins`, exactly those browser origins may
 /// call them with a tenant token: only the methods and headers these routes use, no
@@ -99,8 +99,29 @@ pub async fn connect(
         .connect(&tenant, &body.api_key, &actor)
         .await?;
     Ok(match outcome {
-        SaveOutcome::Created(record) => (StatusCode::CREATED, Json((&record).into())),
-        SaveOutcome::Replaced(record) => (StatusCode::OK, Json((&record).into())),
+        SaveOutcome::Created(record) => {
+            (StatusCode::CREATED, Json(summarize(&state, &record).await?))
+        }
+        SaveOutcome::Replaced(record) => (StatusCode::OK, Json(summarize(&state, &record).await?)),
+    })
+}
+
+/// The summary of a connection with what its recovery cursor says of events.
+async fn summarize(
+    state: &AppState,
+    record: &ConnectionRecord,
+) -> Result<ConnectionSummary, ApiError> {
+    let summary = ConnectionSummary::from(record);
+    let cursor = state
+        .store
+        .find_recovery_cursor(&record.connection_id)
+        .await?;
+    Ok(match cursor {
+        Some(cursor) => summary.with_recovery(
+            &cursor,
+            crate::connection::fix_url(record.mode, state.connections.required()),
+        ),
+        None => summary,
     })
 }
 
@@ -124,7 +145,7 @@ pub async fn show(
         .find_connection(&tenant)
         .await?
         .ok_or(ApiError::NotConnected)?;
-    Ok(Json((&record).into()))
+    Ok(Json(summarize(&state, &record).await?))
 }
 
 #[utoipa::path(post, path = "/v1/tenants/{tenant_id}/stripe/connection/verify", tag = "integrations",
@@ -147,7 +168,7 @@ pub async fn verify(
 ) -> Result<Json<ConnectionSummary>, ApiError> {
     let actor = Actor::Tenant(tenant.clone());
     let record = state.connections.verify_on_demand(&tenant, &actor).await?;
-    Ok(Json((&record).into()))
+    Ok(Json(summarize(&state, &record).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/tenants/{tenant_id}/stripe/connection", tag = "integrations",

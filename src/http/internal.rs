@@ -4,14 +4,14 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{
-    parse_tenant_path, AppJson, AppQuery, EventsRead, OpsRead, ServiceCaller, TenantPath,
-    TenantsWrite,
+    parse_tenant_path, AppJson, AppQuery, EventsRead, EventsWrite, OpsRead, OptionalAppJson,
+    ServiceCaller, TenantPath, TenantsWrite,
 };
 use super::state::AppState;
 use super::summary::{ConnectionSummary, KeyType, TenantIdSchema};
@@ -31,6 +31,69 @@ pub fn router() -> Router<AppState> {
             "/internal/v1/tenants/{tenant_id}/stripe/events",
             get(list_events),
         )
+        .route(
+            "/internal/v1/tenants/{tenant_id}/stripe/events/recover",
+            post(recover_events),
+        )
+}
+
+/// Where a recovery should start.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverBody {
+    /// RFC 3339; at most 30 days ago (Stripe's retention). Omit to start where the last
+    /// recovery ended.
+    #[schema(value_type = Option<String>, format = DateTime, example = "2026-11-01T00:00:00Z", nullable = false)]
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    since: Option<time::OffsetDateTime>,
+}
+
+/// An accepted recovery: it runs in the background and its result is announced.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryAccepted {
+    #[schema(example = "rcv_8Hq2mXv0c9LrT4aZpQ1w")]
+    recovery_id: String,
+    /// Where it starts: `since` when given, never later than where the last recovery ended.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    since: time::OffsetDateTime,
+}
+
+#[utoipa::path(post, path = "/internal/v1/tenants/{tenant_id}/stripe/events/recover", tag = "internal",
+    security(("service_token" = ["events:write"])),
+    params(("tenant_id" = TenantIdSchema, Path, example = "ten_0")),
+    request_body(content = Option<RecoverBody>, description = "Optional; `{}` or no body starts where the last recovery ended", content_type = "application/json"),
+    responses(
+        (status = 202, description = "Accepted: the tenant's events are listed from Stripe's event log since `since`, in the background", body = RecoveryAccepted),
+        (status = 400, description = "invalid_request (the tenant id does not parse); invalid_json (not JSON, or the wrong shape)", body = ErrorBody),
+        (status = 401, description = "unauthenticated", body = ErrorBody),
+        (status = 403, description = "insufficient_scope", body = ErrorBody),
+        (status = 404, description = "not_connected (no connection, or no such tenant); not_found (the path is not UTF-8 once decoded)", body = ErrorBody),
+        (status = 408, description = "request_timeout: the body did not arrive within server.body_read_timeout_ms", body = ErrorBody),
+        (status = 409, description = "event_recovery_off: the key may not read Events", body = ErrorBody),
+        (status = 413, description = "payload_too_large: the body is larger than server.body_limit_bytes", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type: a body was sent, but not as application/json", body = ErrorBody),
+        (status = 422, description = "since_out_of_range: since is older than Stripe's 30-day retention", body = ErrorBody),
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable); nothing was changed", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    ))]
+pub async fn recover_events(
+    State(state): State<AppState>,
+    caller: ServiceCaller<EventsWrite>,
+    TenantPath(tenant): TenantPath,
+    OptionalAppJson(body): OptionalAppJson<RecoverBody>,
+) -> Result<(StatusCode, Json<RecoveryAccepted>), ApiError> {
+    let since = body.and_then(|body| body.since);
+    let requested = state.recovery.request(&tenant, since).await?;
+    tracing::info!(token_id = %caller.token_id, recovery_id = %requested.recovery_id, "recovery of missed events accepted");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RecoveryAccepted {
+            recovery_id: requested.recovery_id,
+            since: requested.since,
+        }),
+    ))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -47,7 +110,26 @@ pub struct EventsQuery {
 // `deny_unknown_fields` on the response types below only closes their schemas
 // (`additionalProperties: false`): they are serialized, never deserialized.
 
-/// One delivered event, in the tenant's feed order.
+/// Where a feed event came from: `webhook` (delivered to our endpoint) or `recovered`
+/// (found in Stripe's event log after a missed delivery).
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EventSource {
+    Webhook,
+    Recovered,
+}
+
+impl EventSource {
+    fn of(stored: &str) -> Self {
+        if stored == crate::store::EventSource::Recovered.as_str() {
+            Self::Recovered
+        } else {
+            Self::Webhook
+        }
+    }
+}
+
+/// One delivered (or recovered) event, in the tenant's feed order.
 #[derive(Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventView {
@@ -67,7 +149,8 @@ pub struct EventView {
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     received_at: time::OffsetDateTime,
-    /// The event exactly as Stripe sent it.
+    source: EventSource,
+    /// The event exactly as Stripe sent it (a recovered one as Stripe lists it).
     #[schema(value_type = Object)]
     payload: Box<serde_json::value::RawValue>,
 }
@@ -127,6 +210,7 @@ pub async fn list_events(
                 livemode: e.livemode,
                 connection_id: e.connection_id,
                 received_at: e.received_at,
+                source: EventSource::of(&e.source),
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;

@@ -32,6 +32,7 @@ use super::{integrations, internal, notifications, ops, proxy, webhooks};
         ops::metrics,
         webhooks::receive,
         internal::list_events,
+        internal::recover_events,
         proxy::forward,
         openapi_json,
     ),

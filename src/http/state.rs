@@ -37,6 +37,8 @@ pub struct Shared {
     pub health: Arc<crate::health::HealthMonitor>,
     pub proxy: Arc<Proxy>,
     pub webhooks: Arc<WebhookReceiver>,
+    /// On-demand recovery of missed events.
+    pub recovery: Arc<crate::webhooks::recovery::EventRecovery>,
     /// `internal.key_fetch_enabled`.
     pub key_fetch_enabled: bool,
     pub webhook_body_limit: usize,

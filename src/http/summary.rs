@@ -2,7 +2,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::domain::{ConnectionStatus, Mode, PermissionReport, TenantId, Warning};
-use crate::store::ConnectionRecord;
+use crate::store::{ConnectionRecord, RecoveryCursor, WebhookStatus};
 
 /// The masked view of a connection: everything but the key.
 // `deny_unknown_fields` only closes the schema (`additionalProperties: false`): this type
@@ -28,6 +28,79 @@ pub struct ConnectionSummary {
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub connected_at: OffsetDateTime,
+    /// Whether Stripe's events reach us and can be recovered (absent from the connections
+    /// list).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub webhook: Option<WebhookView>,
+}
+
+/// Our webhook endpoint on the tenant's account, and the recovery of missed events.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookView {
+    /// `enabled`; `disabled` (Stripe turned it off; re-enabled at the next verification);
+    /// `missing` (deleted on Stripe's side; registered again at the next verification).
+    pub status: WebhookEndpointStatus,
+    /// `on` when the key may read Events, else `off` (with the warning `event_recovery_off`).
+    pub event_recovery: EventRecovery,
+    /// When the newest stored event was created on Stripe.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_event_at: Option<OffsetDateTime>,
+    /// Every event created before this is stored.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub recovered_through: Option<OffsetDateTime>,
+    /// With `event_recovery: off`: a Stripe dashboard link pre-filling a key that adds
+    /// Events: Read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub fix_url: Option<String>,
+}
+
+/// What the last verification found of our webhook endpoint.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookEndpointStatus {
+    Enabled,
+    Disabled,
+    Missing,
+}
+
+/// Whether missed events can be recovered for the key.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventRecovery {
+    On,
+    Off,
+}
+
+impl ConnectionSummary {
+    /// The summary with what the recovery cursor says of events (`fix_url`: the link that
+    /// adds Events: Read).
+    pub fn with_recovery(mut self, cursor: &RecoveryCursor, fix_url: String) -> Self {
+        if !cursor.event_recovery {
+            self.warnings.push(Warning::EventRecoveryOff);
+        }
+        self.webhook = Some(WebhookView {
+            status: match cursor.webhook_status {
+                WebhookStatus::Enabled => WebhookEndpointStatus::Enabled,
+                WebhookStatus::Disabled => WebhookEndpointStatus::Disabled,
+                WebhookStatus::Missing => WebhookEndpointStatus::Missing,
+            },
+            event_recovery: if cursor.event_recovery {
+                EventRecovery::On
+            } else {
+                EventRecovery::Off
+            },
+            last_event_at: (cursor.last_event_created)
+                .and_then(|created| OffsetDateTime::from_unix_timestamp(created).ok()),
+            recovered_through: Some(cursor.recovered_through),
+            fix_url: (!cursor.event_recovery).then_some(fix_url),
+        });
+        self
+    }
 }
 
 impl From<&ConnectionRecord> for ConnectionSummary {
@@ -42,6 +115,7 @@ impl From<&ConnectionRecord> for ConnectionSummary {
             warnings: record.warnings.clone(),
             verified_at: record.verified_at,
             connected_at: record.connected_at,
+            webhook: None,
         }
     }
 }

@@ -16,7 +16,8 @@ use crate::stripe::Forward;
 /// What the proxy needs, built once at start-up from `proxy.*`.
 pub struct Proxy {
     allowlist: Allowlist,
-    smoothing: AccountSmoothing,
+    /// Shared with the recovery of missed events: one rate per account.
+    smoothing: Arc<AccountSmoothing>,
     body_limit: usize,
     deadline: Duration,
     /// `proxy.stripe_versions`: the caller versions accepted (empty: any).
@@ -68,17 +69,14 @@ pub enum ProxyError {
 impl Proxy {
     pub fn new(
         settings: &crate::config::ProxySettings,
+        smoothing: Arc<AccountSmoothing>,
         keys: Arc<KeyAccess>,
         connections: Arc<ConnectionService>,
         store: Arc<dyn Store>,
     ) -> Self {
         Self {
             allowlist: settings.allowed.clone(),
-            smoothing: AccountSmoothing::new(
-                settings.live_requests_per_second,
-                settings.test_requests_per_second,
-                settings.max_wait,
-            ),
+            smoothing,
             body_limit: settings.body_limit_bytes,
             deadline: settings.deadline,
             stripe_versions: settings.stripe_versions.clone(),

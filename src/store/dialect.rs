@@ -9,6 +9,7 @@ use sqlx::{Database, Pool};
 
 use super::model::{KeyFetchTally, NewEvent, RewrappedRow};
 use super::queries::TallyStatements;
+use super::recovery::EventSource;
 use super::{Backend, StoreError};
 use crate::crypto::Purpose;
 use crate::domain::TenantId;
@@ -54,6 +55,16 @@ pub trait Dialect: Database {
         statements: &TallyStatements,
         tallies: &[KeyFetchTally],
     ) -> Result<(), StoreError>;
+
+    /// Inserts an event inside the caller's transaction so that feed order follows commit
+    /// order; false when the event was already stored.
+    async fn insert_event(
+        conn: &mut Self::Connection,
+        tenant: &TenantId,
+        connection_id: &str,
+        event: &NewEvent,
+        source: EventSource,
+    ) -> Result<bool, StoreError>;
 
     /// Inserts a verified event so that feed order follows commit order; false when the
     /// event was already stored.

@@ -13,6 +13,7 @@ mod model;
 pub mod notifications;
 mod postgres;
 mod queries;
+mod recovery;
 mod rows;
 mod sql_store;
 mod sqlite;
@@ -34,6 +35,7 @@ pub use model::{
     Verification, WebhookChange, WebhookTarget,
 };
 pub use notifications::Outbox;
+pub use recovery::{EventSource, RecoveryClaim, RecoveryCursor, RecoveryRun, WebhookStatus};
 pub use sql_store::SqlStore;
 
 use crate::crypto::{MasterKeyId, Purpose};
@@ -240,6 +242,99 @@ pub trait Store: Outbox + Send + Sync + 'static {
 
     /// The audit trail, oldest first; all tenants when `tenant` is `None`.
     async fn audit_trail(&self, tenant: Option<&TenantId>) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Leases up to `limit` connections due for event recovery to `owner` until
+    /// `lease_until` (giving new connections a cursor first); one leased by another live
+    /// process is skipped.
+    async fn claim_due_recoveries(
+        &self,
+        owner: &str,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<RecoveryClaim>, StoreError>;
+
+    /// The connection's recovery cursor (made, starting at the connection, if it had none);
+    /// `None` when there is no such connection.
+    async fn find_recovery_cursor(
+        &self,
+        connection_id: &str,
+    ) -> Result<Option<RecoveryCursor>, StoreError>;
+
+    /// Records the start of a run under `owner`'s lease, taking any requested start; false
+    /// when the lease is no longer `owner`'s.
+    async fn begin_recovery_run(
+        &self,
+        connection_id: &str,
+        owner: &str,
+        since: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
+    /// Stores a page of recovered events (each once per connection) and the run's progress
+    /// (`after`: the page's oldest event) in one transaction, extending the lease. Returns
+    /// how many were new; `None` (nothing stored) when the lease is no longer `owner`'s.
+    async fn store_recovered_page(
+        &self,
+        tenant: &TenantId,
+        connection_id: &str,
+        owner: &str,
+        events: &[NewEvent],
+        after: &str,
+        lease_until: OffsetDateTime,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// Ends a run: the cursor moves forward to `through`, the connection is next due at
+    /// `next_due` (now when a recovery was requested meanwhile) and the lease is released.
+    /// False when the lease is no longer `owner`'s.
+    async fn finish_recovery_run(
+        &self,
+        connection_id: &str,
+        owner: &str,
+        through: OffsetDateTime,
+        next_due: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
+    /// Gives a recovery lease back, with the connection due again at `due_at`; the run's
+    /// progress stays for the next holder to resume.
+    async fn release_recovery(
+        &self,
+        connection_id: &str,
+        owner: &str,
+        due_at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Makes a recovery due now, from `since` (never later than the cursor). The cursor as
+    /// requested; `None` when there is no such connection.
+    async fn request_recovery(
+        &self,
+        connection_id: &str,
+        since: Option<OffsetDateTime>,
+    ) -> Result<Option<RecoveryCursor>, StoreError>;
+
+    /// What a verification found: whether the key may read Events and the state of our
+    /// endpoint; `recover_now` makes a recovery due at once (the endpoint was repaired).
+    async fn record_webhook_health(
+        &self,
+        connection_id: &str,
+        event_recovery: bool,
+        status: WebhookStatus,
+        recover_now: bool,
+    ) -> Result<(), StoreError>;
+
+    /// Replaces our webhook endpoint (registered again after it was deleted on Stripe) while
+    /// the connection still has the key `secret_id` and the endpoint `old_endpoint_id`;
+    /// false when either changed meanwhile.
+    async fn replace_webhook(
+        &self,
+        tenant: &TenantId,
+        secret_id: &str,
+        old_endpoint_id: &str,
+        new: &StoredWebhook,
+    ) -> Result<bool, StoreError>;
+
+    /// The oldest recovery cursor per mode (connections whose events are recovered).
+    async fn oldest_recovery_cursors(&self) -> Result<Vec<(Mode, OffsetDateTime)>, StoreError>;
 }
 
 /// On PostgreSQL, starts the task that keeps `cache` live while subscribed to changes of

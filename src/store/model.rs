@@ -202,6 +202,8 @@ pub struct StoredEvent {
     pub livemode: bool,
     pub received_at: OffsetDateTime,
     pub payload: String,
+    /// `webhook` (delivered) or `recovered` (listed from Stripe's event log).
+    pub source: String,
 }
 
 /// A verified delivery to store.

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use super::dialect::Dialect;
 use super::model::{KeyFetchTally, NewEvent, RewrappedRow};
 use super::queries::TallyStatements;
+use super::recovery::EventSource;
 use super::{Backend, StoreError};
 use crate::auth::{token_cache, ServiceTokenCache};
 use crate::crypto::Purpose;
@@ -40,8 +41,9 @@ const REWRAP_WEBHOOK_SECRETS_UNNEST: &str = "UPDATE stripe_connections c \
 /// The row carries its transaction id; the feed holds back rows of
 /// transactions still running (`Dialect::FEED_HORIZON`).
 const INSERT_EVENT_WITH_TXID: &str = "INSERT INTO webhook_events (tenant_id, txid, seq, \
-    connection_id, event_id, event_type, created, livemode, received_at, payload) VALUES ($1, \
-    pg_current_xact_id()::text::bigint, nextval('webhook_event_seq'), $2, $3, $4, $5, $6, $7, $8) \
+    connection_id, event_id, event_type, created, livemode, received_at, payload, source) \
+    VALUES ($1, pg_current_xact_id()::text::bigint, nextval('webhook_event_seq'), $2, $3, $4, \
+    $5, $6, $7, $8, $9) \
     ON CONFLICT (connection_id, event_id) DO NOTHING";
 
 #[async_trait]
@@ -133,11 +135,12 @@ impl Dialect for Postgres {
 
     /// No lock: the row carries its transaction id, and the feed orders by it and holds
     /// back rows of transactions still running (`FEED_HORIZON`).
-    async fn insert_event_in_feed_order(
-        pool: &PgPool,
+    async fn insert_event(
+        conn: &mut PgConnection,
         tenant: &TenantId,
         connection_id: &str,
         event: &NewEvent,
+        source: EventSource,
     ) -> Result<bool, StoreError> {
         let inserted = sqlx::query(INSERT_EVENT_WITH_TXID)
             .bind(tenant.as_str())
@@ -148,10 +151,29 @@ impl Dialect for Postgres {
             .bind(event.livemode)
             .bind(crate::clock::now())
             .bind(&event.payload)
-            .execute(pool)
+            .bind(source.as_str())
+            .execute(conn)
             .await?
             .rows_affected();
         Ok(inserted == 1)
+    }
+
+    /// One statement, in a transaction of its own.
+    async fn insert_event_in_feed_order(
+        pool: &PgPool,
+        tenant: &TenantId,
+        connection_id: &str,
+        event: &NewEvent,
+    ) -> Result<bool, StoreError> {
+        let mut conn = pool.acquire().await?;
+        Self::insert_event(
+            &mut conn,
+            tenant,
+            connection_id,
+            event,
+            EventSource::Webhook,
+        )
+        .await
     }
 }
 

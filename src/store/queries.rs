@@ -145,7 +145,7 @@ pub const EVENT_SEEN: &str =
 /// The feed; `Dialect::FEED_HORIZON` goes between the two halves.
 pub const LIST_EVENTS: [&str; 2] = [
     "SELECT txid, seq, connection_id, event_id, event_type, created, livemode, received_at, \
-     payload FROM webhook_events WHERE tenant_id = $1 AND (txid, seq) > ($2, $3)",
+     payload, source FROM webhook_events WHERE tenant_id = $1 AND (txid, seq) > ($2, $3)",
     " ORDER BY txid, seq LIMIT $4",
 ];
 

@@ -14,8 +14,10 @@ use super::dialect::Dialect;
 use super::model::{
     Actor, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch, KeyFetchTally,
     NewConnection, NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow,
-    ServiceTokenRecord, StoredEvent, TenantRecord, TenantWrite, Verification, WebhookTarget,
+    ServiceTokenRecord, StoredEvent, StoredWebhook, TenantRecord, TenantWrite, Verification,
+    WebhookTarget,
 };
+use super::recovery::{RecoveryClaim, RecoveryCursor, RecoveryCursorRow, WebhookStatus};
 use super::rows::{
     ApiKeyRow, AuditRow, ConnectionRow, KeyFetchRow, KeyFetchTallyRow, SealedRowRaw,
     ServiceTokenRow, TenantRow, WebhookTargetRow,
@@ -80,6 +82,8 @@ where
     for<'r> ApiKeyRow: FromRow<'r, DB::Row>,
     for<'r> AuditRow: FromRow<'r, DB::Row>,
     Self: super::Outbox,
+    for<'r> (String, OffsetDateTime): FromRow<'r, DB::Row>,
+    for<'r> RecoveryCursorRow: FromRow<'r, DB::Row>,
 {
     fn backend(&self) -> Backend {
         DB::BACKEND
@@ -308,6 +312,102 @@ where
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn claim_due_recoveries(
+        &self,
+        owner: &str,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<RecoveryClaim>, StoreError> {
+        self.claim_due_recoveries(owner, now, lease_until, limit)
+            .await
+    }
+
+    async fn find_recovery_cursor(
+        &self,
+        connection_id: &str,
+    ) -> Result<Option<RecoveryCursor>, StoreError> {
+        self.find_recovery_cursor(connection_id).await
+    }
+
+    async fn begin_recovery_run(
+        &self,
+        connection_id: &str,
+        owner: &str,
+        since: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        self.begin_recovery_run(connection_id, owner, since, until)
+            .await
+    }
+
+    async fn store_recovered_page(
+        &self,
+        tenant: &TenantId,
+        connection_id: &str,
+        owner: &str,
+        events: &[NewEvent],
+        after: &str,
+        lease_until: OffsetDateTime,
+    ) -> Result<Option<u64>, StoreError> {
+        self.store_recovered_page(tenant, connection_id, owner, events, after, lease_until)
+            .await
+    }
+
+    async fn finish_recovery_run(
+        &self,
+        connection_id: &str,
+        owner: &str,
+        through: OffsetDateTime,
+        next_due: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        self.finish_recovery_run(connection_id, owner, through, next_due)
+            .await
+    }
+
+    async fn release_recovery(
+        &self,
+        connection_id: &str,
+        owner: &str,
+        due_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.release_recovery(connection_id, owner, due_at).await
+    }
+
+    async fn request_recovery(
+        &self,
+        connection_id: &str,
+        since: Option<OffsetDateTime>,
+    ) -> Result<Option<RecoveryCursor>, StoreError> {
+        self.request_recovery(connection_id, since).await
+    }
+
+    async fn record_webhook_health(
+        &self,
+        connection_id: &str,
+        event_recovery: bool,
+        status: WebhookStatus,
+        recover_now: bool,
+    ) -> Result<(), StoreError> {
+        self.record_webhook_health(connection_id, event_recovery, status, recover_now)
+            .await
+    }
+
+    async fn replace_webhook(
+        &self,
+        tenant: &TenantId,
+        secret_id: &str,
+        old_endpoint_id: &str,
+        new: &StoredWebhook,
+    ) -> Result<bool, StoreError> {
+        self.replace_webhook(tenant, secret_id, old_endpoint_id, new)
+            .await
+    }
+
+    async fn oldest_recovery_cursors(&self) -> Result<Vec<(Mode, OffsetDateTime)>, StoreError> {
+        self.oldest_recovery_cursors().await
     }
 }
 

@@ -14,6 +14,7 @@ use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 use super::dialect::Dialect;
 use super::model::{KeyFetchTally, NewEvent, RewrappedRow};
 use super::queries::TallyStatements;
+use super::recovery::EventSource;
 use super::{Backend, StoreError};
 use crate::crypto::Purpose;
 use crate::domain::TenantId;
@@ -34,8 +35,8 @@ const NEXT_EVENT_SEQ: &str =
     "UPDATE tenants SET event_seq = event_seq + 1 WHERE tenant_id = $1 RETURNING event_seq";
 
 const INSERT_EVENT_WITH_SEQ: &str = "INSERT INTO webhook_events (tenant_id, txid, seq, \
-    connection_id, event_id, event_type, created, livemode, received_at, payload) \
-    VALUES ($1, 0, $2, $3, $4, $5, $6, $7, $8, $9) \
+    connection_id, event_id, event_type, created, livemode, received_at, payload, source) \
+    VALUES ($1, 0, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
     ON CONFLICT (connection_id, event_id) DO NOTHING";
 
 #[async_trait]
@@ -125,16 +126,16 @@ impl Dialect for Sqlite {
 
     /// The per-tenant sequence is taken in the writing transaction; with one writer at a
     /// time, sequence order is commit order.
-    async fn insert_event_in_feed_order(
-        pool: &SqlitePool,
+    async fn insert_event(
+        conn: &mut SqliteConnection,
         tenant: &TenantId,
         connection_id: &str,
         event: &NewEvent,
+        source: EventSource,
     ) -> Result<bool, StoreError> {
-        let mut tx = pool.begin().await?;
         let seq: Option<i64> = sqlx::query_scalar(NEXT_EVENT_SEQ)
             .bind(tenant.as_str())
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut *conn)
             .await?;
         let Some(seq) = seq else {
             return Err(StoreError::TenantMissing);
@@ -149,10 +150,22 @@ impl Dialect for Sqlite {
             .bind(event.livemode)
             .bind(crate::clock::now())
             .bind(&event.payload)
-            .execute(&mut *tx)
+            .bind(source.as_str())
+            .execute(&mut *conn)
             .await?
             .rows_affected();
-        if inserted == 0 {
+        Ok(inserted == 1)
+    }
+
+    /// A duplicate rolls back, so it takes no sequence number.
+    async fn insert_event_in_feed_order(
+        pool: &SqlitePool,
+        tenant: &TenantId,
+        connection_id: &str,
+        event: &NewEvent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = pool.begin().await?;
+        if !Self::insert_event(&mut tx, tenant, connection_id, event, EventSource::Webhook).await? {
             return Ok(false);
         }
         tx.commit().await?;

@@ -1,7 +1,8 @@
-//! Talking to Stripe: the HTTP client (timeouts, retries, pinned version) and the
-//! side-effect-free permission probe.
+//! Talking to Stripe: the HTTP client (timeouts, retries, pinned version), the
+//! side-effect-free permission probe, our webhook endpoint and the event log.
 
 mod client;
+pub mod events;
 mod probe;
 pub mod webhooks;
 

@@ -44,12 +44,50 @@ pub fn register_request(
     }
 }
 
+/// Stripe's cap on webhook endpoints per account: past it, a registration answers 400
+/// with no `code` to tell it from any other refusal.
+pub const ENDPOINT_CAP: usize = 16;
+
+/// `GET /v1/webhook_endpoints?limit=100`: the account's endpoints (at most the cap, so one
+/// page), to tell a registration refused at the cap from another refusal.
+pub fn list_request() -> StripeRequest {
+    StripeRequest {
+        method: StripeMethod::Get,
+        endpoint: "/v1/webhook_endpoints",
+        path: "/v1/webhook_endpoints".to_owned(),
+        form: vec![("limit".to_owned(), "100".to_owned())],
+        idempotency_key: None,
+    }
+}
+
+/// How many endpoints a list answer holds.
+pub fn endpoint_count(reply: &StripeReply) -> Option<usize> {
+    reply
+        .body
+        .get("data")
+        .and_then(Value::as_array)
+        .map(Vec::len)
+}
+
 pub fn retrieve_request(endpoint_id: &str) -> StripeRequest {
     StripeRequest {
         method: StripeMethod::Get,
         endpoint: "/v1/webhook_endpoints/{webhook_endpoint}",
         path: format!("/v1/webhook_endpoints/{endpoint_id}"),
         form: Vec::new(),
+        idempotency_key: None,
+    }
+}
+
+/// `POST /v1/webhook_endpoints/{id}` with `disabled=false`: turns an endpoint Stripe
+/// disabled (after days of failed deliveries) back on.
+pub fn enable_request(endpoint_id: &str) -> StripeRequest {
+    StripeRequest {
+        method: StripeMethod::Post,
+        endpoint: "/v1/webhook_endpoints/{webhook_endpoint}",
+        path: format!("/v1/webhook_endpoints/{endpoint_id}"),
+        form: vec![("disabled".to_owned(), "false".to_owned())],
+        // Setting a flag: sending it twice changes nothing more.
         idempotency_key: None,
     }
 }
@@ -95,6 +133,11 @@ pub fn parse_registration(reply: &StripeReply) -> Option<RegisteredEndpoint> {
         id: id.to_owned(),
         secret,
     })
+}
+
+/// `status` of an endpoint Stripe describes: `enabled` or `disabled`.
+pub fn endpoint_status(reply: &StripeReply) -> Option<&str> {
+    reply.body.get("status").and_then(Value::as_str)
 }
 
 /// The URL of an endpoint Stripe describes, to tell ours from a tenant's own.

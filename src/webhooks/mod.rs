@@ -1,8 +1,10 @@
 //! Stripe's deliveries of a connection's events: verified against the endpoint's signing
-//! secret, then stored durably before Stripe hears a 2xx (`receive.rs`). Workers that
-//! serve the events (recovery of missed ones) belong here, each in its own file, not in
-//! `http/`.
+//! secret, then stored durably before Stripe hears a 2xx (`receive.rs`); the recovery of
+//! events Stripe could not deliver (`recovery.rs`), and what it announces
+//! (`announcements.rs`).
 
+pub mod announcements;
 mod receive;
+pub mod recovery;
 
 pub use receive::{DeliveryError, Stored, WebhookReceiver};

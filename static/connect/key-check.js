@@ -56,10 +56,17 @@ export function isMode(raw) {
   return raw === 'test' || raw === 'live';
 }
 
-/** Stripe's create-restricted-key page, pre-filled with a name and exactly the five permissions. */
+/** Events: Read, not required, lets missed events be recovered from Stripe's event log. */
+const EVENTS_READ_SCOPE = 'rak_event_read';
+
+/**
+ * Stripe's create-restricted-key page, pre-filled with a name, exactly the five permissions,
+ * and Events: Read.
+ */
 export function createKeyUrl(mode) {
   const segment = mode === 'live' ? '' : 'test/';
-  const permissions = RESOURCES.map((r) => `&permissions[]=${r.scope}`).join('');
+  const scopes = [...RESOURCES.map((r) => r.scope), EVENTS_READ_SCOPE];
+  const permissions = scopes.map((scope) => `&permissions[]=${scope}`).join('');
   return `https://dashboard.stripe.com/${segment}apikeys/create?name=Atlas${permissions}`;
 }
 

@@ -85,12 +85,17 @@ async fn a_restricted_key_with_every_permission_connects(backend: Backend) {
     }
     assert!(!body.to_string().contains(&api_key));
 
-    // Exactly five probes, each an update of a random id, none a create; then our webhook
-    // endpoint is registered.
+    // Exactly five probes, each an update of a random id, none a create; the Events: Read
+    // probe (a read of one event); then our webhook endpoint is registered.
     let requests = app.stripe_requests().await;
     let probe_requests = probes(&requests);
     assert_eq!(probe_requests.len(), 5);
-    assert_eq!(requests.len(), 6);
+    let reads: Vec<String> = (requests.iter())
+        .filter(|r| r.method.as_str() == "GET")
+        .map(|r| format!("{}?{}", r.url.path(), r.url.query().unwrap_or_default()))
+        .collect();
+    assert_eq!(reads, ["/v1/events?limit=1"]);
+    assert_eq!(requests.len(), 7);
     for request in probe_requests {
         assert_eq!(request.method.as_str(), "POST");
         assert!(request.body.is_empty(), "a probe sends no parameters");
@@ -675,7 +680,7 @@ async fn verify_moves_status_with_what_stripe_says(backend: Backend) {
     let sent_with_the_key = || async move {
         let requests = app_ref.stripe_requests().await;
         assert_bearer(&requests, key_ref);
-        requests.len()
+        probes(&requests).len()
     };
     sent_with_the_key().await;
     app.stripe.reset().await;

@@ -205,6 +205,8 @@ pub fn test_overrides<'a>(
         ("dev.generate_secrets", "false"),
         // Background re-verification probes Stripe on its own; tests that want it turn it on.
         ("reverify.enabled", "false"),
+        // So does the recovery of missed events.
+        ("webhooks.recovery_enabled", "false"),
     ]
 }
 

@@ -23,6 +23,7 @@ mod ops;
 mod outage;
 mod proxy;
 mod races;
+mod recovery;
 mod secrets;
 mod slow_clients;
 mod store;

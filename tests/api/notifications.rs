@@ -241,18 +241,25 @@ async fn every_connection_change_is_announced_signed_in_order(backend: Backend) 
         "connection.revoked",
         "connection.disconnected",
     ];
-    let received = receiver
-        .wait_until("six announcements", |r| r.len() >= expected.len())
+    // Each verification also retrieves our endpoint; the mock, reset between them, no
+    // longer knows it, so verification registers it again and announces that repair too.
+    let connection_changes = |received: &[Received]| -> Vec<String> {
+        (Receiver::kinds_of(received, "ten_1").into_iter())
+            .filter(|kind| kind.starts_with("connection."))
+            .collect()
+    };
+    receiver
+        .wait_until("six announcements", |r| {
+            connection_changes(r).len() >= expected.len()
+        })
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let received = receiver.received().len().max(received.len());
-    assert_eq!(
-        received,
-        expected.len(),
-        "one per change, none for an unchanged status"
-    );
     let received = receiver.received();
-    assert_eq!(Receiver::kinds_of(&received, "ten_1"), expected);
+    assert_eq!(
+        connection_changes(&received),
+        expected,
+        "one per change, in order, none for an unchanged status"
+    );
     for r in &received {
         assert!(r.id.starts_with("msg_"), "{}", r.id);
         let signatures = r.headers["webhook-signature"].to_str().unwrap();
@@ -303,6 +310,7 @@ async fn every_connection_change_is_announced_signed_in_order(backend: Backend) 
     .await;
     let listed: Vec<&str> = (listed.as_array().unwrap().iter())
         .map(|n| n["type"].as_str().unwrap())
+        .filter(|kind| kind.starts_with("connection."))
         .collect();
     let mut newest_first = expected.to_vec();
     newest_first.reverse();

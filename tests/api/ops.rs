@@ -109,6 +109,7 @@ async fn the_openapi_description_matches_the_routes() {
             "GET /readyz",
             "GET /v1/tenants/{tenant_id}/stripe/connection",
             "POST /internal/v1/notifications/{id}/redeliver",
+            "POST /internal/v1/tenants/{tenant_id}/stripe/events/recover",
             "POST /internal/v1/tenants/{tenant_id}/stripe/v1/{path}",
             "POST /v1/tenants/{tenant_id}/stripe/connection",
             "POST /v1/tenants/{tenant_id}/stripe/connection/verify",

@@ -218,6 +218,8 @@ pub async fn answer_all(server: &MockServer, answer: Answer) -> FakeEndpoints {
     }
     let endpoints = FakeEndpoints::default();
     endpoints.mount(server).await;
+    // The Events: Read probe of every connect and verification: an empty log.
+    FakeEvents::default().mount(server).await;
     endpoints
 }
 
@@ -233,6 +235,8 @@ pub async fn grant_all_but(server: &MockServer, denied: &[Resource]) -> FakeEndp
     }
     let endpoints = FakeEndpoints::default();
     endpoints.mount(server).await;
+    // The Events: Read probe of every connect and verification: an empty log.
+    FakeEvents::default().mount(server).await;
     endpoints
 }
 
@@ -300,7 +304,12 @@ struct FakeState {
     refuse: bool,
     omit_secret: bool,
     gate: Option<GateInside>,
+    /// Endpoints Stripe has disabled (after days of failed deliveries).
+    disabled: Vec<String>,
 }
+
+/// Stripe's cap on webhook endpoints per account in test mode.
+pub const ENDPOINT_CAP: usize = 16;
 
 /// The mock's side of a [`RegistrationGate`].
 struct GateInside {
@@ -372,6 +381,20 @@ impl FakeEndpoints {
             .respond_with(self.clone())
             .mount(server)
             .await;
+        Mock::given(method("GET"))
+            .and(path_regex(r"^/v1/webhook_endpoints$"))
+            .respond_with(self.clone())
+            .mount(server)
+            .await;
+        // The update of an endpoint that exists; any other id is the probe's (a random id),
+        // answered by the probe's mock.
+        Mock::given(method("POST"))
+            .and(path_regex(r"^/v1/webhook_endpoints/we_[A-Za-z0-9]+$"))
+            .and(KnownEndpoint(self.clone()))
+            .respond_with(self.clone())
+            .with_priority(1)
+            .mount(server)
+            .await;
         for verb in ["GET", "DELETE"] {
             Mock::given(method(verb))
                 .and(path_regex(r"^/v1/webhook_endpoints/we_[A-Za-z0-9]+$"))
@@ -411,6 +434,21 @@ impl FakeEndpoints {
     /// Stripe refuses registrations (e.g. the account has 16 endpoints already).
     pub fn refuse(&self, refuse: bool) {
         self.inner.lock().unwrap().refuse = refuse;
+    }
+
+    /// Stripe disables the endpoint `id` (as after days of failed deliveries).
+    pub fn disable(&self, id: &str) {
+        self.inner.lock().unwrap().disabled.push(id.to_owned());
+    }
+
+    /// Whether Stripe has the endpoint `id` disabled.
+    pub fn is_disabled(&self, id: &str) -> bool {
+        self.inner.lock().unwrap().disabled.iter().any(|d| d == id)
+    }
+
+    /// The tenant deletes the endpoint `id` in their dashboard.
+    pub fn delete_on_stripe(&self, id: &str) {
+        self.inner.lock().unwrap().endpoints.retain(|e| e.id != id);
     }
 
     /// Stripe answers a registration without its secret.
@@ -569,6 +607,17 @@ async fn pass_through(
     response
 }
 
+/// Matches a request naming an endpoint that exists on the key's account.
+struct KnownEndpoint(FakeEndpoints);
+
+impl wiremock::Match for KnownEndpoint {
+    fn matches(&self, request: &Request) -> bool {
+        let id = request.url.path().rsplit('/').next().unwrap_or_default();
+        let account = account_of(request);
+        (self.0.inner.lock().unwrap().endpoints.iter()).any(|e| e.id == id && e.account == account)
+    }
+}
+
 fn not_found(id: &str) -> ResponseTemplate {
     ResponseTemplate::new(404).set_body_json(json!({"error": {
         "code": "resource_missing",
@@ -589,9 +638,38 @@ impl FakeEndpoints {
         let account = account_of(request);
         let mut state = self.inner.lock().unwrap();
         let path = request.url.path().to_owned();
+        let at_cap = (state.endpoints.iter())
+            .filter(|e| e.account == account)
+            .count()
+            >= ENDPOINT_CAP;
         match request.method.as_str() {
+            "GET" if path == "/v1/webhook_endpoints" => {
+                let data: Vec<serde_json::Value> = (state.endpoints.iter())
+                    .filter(|e| e.account == account)
+                    .map(|e| json!({"id": e.id, "object": "webhook_endpoint", "url": e.url,
+                        "status": if state.disabled.contains(&e.id) { "disabled" } else { "enabled" }}))
+                    .collect();
+                ResponseTemplate::new(200).set_body_json(json!({
+                    "object": "list", "url": "/v1/webhook_endpoints", "has_more": false, "data": data,
+                }))
+            }
+            "POST" if path != "/v1/webhook_endpoints" => {
+                let id = path.rsplit('/').next().unwrap_or_default().to_owned();
+                if form_value(&request.body, "disabled").as_deref() == Some("false") {
+                    state.disabled.retain(|d| *d != id);
+                }
+                let status = if state.disabled.contains(&id) {
+                    "disabled"
+                } else {
+                    "enabled"
+                };
+                ResponseTemplate::new(200).set_body_json(json!({
+                    "id": id, "object": "webhook_endpoint", "status": status,
+                }))
+            }
             "POST" => {
-                if state.refuse {
+                // Stripe's own answer at its cap: a 400 with no `code`.
+                if state.refuse || at_cap {
                     return ResponseTemplate::new(400).set_body_json(json!({"error": {
                         "message": "You have reached the maximum of 16 test webhook endpoints.",
                         "type": "invalid_request_error",
@@ -649,11 +727,249 @@ impl FakeEndpoints {
                     );
                 }
                 let e = &state.endpoints[index];
+                let status = if state.disabled.contains(&e.id) {
+                    "disabled"
+                } else {
+                    "enabled"
+                };
                 ResponseTemplate::new(200).set_body_json(json!({
-                    "id": e.id, "object": "webhook_endpoint", "url": e.url, "status": "enabled",
+                    "id": e.id, "object": "webhook_endpoint", "url": e.url, "status": status,
                     "enabled_events": ["invoice.paid"], "livemode": false, "metadata": {}, "created": 1_700_000_000,
                 }))
             }
         }
+    }
+}
+
+/// Stripe's event log of every account, kept in memory and listed as `GET /v1/events` does:
+/// newest first (ties in the order they happened, newest first), `created[gte]`, `types[]`,
+/// `starting_after`, `limit` (1 to 100, default 10) and `has_more`. A key whose last four
+/// characters are denied Events: Read gets Stripe's 403.
+#[derive(Clone, Default)]
+pub struct FakeEvents {
+    inner: std::sync::Arc<std::sync::Mutex<EventLog>>,
+}
+
+#[derive(Default)]
+struct EventLog {
+    /// Oldest first.
+    events: Vec<FakeEvent>,
+    next: u32,
+    denied: Vec<String>,
+    /// The next this many listings answer 429.
+    rate_limited: u32,
+    /// Listings answered so far (probes with `limit=1` included).
+    listings: u32,
+    /// Listings of a recovery (with `created[gte]`) so far.
+    pages: u32,
+    /// Holds the listing with this number (1-based, probes excluded) until released.
+    gate: Option<(u32, GateInside)>,
+    /// Every listing is answered this much later.
+    page_delay: Option<Duration>,
+}
+
+#[derive(Clone, Debug)]
+pub struct FakeEvent {
+    pub id: String,
+    pub account: String,
+    pub event_type: String,
+    pub created: i64,
+    pub livemode: bool,
+}
+
+impl FakeEvent {
+    /// The event as Stripe lists and delivers it.
+    pub fn body(&self) -> serde_json::Value {
+        json!({
+            "id": self.id, "object": "event", "api_version": "2023-08-16",
+            "created": self.created, "livemode": self.livemode, "pending_webhooks": 1,
+            "request": {"id": null, "idempotency_key": null}, "type": self.event_type,
+            "data": {"object": {"id": format!("in_{}", &self.id[4..]), "object": "invoice"}},
+        })
+    }
+}
+
+/// Holds one listing until the test says go (see [`RegistrationGate`], the same shape).
+pub type ListingGate = RegistrationGate;
+
+impl FakeEvents {
+    /// Mounts `GET /v1/events` on `server`.
+    pub async fn mount(&self, server: &MockServer) {
+        Mock::given(method("GET"))
+            .and(path_regex(r"^/v1/events$"))
+            .respond_with(self.clone())
+            .mount(server)
+            .await;
+    }
+
+    /// An event of `event_type` on the main account (`acct_main`), created `created` (unix
+    /// seconds), in test mode.
+    pub fn add(&self, event_type: &str, created: i64) -> FakeEvent {
+        self.add_to("acct_main", event_type, created)
+    }
+
+    pub fn add_to(&self, account: &str, event_type: &str, created: i64) -> FakeEvent {
+        let mut log = self.inner.lock().unwrap();
+        log.next += 1;
+        let event = FakeEvent {
+            id: format!("evt_1Atlas{:08}", log.next),
+            account: account.to_owned(),
+            event_type: event_type.to_owned(),
+            created,
+            livemode: false,
+        };
+        log.events.push(event.clone());
+        event
+    }
+
+    /// Every event on Stripe, oldest first.
+    pub fn all(&self) -> Vec<FakeEvent> {
+        self.inner.lock().unwrap().events.clone()
+    }
+
+    /// The key ending in `last4` lacks Events: Read.
+    pub fn deny_key(&self, last4: &str) {
+        self.inner.lock().unwrap().denied.push(last4.to_owned());
+    }
+
+    /// The next `count` listings answer 429 (Stripe's rate limit).
+    pub fn rate_limit_next(&self, count: u32) {
+        self.inner.lock().unwrap().rate_limited = count;
+    }
+
+    /// Pages of recoveries answered so far (listings with `created[gte]`).
+    pub fn pages(&self) -> u32 {
+        self.inner.lock().unwrap().pages
+    }
+
+    /// Holds page number `n` of the recoveries (counting from 1; Events: Read probes are
+    /// not pages) after it has arrived and before it is answered.
+    pub fn gate_listing(&self, n: u32) -> ListingGate {
+        let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        self.inner.lock().unwrap().gate = Some((
+            n,
+            GateInside {
+                arrived: arrived_tx,
+                go: go_rx,
+            },
+        ));
+        RegistrationGate { arrived, go }
+    }
+
+    fn answer(&self, request: &Request) -> ResponseTemplate {
+        let query: Vec<(String, String)> = request
+            .url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let value = |name: &str| {
+            (query.iter())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let probe = value("created[gte]").is_none();
+        let mut log = self.inner.lock().unwrap();
+        log.listings += 1;
+        if !probe {
+            log.pages += 1;
+        }
+        if log.denied.iter().any(|k| k == last4_of(request)) {
+            return ResponseTemplate::new(403).set_body_json(json!({"error": {
+                "message": format!(
+                    "The provided key '{}' does not have the required permissions for this endpoint on account '{}'. Having the 'rak_event_read' permission would allow this request to continue.",
+                    masked_key(request), account_of(request)),
+                "type": "invalid_request_error",
+            }}));
+        }
+        if log.rate_limited > 0 {
+            log.rate_limited -= 1;
+            return ResponseTemplate::new(429).set_body_json(json!({"error": {
+                "code": "rate_limit",
+                "doc_url": "https://stripe.com/docs/error-codes/rate-limit",
+                "message": "Request rate limit exceeded. Learn more about rate limits here https://stripe.com/docs/rate-limits.",
+                "type": "invalid_request_error",
+            }}));
+        }
+        let Ok(limit) = value("limit").unwrap_or("10").parse::<usize>() else {
+            return invalid_param("limit");
+        };
+        if !(1..=100).contains(&limit) {
+            return invalid_param("limit");
+        }
+        let gte = match value("created[gte]").map(str::parse::<i64>) {
+            None => i64::MIN,
+            Some(Ok(gte)) => gte,
+            Some(Err(_)) => return invalid_param("created[gte]"),
+        };
+        let types: Vec<&str> = (query.iter())
+            .filter(|(k, _)| k == "types[]" || k.starts_with("types["))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        let account = account_of(request);
+        // Newest first: by `created`, then by the order they happened.
+        let mut matching: Vec<&FakeEvent> = (log.events.iter().rev())
+            .filter(|e| e.account == account && e.created >= gte)
+            .filter(|e| types.is_empty() || types.contains(&e.event_type.as_str()))
+            .collect();
+        matching.sort_by_key(|e| std::cmp::Reverse(e.created));
+        let start = match value("starting_after") {
+            None => 0,
+            Some(after) => match matching.iter().position(|e| e.id == after) {
+                Some(index) => index + 1,
+                None if log
+                    .events
+                    .iter()
+                    .any(|e| e.id == after && e.account == account) =>
+                {
+                    // Listed with other filters: Stripe pages from the object's place in
+                    // the whole log; the mock's tests never do that.
+                    return invalid_param("starting_after");
+                }
+                None => {
+                    return ResponseTemplate::new(404).set_body_json(json!({"error": {
+                        "code": "resource_missing",
+                        "message": format!("No such event: '{after}'"),
+                        "param": "starting_after",
+                        "type": "invalid_request_error",
+                    }}))
+                }
+            },
+        };
+        let page: Vec<serde_json::Value> = (matching.iter().skip(start).take(limit))
+            .map(|e| e.body())
+            .collect();
+        let has_more = matching.len() > start + limit;
+        let body =
+            json!({"object": "list", "url": "/v1/events", "has_more": has_more, "data": page});
+        let gate = match &log.gate {
+            Some((n, _)) if !probe && log.pages == *n => log.gate.take().map(|(_, g)| g),
+            _ => None,
+        };
+        let delay = log.page_delay;
+        drop(log);
+        if let Some(gate) = gate {
+            let _ = gate.arrived.send(String::new());
+            let _ = gate.go.recv_timeout(Duration::from_secs(10));
+        }
+        let template = ResponseTemplate::new(200).set_body_json(body);
+        match delay {
+            Some(delay) => template.set_delay(delay),
+            None => template,
+        }
+    }
+}
+
+fn invalid_param(param: &str) -> ResponseTemplate {
+    ResponseTemplate::new(400).set_body_json(json!({"error": {
+        "message": format!("Invalid {param}"),
+        "param": param,
+        "type": "invalid_request_error",
+    }}))
+}
+
+impl Respond for FakeEvents {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        self.answer(request)
     }
 }

@@ -76,7 +76,7 @@ test('while typing, only refusals more typing cannot fix are decisive', () => {
 
 test('the create-key link names exactly the five permissions, per mode', () => {
   const scopes = '&permissions[]=rak_customer_write&permissions[]=rak_checkout_session_write' +
-    '&permissions[]=rak_coupon_write&permissions[]=rak_invoice_write&permissions[]=rak_webhook_write';
+    '&permissions[]=rak_coupon_write&permissions[]=rak_invoice_write&permissions[]=rak_webhook_write&permissions[]=rak_event_read';
   assert.equal(createKeyUrl('test'), `https://dashboard.stripe.com/test/apikeys/create?name=Atlas${scopes}`);
   assert.equal(createKeyUrl('live'), `https://dashboard.stripe.com/apikeys/create?name=Atlas${scopes}`);
 });

@@ -35,7 +35,7 @@ const TEST_TENANT_LIVE_KEY = 'This tenant is in test mode; the pasted key is a l
 const FIX_URL =
   'https://dashboard.stripe.com/test/apikeys/create?name=Atlas&permissions[]=rak_customer_write' +
   '&permissions[]=rak_checkout_session_write&permissions[]=rak_coupon_write' +
-  '&permissions[]=rak_invoice_write&permissions[]=rak_webhook_write';
+  '&permissions[]=rak_invoice_write&permissions[]=rak_webhook_write&permissions[]=rak_event_read';
 
 const exec = promisify(execFile);
 
