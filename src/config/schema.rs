@@ -58,6 +58,15 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
     /// Connections served at once per process.
     pub max_connections: usize,
+    /// Connections served at once to one peer address; 0: no per-peer cap (a load balancer
+    /// in front is one peer).
+    pub max_connections_per_peer: usize,
+    /// Request bodies being read at once share this many bytes; a request that would take
+    /// more is answered 503 `overloaded` at once.
+    pub inflight_body_bytes: usize,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served instead of `bind`; empty: on
+    /// `bind`, with the API.
+    pub ops_bind: String,
     /// How often the readiness and gauge snapshot is refreshed from the database.
     #[serde(rename = "health_refresh_ms", deserialize_with = "de::millis")]
     pub health_refresh: Duration,

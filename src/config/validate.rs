@@ -78,6 +78,37 @@ impl Settings {
         );
         p.millis("server.idle_timeout_ms", s.idle_timeout, 1..=3_600_000);
         p.range("server.max_connections", s.max_connections, 1..=100_000);
+        p.range(
+            "server.max_connections_per_peer",
+            s.max_connections_per_peer,
+            0..=s.max_connections,
+        );
+        // At most 4 GiB - 1: a reservation is counted in a semaphore's u32 permits.
+        p.range(
+            "server.inflight_body_bytes",
+            s.inflight_body_bytes,
+            1 << 20..=u32::MAX as usize,
+        );
+        // A declared length over the budget is then always over the route's limit too, and
+        // refused 413 before a byte is read, never 503 (`crate::server::BodyBudget`).
+        for (key, limit) in [
+            ("server.body_limit_bytes", s.body_limit_bytes),
+            ("webhooks.body_limit_bytes", self.webhooks.body_limit_bytes),
+            ("proxy.body_limit_bytes", self.proxy.body_limit_bytes),
+        ] {
+            if limit > s.inflight_body_bytes {
+                p.push(
+                    "server.inflight_body_bytes",
+                    format!("is below {key} ({limit}); give at least that"),
+                );
+            }
+        }
+        if !s.ops_bind.trim().is_empty() && s.ops_bind.trim() == s.bind.trim() {
+            p.push(
+                "server.ops_bind",
+                "is server.bind; give another port, or leave it empty to serve probes on bind",
+            );
+        }
         p.millis("server.health_refresh_ms", s.health_refresh, 50..=3_600_000);
         if s.bind.trim().is_empty() {
             p.push("server.bind", "is empty; give host:port, e.g. 0.0.0.0:8080");

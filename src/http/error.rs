@@ -76,6 +76,8 @@ pub enum ApiError {
     ServiceUnavailable,
     #[error("The master key this needs is held by AWS KMS and not decrypted yet (KMS did not answer at start-up; the service keeps asking). Try again shortly.")]
     MasterKeyUnavailable,
+    #[error("The service is reading as many request bodies as it holds at once (server.inflight_body_bytes); nothing was done. Try again shortly.")]
+    Overloaded,
     #[error("The webhook delivery was rejected.")]
     WebhookRejected,
     #[error("No connection has this webhook URL.")]
@@ -131,6 +133,7 @@ impl ApiError {
             Self::ServiceUnavailable | Self::MasterKeyUnavailable => {
                 (S::SERVICE_UNAVAILABLE, "service_unavailable")
             }
+            Self::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
@@ -175,7 +178,8 @@ pub struct ErrorDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub fix_url: Option<String>,
-    /// `stripe_unavailable`, `rate_limited`, `service_unavailable`, `concurrent_change`:
+    /// `stripe_unavailable`, `rate_limited`, `service_unavailable`, `overloaded`,
+    /// `concurrent_change`:
     /// trying again later may succeed.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -235,6 +239,10 @@ impl IntoResponse for ApiError {
                 detail.retryable = Some(true);
                 retry_after_header = Some(DATABASE_RETRY_AFTER_SECS);
             }
+            Self::Overloaded => {
+                detail.retryable = Some(true);
+                retry_after_header = Some(OVERLOADED_RETRY_AFTER_SECS);
+            }
             Self::RateLimited { retry_after_secs } => {
                 detail.retryable = Some(true);
                 detail.retry_after = Some(retry_after_secs);
@@ -260,6 +268,10 @@ impl From<KeyFormatError> for ApiError {
 
 /// How long a caller is asked to wait while the database is unreachable.
 const DATABASE_RETRY_AFTER_SECS: u64 = 1;
+
+/// How long a caller is asked to wait while the body budget is spent: bodies in flight are
+/// read within `server.body_read_timeout_ms`, most within a second.
+const OVERLOADED_RETRY_AFTER_SECS: u64 = 1;
 
 impl ApiError {
     /// The answer a store error gets when it is not our fault.

@@ -9,6 +9,7 @@ use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, RawPathParams,
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::request::Parts;
 use axum::http::HeaderMap;
+use http_body::Body as _;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -70,11 +71,19 @@ fn is_json(headers: &HeaderMap) -> bool {
 }
 
 /// A request body read whole within `limit` bytes (a declared length over it is refused
-/// before a byte is read), or 413, or 408 when its read deadline passed (`crate::server`).
+/// before a byte is read), or 413, or 408 when its read deadline passed, or 503 when the
+/// body budget ran out while it arrived (`crate::server`).
 pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    // `to_bytes` alone would wait for the body until the limit is crossed or the deadline
+    // passes: the declared length (hyper's exact size hint) is judged first.
+    if body.size_hint().lower() > limit as u64 {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         if crate::server::is_body_deadline(&e) {
             ApiError::RequestTimeout
+        } else if crate::server::is_budget_spent(&e) {
+            ApiError::Overloaded
         } else {
             ApiError::PayloadTooLarge(limit)
         }
