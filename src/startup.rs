@@ -14,9 +14,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::accounting::KeyFetchRecorder;
-use crate::auth::{ServiceTokenCache, TenantTokens};
+use crate::auth::{ServiceTokenCache, ServiceTokens, TenantTokens};
 use crate::config::{redact_url, Secrets, Settings};
-use crate::connection::{ConnectPolicy, ConnectionService, Reverifier, VerifySchedule};
+use crate::connection::{ConnectPolicy, ConnectionService, KeyAccess, Reverifier, VerifySchedule};
 use crate::crypto::{kms, Fingerprinter, Keyring, Kms};
 use crate::health::HealthMonitor;
 use crate::http::{self, AppState};
@@ -33,6 +33,7 @@ pub struct Application {
     limits: ServerLimits,
     background: Vec<JoinHandle<()>>,
     stop_background: watch::Sender<bool>,
+    service_token_cache: Arc<ServiceTokenCache>,
 }
 
 /// Opens the configured store and applies its migrations.
@@ -217,8 +218,8 @@ async fn workers(
     })
 }
 
-/// The routes over everything built before: the public ones, and the probes alone when
-/// they have a listener of their own.
+/// The use cases the routes call, and the routes over them: the public ones, and the
+/// probes alone when they have a listener of their own.
 fn router(
     settings: &Settings,
     secrets: &Secrets,
@@ -227,14 +228,34 @@ fn router(
     connections: Arc<ConnectionService>,
     workers: &Workers,
 ) -> (axum::Router, axum::Router) {
+    let service_tokens = Arc::new(ServiceTokens::new(
+        store.clone(),
+        workers.service_tokens.clone(),
+    ));
+    let keys = Arc::new(KeyAccess::new(
+        store.clone(),
+        keyring.clone(),
+        service_tokens.clone(),
+        workers.key_fetches.clone(),
+    ));
+    let proxy = crate::proxy::Proxy::new(
+        &settings.proxy,
+        keys.clone(),
+        connections.clone(),
+        store.clone(),
+    );
+    let webhooks = crate::webhooks::WebhookReceiver::new(
+        store.clone(),
+        keyring.clone(),
+        // At most 3600 (validated), so it fits.
+        i64::try_from(settings.webhooks.tolerance.as_secs()).unwrap_or(i64::MAX),
+    );
     let state = AppState::new(crate::http::state::Shared {
         api_body_limit: settings.server.body_limit_bytes,
-        // At most 3600 (validated), so it fits.
-        webhook_tolerance_secs: i64::try_from(settings.webhooks.tolerance.as_secs())
-            .unwrap_or(i64::MAX),
         webhook_body_limit: settings.webhooks.body_limit_bytes,
-        key_fetches: workers.key_fetches.clone(),
-        service_tokens: workers.service_tokens.clone(),
+        service_tokens,
+        keys,
+        webhooks: Arc::new(webhooks),
         store,
         keyring,
         tenant_tokens: Arc::new(TenantTokens::from_settings(
@@ -243,7 +264,7 @@ fn router(
         )),
         connections,
         health: workers.health.clone(),
-        proxy: crate::http::proxy::ProxyState::new(&settings.proxy),
+        proxy: Arc::new(proxy),
         key_fetch_enabled: settings.internal.key_fetch_enabled,
     });
     let ops_apart = !settings.server.ops_bind.trim().is_empty();
@@ -287,7 +308,13 @@ impl Application {
             },
             background: workers.handles,
             stop_background,
+            service_token_cache: workers.service_tokens,
         })
+    }
+
+    /// The service-token cache, whose own counts a test reads (the metric is per process).
+    pub fn service_token_cache(&self) -> Arc<ServiceTokenCache> {
+        self.service_token_cache.clone()
     }
 
     pub fn port(&self) -> u16 {

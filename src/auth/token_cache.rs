@@ -18,7 +18,7 @@
 //! there the cache is never live.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,9 @@ pub struct ServiceTokenCache {
     /// `atlas_service_token_cache_total{outcome="hit"|"miss"}`: whether it serves.
     hits: metrics::Counter,
     misses: metrics::Counter,
+    /// This cache's own hits: the metric above adds up every cache in the process (tests
+    /// run several applications in one).
+    served: AtomicU64,
 }
 
 impl Default for ServiceTokenCache {
@@ -55,6 +58,7 @@ impl Default for ServiceTokenCache {
             inner: RwLock::default(),
             hits: counter("hit"),
             misses: counter("miss"),
+            served: AtomicU64::new(0),
         }
     }
 }
@@ -72,17 +76,30 @@ pub struct Generation(Option<u64>);
 impl ServiceTokenCache {
     /// A live token entry, if the cache is live and holds one young enough.
     pub fn get(&self, token_id: &str) -> Option<Arc<VouchedToken>> {
+        self.get_at(token_id, Instant::now())
+    }
+
+    /// [`Self::get`] as of `now`.
+    fn get_at(&self, token_id: &str, now: Instant) -> Option<Arc<VouchedToken>> {
         let found = self.live.load(Ordering::Acquire).then(|| {
             let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
             let token = inner.tokens.get(token_id)?;
-            (token.vouched_at.elapsed() < MAX_AGE).then(|| token.clone())
+            (now.saturating_duration_since(token.vouched_at) < MAX_AGE).then(|| token.clone())
         });
         let found = found.flatten();
         match found {
-            Some(_) => self.hits.increment(1),
+            Some(_) => {
+                self.hits.increment(1);
+                self.served.fetch_add(1, Ordering::Relaxed);
+            }
             None => self.misses.increment(1),
         }
         found
+    }
+
+    /// How often this cache served a token.
+    pub fn hits(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
     }
 
     /// Take before reading a token from the database; hand to [`Self::remember`].
@@ -107,6 +124,18 @@ impl ServiceTokenCache {
         scopes: &BTreeSet<Scope>,
         seen: Generation,
     ) {
+        self.remember_at(token_id, hash, scopes, seen, Instant::now());
+    }
+
+    /// [`Self::remember`] as of `now`.
+    fn remember_at(
+        &self,
+        token_id: &str,
+        hash: &ServiceTokenHash,
+        scopes: &BTreeSet<Scope>,
+        seen: Generation,
+        now: Instant,
+    ) {
         let Generation(Some(seen)) = seen else {
             return;
         };
@@ -119,7 +148,7 @@ impl ServiceTokenCache {
             Arc::new(VouchedToken {
                 hash: hash.clone(),
                 scopes: scopes.clone(),
-                vouched_at: Instant::now(),
+                vouched_at: now,
             }),
         );
     }
@@ -188,6 +217,20 @@ mod tests {
         cache.set_live(true);
         cache.remember("tok", &hash, &scopes, seen);
         assert!(cache.get("tok").is_none());
+    }
+
+    #[test]
+    fn an_entry_is_trusted_for_five_seconds_at_most() {
+        let cache = ServiceTokenCache::default();
+        cache.set_live(true);
+        let (hash, scopes) = token();
+        let vouched = Instant::now();
+        cache.remember_at("tok", &hash, &scopes, cache.generation(), vouched);
+        let at = |millis| vouched + Duration::from_millis(millis);
+        assert!(cache.get_at("tok", at(4_900)).is_some());
+        assert!(cache.get_at("tok", at(5_000)).is_none(), "trusted past 5 s");
+        assert!(cache.get_at("tok", at(3_600_000)).is_none());
+        assert_eq!(cache.hits(), 1);
     }
 
     #[test]

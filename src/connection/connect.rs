@@ -3,7 +3,7 @@
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{ConnectError, ConnectionService, StripeCleanup};
+use super::{Attempt, ConnectError, ConnectionService, StripeCleanup};
 use crate::crypto::SecretContext;
 use crate::domain::{
     random_id, ConnectionStatus, KeyKind, Mode, Resource, StripeKey, TenantId, Warning,
@@ -37,8 +37,7 @@ impl ConnectionService {
         pasted: &SecretString,
         actor: &Actor,
     ) -> Result<SaveOutcome, ConnectError> {
-        self.take_attempt(tenant, "connect", self.connect_quota)
-            .await?;
+        self.take_attempt(tenant, Attempt::Connect).await?;
         let key = StripeKey::parse(pasted.expose_secret())?;
         let tenant_record = self
             .store

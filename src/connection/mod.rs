@@ -1,8 +1,9 @@
 //! A tenant's Stripe connection: the connect flow (`connect.rs`), verification on demand
-//! and in the background (`verify.rs`), and our webhook endpoint on the tenant's account
-//! (`webhook_endpoint.rs`).
+//! and in the background (`verify.rs`), our webhook endpoint on the tenant's account
+//! (`webhook_endpoint.rs`), and the key opened for charging services (`key.rs`).
 
 mod connect;
+mod key;
 mod verify;
 mod webhook_endpoint;
 
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use connect::fix_url;
+pub use key::{KeyAccess, KeyError, OpenedKey};
 pub use verify::{Reverifier, VerifySchedule};
 pub use webhook_endpoint::StripeCleanup;
 
@@ -25,8 +27,11 @@ use crate::stripe::{ProbeError, StripeClient, StripeFailure};
 /// that verifies sharing one probe run each get its outcome.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("rate limited")]
-    RateLimited { retry_after: Duration },
+    #[error("too many {} attempts", attempt.as_str())]
+    RateLimited {
+        attempt: Attempt,
+        retry_after: Duration,
+    },
     #[error("no such tenant or connection")]
     NotConnected,
     #[error(transparent)]
@@ -91,6 +96,23 @@ impl From<ProbeError> for ConnectError {
     }
 }
 
+/// What is limited per tenant, each under its own quota.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    Connect,
+    Verify,
+}
+
+impl Attempt {
+    /// As kept in the database's attempt rows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Verify => "verify",
+        }
+    }
+}
+
 /// What a key must prove and how often, from configuration.
 #[derive(Clone, Debug)]
 pub struct ConnectPolicy {
@@ -151,17 +173,23 @@ impl ConnectionService {
         &self.required
     }
 
-    /// Takes one attempt of `kind` for the tenant under its per-tenant limit, kept in the
-    /// database so that every instance counts against the same limit.
-    async fn take_attempt(
-        &self,
-        tenant: &TenantId,
-        kind: &str,
-        quota: AttemptQuota,
-    ) -> Result<(), ConnectError> {
-        match self.store.take_attempt(tenant, kind, quota).await? {
+    /// Takes one attempt for the tenant under its per-tenant limit, kept in the database so
+    /// that every instance counts against the same limit.
+    async fn take_attempt(&self, tenant: &TenantId, attempt: Attempt) -> Result<(), ConnectError> {
+        let quota = match attempt {
+            Attempt::Connect => self.connect_quota,
+            Attempt::Verify => self.verify_quota,
+        };
+        match self
+            .store
+            .take_attempt(tenant, attempt.as_str(), quota)
+            .await?
+        {
             None => Ok(()),
-            Some(retry_after) => Err(ConnectError::RateLimited { retry_after }),
+            Some(retry_after) => Err(ConnectError::RateLimited {
+                attempt,
+                retry_after,
+            }),
         }
     }
 

@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use tokio::sync::{watch, OnceCell};
 use tokio::task::JoinHandle;
 
-use super::{ConnectError, ConnectionService};
+use super::{Attempt, ConnectError, ConnectionService};
 use crate::config::ReverifySettings;
 use crate::domain::{random_id, ConnectionStatus, TenantId};
 use crate::store::{Actor, ConnectionRecord, Store, Verification};
@@ -73,8 +73,7 @@ impl ConnectionService {
         let outcome = flight
             .get_or_init(|| async {
                 if !joined {
-                    self.take_attempt(tenant, "verify", self.verify_quota)
-                        .await?;
+                    self.take_attempt(tenant, Attempt::Verify).await?;
                 }
                 self.verify(tenant, actor).await
             })

@@ -8,10 +8,13 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::connection::ConnectError;
+use crate::auth::AuthError;
+use crate::connection::{Attempt, ConnectError, KeyError};
 use crate::crypto::CryptoError;
 use crate::domain::{KeyFormatError, Mode, Resource};
+use crate::proxy::ProxyError;
 use crate::store::StoreError;
+use crate::webhooks::DeliveryError;
 
 tokio::task_local! {
     /// The current request's id, set by the request-id middleware for the whole request.
@@ -58,8 +61,11 @@ pub enum ApiError {
         fix_url: String,
         message: String,
     },
-    #[error("Too many connect attempts for this tenant; try again in {retry_after_secs} s.")]
-    RateLimited { retry_after_secs: u64 },
+    #[error("{}; try again in {retry_after_secs} s.", limited.sentence())]
+    RateLimited {
+        limited: Limited,
+        retry_after_secs: u64,
+    },
     #[error("This tenant has a Stripe connection in the current mode; disconnect it before changing the mode.")]
     TenantHasConnection,
     #[error("The Stripe connection is {0}; reconnect with a working key.")]
@@ -89,14 +95,36 @@ pub enum ApiError {
     Internal(#[source] anyhow::Error),
 }
 
+/// What a 429 refused: each is limited on its own, and the message names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limited {
+    /// `limits.connect_attempts_per_minute`, per tenant.
+    Connect,
+    /// `limits.verify_attempts_per_minute`, per tenant.
+    Verify,
+    /// The proxy's smoothed rate, per connected account.
+    Proxy,
+}
+
+impl Limited {
+    fn sentence(self) -> &'static str {
+        match self {
+            Self::Connect => "Too many connect attempts for this tenant",
+            Self::Verify => "Too many verify attempts for this tenant",
+            Self::Proxy => "Too many Stripe calls through the proxy for this account",
+        }
+    }
+}
+
 impl ApiError {
     pub fn internal(cause: impl Into<anyhow::Error>) -> Self {
         Self::Internal(cause.into())
     }
 
     /// 429, allowed again after `retry_after` (rounded up to whole seconds, at least one).
-    pub fn rate_limited(retry_after: std::time::Duration) -> Self {
+    pub fn rate_limited(limited: Limited, retry_after: std::time::Duration) -> Self {
         Self::RateLimited {
+            limited,
             retry_after_secs: retry_after.as_secs_f64().ceil().max(1.0) as u64,
         }
     }
@@ -243,7 +271,9 @@ impl IntoResponse for ApiError {
                 detail.retryable = Some(true);
                 retry_after_header = Some(OVERLOADED_RETRY_AFTER_SECS);
             }
-            Self::RateLimited { retry_after_secs } => {
+            Self::RateLimited {
+                retry_after_secs, ..
+            } => {
                 detail.retryable = Some(true);
                 detail.retry_after = Some(retry_after_secs);
                 retry_after_header = Some(retry_after_secs);
@@ -308,7 +338,16 @@ impl From<CryptoError> for ApiError {
 impl From<ConnectError> for ApiError {
     fn from(e: ConnectError) -> Self {
         match e {
-            ConnectError::RateLimited { retry_after } => Self::rate_limited(retry_after),
+            ConnectError::RateLimited {
+                attempt,
+                retry_after,
+            } => {
+                let limited = match attempt {
+                    Attempt::Connect => Limited::Connect,
+                    Attempt::Verify => Limited::Verify,
+                };
+                Self::rate_limited(limited, retry_after)
+            }
             ConnectError::NotConnected => Self::NotConnected,
             ConnectError::KeyFormat(e) => Self::KeyFormat(e),
             ConnectError::ModeMismatch { tenant, key } => Self::ModeMismatch { tenant, key },
@@ -349,6 +388,94 @@ impl From<ConnectError> for ApiError {
             }
             ConnectError::Crypto(e) => e.into(),
             ConnectError::ConcurrentChange => Self::ConcurrentChange,
+        }
+    }
+}
+
+impl From<AuthError<StoreError>> for ApiError {
+    fn from(e: AuthError<StoreError>) -> Self {
+        match e {
+            AuthError::Unauthenticated => Self::Unauthenticated,
+            AuthError::InsufficientScope(scope) => Self::InsufficientScope(scope.as_str()),
+            AuthError::Lookup(e) => e.into(),
+        }
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Auth(e) => e.into(),
+            KeyError::NotConnected => Self::NotConnected,
+            KeyError::NotActive(status) => Self::ConnectionNotActive(status.as_str()),
+            KeyError::Store(e) => e.into(),
+            KeyError::Crypto(e) => e.into(),
+        }
+    }
+}
+
+impl From<ProxyError> for ApiError {
+    fn from(e: ProxyError) -> Self {
+        match e {
+            ProxyError::Key(e) => e.into(),
+            ProxyError::RateLimited { retry_after } => {
+                Self::rate_limited(Limited::Proxy, retry_after)
+            }
+            ProxyError::StripeUnavailable => Self::StripeUnavailable,
+            ProxyError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// A delivery whose body could not be read answers as the read failed (408, 413).
+impl From<DeliveryError<ApiError>> for ApiError {
+    fn from(e: DeliveryError<ApiError>) -> Self {
+        match e {
+            DeliveryError::UnknownConnection => Self::UnknownWebhookConnection,
+            DeliveryError::Rejected => Self::WebhookRejected,
+            DeliveryError::Body(e) => e,
+            DeliveryError::Store(e) => e.into(),
+            DeliveryError::Crypto(e) => e.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A 429 names what was limited; its code, status and `Retry-After` are the same for all.
+    #[test]
+    fn a_rate_limit_names_what_was_limited() {
+        let wait = Duration::from_millis(1_200);
+        let cases = [
+            (
+                ApiError::from(ConnectError::RateLimited {
+                    attempt: Attempt::Connect,
+                    retry_after: wait,
+                }),
+                "Too many connect attempts for this tenant; try again in 2 s.",
+            ),
+            (
+                ApiError::from(ConnectError::RateLimited {
+                    attempt: Attempt::Verify,
+                    retry_after: wait,
+                }),
+                "Too many verify attempts for this tenant; try again in 2 s.",
+            ),
+            (
+                ApiError::from(ProxyError::RateLimited { retry_after: wait }),
+                "Too many Stripe calls through the proxy for this account; try again in 2 s.",
+            ),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message);
+            assert_eq!(error.code(), "rate_limited");
+            let response = error.into_response();
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "2");
         }
     }
 }

@@ -1,6 +1,5 @@
 //! Extractors that turn raw requests into domain values, or into our error shape.
 
-use std::collections::BTreeSet;
 use std::marker::PhantomData;
 
 use axum::body::{Body, Bytes};
@@ -94,6 +93,12 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BodyLimit(pub usize);
 
+impl FromRef<AppState> for BodyLimit {
+    fn from_ref(state: &AppState) -> Self {
+        Self(state.api_body_limit)
+    }
+}
+
 fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
@@ -174,27 +179,13 @@ impl<S: RequiredScope> FromRequestParts<AppState> for ServiceCaller<S> {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let presented = PresentedServiceToken::from_request_parts(parts, state).await?;
-        let record = state
-            .store
-            .find_service_token(presented.id())
-            .await?
-            .ok_or(ApiError::Unauthenticated)?;
-        if record.revoked_at.is_some() || !presented.matches(&record.hash) {
-            return Err(ApiError::Unauthenticated);
-        }
-        require(&record.scopes, S::SCOPE)?;
+        (state.service_tokens)
+            .authenticate(&presented, S::SCOPE)
+            .await?;
         Ok(Self {
-            token_id: record.id,
+            token_id: presented.id().to_owned(),
             scope: PhantomData,
         })
-    }
-}
-
-pub fn require(scopes: &BTreeSet<Scope>, scope: Scope) -> Result<(), ApiError> {
-    if scopes.contains(&scope) {
-        Ok(())
-    } else {
-        Err(ApiError::InsufficientScope(scope.as_str()))
     }
 }
 

@@ -10,13 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{
-    parse_tenant_path, require, AppJson, AppQuery, EventsRead, OpsRead, ServiceCaller, TenantPath,
+    parse_tenant_path, AppJson, AppQuery, EventsRead, OpsRead, ServiceCaller, TenantPath,
     TenantsWrite,
 };
 use super::state::AppState;
 use super::summary::{ConnectionSummary, KeyType, TenantIdSchema};
 use crate::auth::{PresentedServiceToken, Scope};
-use crate::crypto::SecretContext;
 use crate::domain::{ConnectionStatus, Mode, TenantId};
 use crate::store::{Actor, EventCursor, TenantWrite};
 
@@ -188,59 +187,22 @@ pub async fn fetch_key(
         Ok(tenant) => tenant,
         // Off the hot path: the token is judged (401, 403) before the parameter (400).
         Err(invalid) => {
-            let record = (state.store.find_service_token(presented.id()).await?)
-                .filter(|t| t.revoked_at.is_none() && presented.matches(&t.hash))
-                .ok_or(ApiError::Unauthenticated)?;
-            require(&record.scopes, Scope::KeysRead)?;
+            (state.service_tokens)
+                .authenticate(&presented, Scope::KeysRead)
+                .await?;
             return Err(invalid);
         }
     };
     tracing::Span::current().record("tenant_id", tenant.as_str());
-    let key = match state.service_tokens.get(presented.id()) {
-        // Vouched for since the last change to any token: one row, the tenant's key.
-        Some(token) => {
-            if !presented.matches(&token.hash) {
-                return Err(ApiError::Unauthenticated);
-            }
-            require(&token.scopes, Scope::KeysRead)?;
-            state.store.find_api_key(&tenant).await?
-        }
-        // Token and key in one round trip; the token is remembered if it passes.
-        None => {
-            let seen = state.service_tokens.generation();
-            let fetch = state
-                .store
-                .fetch_key(presented.id(), &tenant)
-                .await?
-                .ok_or(ApiError::Unauthenticated)?;
-            if fetch.token_revoked || !presented.matches(&fetch.token_hash) {
-                return Err(ApiError::Unauthenticated);
-            }
-            state.service_tokens.remember(
-                presented.id(),
-                &fetch.token_hash,
-                &fetch.token_scopes,
-                seen,
-            );
-            require(&fetch.token_scopes, Scope::KeysRead)?;
-            fetch.connection
-        }
-    };
-    let key = key.ok_or(ApiError::NotConnected)?;
-    if key.status == ConnectionStatus::Revoked {
-        return Err(ApiError::ConnectionNotActive(key.status.as_str()));
-    }
-    let context = SecretContext::api_key(&key.secret_id, &tenant, key.mode);
-    let api_key = state.keyring.open_stripe_key(&context, &key.sealed)?;
+    let key = state.keys.fetch(&presented, &tenant).await?;
     let body = serde_json::to_vec(&KeyBody {
         tenant_id: &tenant,
         mode: key.mode,
         key_type: key.key_type.as_str(),
         status: key.status,
-        api_key: api_key.expose_secret(),
+        api_key: key.key.expose_secret(),
     })
     .map_err(ApiError::internal)?;
-    state.key_fetches.record(presented.id(), &tenant).await;
     // The response buffer is handed to hyper, which does not zeroise it: the plaintext
     // outlives this function only there, for as long as the write takes.
     Ok((

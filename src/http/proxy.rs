@@ -4,12 +4,11 @@
 //! `Idempotency-Key` are forwarded; Stripe's status, JSON body and `Request-Id` come back
 //! as they came. Bodies are customer data: never logged, never stored.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
@@ -17,19 +16,7 @@ use axum::Router;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ServiceCaller, StripeCall, TenantPath};
 use super::state::AppState;
-use crate::accounting::Usage;
-use crate::crypto::SecretContext;
-use crate::domain::{random_id, ConnectionStatus};
-use crate::proxy::{AccountSmoothing, Allowlist};
-use crate::stripe::Forward;
-
-/// What the proxy needs, built once at start-up from `proxy.*`.
-pub struct ProxyState {
-    pub allowlist: Allowlist,
-    pub smoothing: AccountSmoothing,
-    pub body_limit: usize,
-    pub deadline: Duration,
-}
+use crate::proxy::ProxyCall;
 
 pub fn router() -> Router<AppState> {
     Router::new().route(
@@ -71,7 +58,6 @@ pub async fn forward(
     TenantPath(tenant): TenantPath,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let proxy = state.proxy.clone();
     let (parts, body) = request.into_parts();
     // The raw path, never a decoded one: what is checked is what Stripe gets.
     let raw_path = parts.uri.path();
@@ -79,69 +65,35 @@ pub async fn forward(
         .split_once(PREFIX_END)
         .map(|(_, rest)| rest)
         .ok_or(ApiError::RouteNotFound)?;
-    let endpoint = (proxy.allowlist)
-        .find(&parts.method, below_v1)
+    let endpoint = (state.proxy)
+        .endpoint(&parts.method, below_v1)
         .ok_or(ApiError::EndpointNotAllowed)?;
-    let deadline = caller_deadline(&parts.headers, proxy.deadline)?;
-    let body = read_form_body(&parts.headers, body, proxy.body_limit).await?;
-
-    let connection = (state.store.find_api_key(&tenant).await?).ok_or(ApiError::NotConnected)?;
-    if connection.status == ConnectionStatus::Revoked {
-        return Err(ApiError::ConnectionNotActive(connection.status.as_str()));
-    }
-    let context = SecretContext::api_key(&connection.secret_id, &tenant, connection.mode);
-    let key = state
-        .keyring
-        .open_stripe_key(&context, &connection.sealed)?;
-    if let Err(over) = proxy.smoothing.take_turn(&tenant, connection.mode).await {
-        return Err(ApiError::rate_limited(over.retry_after));
-    }
-
-    // A POST Stripe has no idempotency key for is sent once, under one we make up and
-    // return, so the caller can retry it safely; a GET is always safe to repeat.
-    let given = (parts.headers.get("idempotency-key"))
+    let deadline = caller_deadline(&parts.headers, state.proxy.deadline())?;
+    let body = read_form_body(&parts.headers, body, state.proxy.body_limit()).await?;
+    let idempotency_key = (parts.headers.get("idempotency-key"))
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 255)
         .map(str::to_owned);
-    let generated = given.is_none() && parts.method == Method::POST;
-    let idempotency_key = given
-        .clone()
-        .or_else(|| generated.then(|| random_id("atlas_", 32)));
-    let retry = parts.method == Method::GET || (parts.method == Method::POST && given.is_some());
-    let path_and_query = match parts.uri.query() {
-        Some(query) => format!("/v1/{below_v1}?{query}"),
-        None => format!("/v1/{below_v1}"),
-    };
-    let request = Forward {
+    let call = ProxyCall {
         method: parts.method.clone(),
-        endpoint: endpoint.template().to_owned(),
-        path_and_query,
+        endpoint,
+        below_v1,
+        query: parts.uri.query(),
         body,
-        idempotency_key: idempotency_key.clone(),
-        retry,
-        deadline: tokio::time::Instant::now() + deadline,
+        idempotency_key,
+        deadline,
     };
-    let forwarded = state.connections.stripe().forward(&key, &request).await;
-    state
-        .key_fetches
-        .record_usage(Usage::StripeCall, &caller.token_id, &tenant)
-        .await;
-    let forwarded = forwarded.map_err(|failure| {
-        tracing::warn!(endpoint = %request.endpoint, %failure, "a proxied call got no answer");
-        ApiError::StripeUnavailable
-    })?;
+    let answer = (state.proxy)
+        .forward(&caller.token_id, &tenant, call)
+        .await?;
     metrics::counter!("atlas_proxy_requests_total",
         "method" => super::method_label(&parts.method),
-        "endpoint" => request.endpoint.clone(),
-        "status" => forwarded.status.to_string())
+        "endpoint" => endpoint.template().to_owned(),
+        "status" => answer.status.to_string())
     .increment(1);
-    if forwarded.status == 401 {
-        // The key no longer works: look at the connection again now, not in hours.
-        state.store.mark_due_now(&tenant).await?;
-    }
 
-    let status = StatusCode::from_u16(forwarded.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut response = (status, Body::from(forwarded.body)).into_response();
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = (status, Body::from(answer.body)).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -149,9 +101,9 @@ pub async fn forward(
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     let pass = [
-        ("request-id", forwarded.request_id),
-        ("idempotent-replayed", forwarded.idempotent_replayed),
-        ("idempotency-key", idempotency_key.filter(|_| generated)),
+        ("request-id", answer.request_id),
+        ("idempotent-replayed", answer.idempotent_replayed),
+        ("idempotency-key", answer.generated_key),
     ];
     for (name, value) in pass {
         if let Some(value) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
@@ -194,20 +146,5 @@ async fn read_form_body(headers: &HeaderMap, body: Body, limit: usize) -> Result
         Ok(bytes)
     } else {
         Err(ApiError::UnsupportedMediaType)
-    }
-}
-
-impl ProxyState {
-    pub fn new(settings: &crate::config::ProxySettings) -> Arc<Self> {
-        Arc::new(Self {
-            allowlist: settings.allowed.clone(),
-            smoothing: AccountSmoothing::new(
-                settings.live_requests_per_second,
-                settings.test_requests_per_second,
-                settings.max_wait,
-            ),
-            body_limit: settings.body_limit_bytes,
-            deadline: settings.deadline,
-        })
     }
 }

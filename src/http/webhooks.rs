@@ -6,33 +6,13 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::error::{ApiError, ErrorBody};
 use super::state::AppState;
-use crate::domain::Mode;
-use crate::store::NewEvent;
-use crate::stripe::webhooks::verify_signature;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/webhooks/stripe/{connection_id}", post(receive))
-}
-
-/// The fields we index; the whole payload is stored as sent.
-#[derive(Deserialize)]
-struct EventEnvelope {
-    id: String,
-    #[serde(rename = "type")]
-    event_type: String,
-    created: i64,
-    livemode: bool,
-}
-
-fn plain(s: &str, max: usize) -> bool {
-    !s.is_empty()
-        && s.len() <= max
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 /// A Stripe event as delivered (schema only: the receiver reads these fields and stores
@@ -83,62 +63,21 @@ pub async fn receive(
     let Ok(Path(connection_id)) = connection_id else {
         return Err(ApiError::UnknownWebhookConnection);
     };
-    if !plain(&connection_id, 64) {
-        return Err(ApiError::UnknownWebhookConnection);
-    }
-    // Known connections only: a made-up id is answered before a byte of its body is read,
-    // so stalled uploads to random ids hold no memory.
-    let target = state
-        .store
-        .find_webhook_target(&connection_id)
-        .await?
-        .ok_or(ApiError::UnknownWebhookConnection)?;
-    // The raw bytes are what Stripe signed: read them as sent, within the limit.
-    let body = super::extract::read_body(body, state.webhook_body_limit).await?;
-    let secret = state.keyring.open(&target.context, &target.sealed)?;
     let signature = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    if let Err(reason) =
-        verify_signature(signature, &body, &secret, now, state.webhook_tolerance_secs)
-    {
-        metrics::counter!("atlas_webhook_deliveries_total", "outcome" => "bad_signature")
-            .increment(1);
-        tracing::info!(%reason, "webhook delivery rejected");
-        return Err(ApiError::WebhookRejected);
-    }
-    let envelope: EventEnvelope =
-        serde_json::from_slice(&body).map_err(|_| ApiError::WebhookRejected)?;
-    if !plain(&envelope.id, 255) || !plain(&envelope.event_type, 255) {
-        return Err(ApiError::WebhookRejected);
-    }
-    if envelope.livemode != (target.mode == Mode::Live) {
-        metrics::counter!("atlas_webhook_deliveries_total", "outcome" => "mode_mismatch")
-            .increment(1);
-        tracing::warn!(event_id = %envelope.id, "webhook livemode contradicts the tenant's mode");
-        return Err(ApiError::WebhookRejected);
-    }
-    let payload = String::from_utf8(body.to_vec()).map_err(|_| ApiError::WebhookRejected)?;
-    let event = NewEvent {
-        event_id: envelope.id,
-        event_type: envelope.event_type,
-        created: envelope.created,
-        livemode: envelope.livemode,
-        payload,
-    };
-    let stored = state
-        .store
-        .insert_webhook_event(&target.tenant_id, &connection_id, &event)
+    // The raw bytes are what Stripe signed: read as sent, within the limit, and only once
+    // the connection is known.
+    let body = super::extract::read_body(body, state.webhook_body_limit);
+    let stored = (state.webhooks)
+        .receive(&connection_id, signature, body)
         .await?;
-    let outcome = if stored { "stored" } else { "duplicate" };
-    metrics::counter!("atlas_webhook_deliveries_total", "outcome" => outcome).increment(1);
     Ok((
         StatusCode::OK,
         Json(WebhookReceipt {
             received: true,
-            duplicate: !stored,
+            duplicate: stored.duplicate,
         }),
     ))
 }

@@ -16,6 +16,7 @@ mod rows;
 mod sql_store;
 mod sqlite;
 mod tenants;
+mod token_lookup;
 mod usage;
 
 use std::sync::Arc;

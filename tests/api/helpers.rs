@@ -162,6 +162,8 @@ pub struct TestApp {
     pub store: Arc<dyn Store>,
     pub db: Arc<TestDatabase>,
     pub secrets: Arc<TestSecrets>,
+    /// This app's own service-token cache (its counts are this app's alone).
+    pub token_cache: Arc<atlas_stripe::auth::ServiceTokenCache>,
     tenant_tokens: TenantTokens,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -232,6 +234,7 @@ async fn start(
     let settings = Settings::load(None, &overrides).expect("test settings");
     let app = Application::build(&settings).await.expect("build app");
     let port = app.port();
+    let token_cache = app.service_token_cache();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async move {
         let _ = rx.await;
@@ -251,6 +254,7 @@ async fn start(
         store,
         db,
         secrets,
+        token_cache,
         tenant_tokens,
         shutdown: Some(tx),
         server: Some(server),

@@ -6,9 +6,13 @@ use atlas_stripe::auth::Scope;
 use atlas_stripe::domain::{Mode, Resource, TenantId};
 use reqwest::Method;
 use serde_json::json;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, ResponseTemplate};
 
 use crate::backend_tests;
-use crate::helpers::{assert_error, eventually, json, spawn_app, spawn_app_with, Backend, TestApp};
+use crate::helpers::{
+    assert_error, eventually, json, postgres_admin_url, spawn_app, spawn_app_with, Backend, TestApp,
+};
 use crate::stripe_mock::{answer_all, grant_all_but, key, Answer};
 
 backend_tests!(
@@ -138,62 +142,14 @@ async fn refused_within(app: &TestApp, token: &str, bound: Duration) {
 const LISTENER_ROWS: &str = "FROM pg_stat_activity WHERE datname = current_database() \
     AND application_name = 'atlas-stripe-token-listener'";
 
-/// How often the token cache served, from `/metrics`.
-async fn cache_hits(app: &TestApp) -> u64 {
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with("atlas_service_token_cache_total{outcome=\"hit\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0, |n| n.parse().unwrap())
+/// How often this app's token cache served (its own count: `/metrics` adds up every app
+/// in the test process).
+fn cache_hits(app: &TestApp) -> u64 {
+    app.token_cache.hits()
 }
 
-/// On PostgreSQL the service keeps the tokens it vouched for (one row per fetch instead
-/// of a join); a revocation still reaches it at once. SQLite never keeps them.
-async fn a_revocation_reaches_a_token_the_service_vouched_for(backend: Backend) {
-    let (app, _) = connected_app(backend, &[]).await;
-    let token = app.service_token(&[Scope::KeysRead]).await;
-    if backend == Backend::Postgres {
-        eventually("the token listener subscribes", || async {
-            app.db
-                .scalar(&format!("SELECT count(*) {LISTENER_ROWS}"))
-                .await
-                == 1
-        })
-        .await;
-    }
-    match backend {
-        Backend::Postgres => {
-            eventually("the cache serves the token", || async {
-                assert_eq!(fetch(&app, "ten_1", Some(&token)).await.status(), 200);
-                cache_hits(&app).await >= 2
-            })
-            .await
-        }
-        Backend::Sqlite => {
-            for _ in 0..3 {
-                assert_eq!(fetch(&app, "ten_1", Some(&token)).await.status(), 200);
-            }
-            assert_eq!(cache_hits(&app).await, 0);
-        }
-    }
-    revoke(&app, &token).await;
-    refused_within(&app, &token, Duration::from_secs(1)).await;
-}
-
-/// While its subscription is down the service keeps no token: a revocation whose notice
-/// nobody heard is still refused at once, and tokens are kept again once subscribed.
-#[tokio::test]
-async fn no_token_is_kept_while_the_subscription_is_down() {
-    let (app, _) = connected_app(Backend::Postgres, &[]).await;
-    let token = app.service_token(&[Scope::KeysRead]).await;
+/// Waits until the app's token listener is subscribed in its database.
+async fn listener_subscribed(app: &TestApp) {
     eventually("the token listener subscribes", || async {
         app.db
             .scalar(&format!("SELECT count(*) {LISTENER_ROWS}"))
@@ -201,25 +157,146 @@ async fn no_token_is_kept_while_the_subscription_is_down() {
             == 1
     })
     .await;
+}
+
+/// On PostgreSQL the service keeps the tokens it vouched for (one row per fetch instead
+/// of a join); a revocation still reaches it at once. SQLite never keeps them.
+async fn a_revocation_reaches_a_token_the_service_vouched_for(backend: Backend) {
+    let (app, _) = connected_app(backend, &[]).await;
+    let token = app.service_token(&[Scope::KeysRead]).await;
+    match backend {
+        Backend::Postgres => {
+            listener_subscribed(&app).await;
+            eventually("the cache serves the token", || async {
+                assert_eq!(fetch(&app, "ten_1", Some(&token)).await.status(), 200);
+                cache_hits(&app) >= 2
+            })
+            .await
+        }
+        Backend::Sqlite => {
+            for _ in 0..3 {
+                assert_eq!(fetch(&app, "ten_1", Some(&token)).await.status(), 200);
+            }
+            assert_eq!(cache_hits(&app), 0);
+        }
+    }
+    revoke(&app, &token).await;
+    refused_within(&app, &token, Duration::from_secs(1)).await;
+}
+
+/// Holds the app's database closed to new sessions (those open stay open) until dropped,
+/// or until [`Gate::open`]: the token listener cannot subscribe again meanwhile.
+struct Gate {
+    admin: sqlx::PgConnection,
+    database: String,
+}
+
+impl Gate {
+    async fn close(app: &TestApp) -> Self {
+        use sqlx::Connection;
+        let database = app.db.url.rsplit('/').next().unwrap().to_owned();
+        let mut admin = sqlx::PgConnection::connect(&postgres_admin_url())
+            .await
+            .unwrap();
+        let close = format!("ALTER DATABASE {database} ALLOW_CONNECTIONS false");
+        sqlx::query(&close).execute(&mut admin).await.unwrap();
+        Self { admin, database }
+    }
+
+    /// Ends the token listener's session (the subscription is lost).
+    async fn kill_listener(&mut self) {
+        let killed: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = '{}' AND application_name = 'atlas-stripe-token-listener'",
+            self.database
+        ))
+        .fetch_one(&mut self.admin)
+        .await
+        .unwrap();
+        assert_eq!(killed, 1);
+    }
+
+    async fn open(mut self) {
+        let open = format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", self.database);
+        sqlx::query(&open).execute(&mut self.admin).await.unwrap();
+    }
+}
+
+/// While its subscription is down the service keeps no token: a revocation whose notice
+/// nobody heard is refused at once, and tokens are kept again once subscribed. The
+/// re-subscription is held back for the whole check, so that it cannot empty the cache.
+#[tokio::test]
+async fn no_token_is_kept_while_the_subscription_is_down() {
+    // One pooled session, open before the gate closes: the app never needs another.
+    let (app, _) = connected_app(Backend::Postgres, &[("database.max_connections", "1")]).await;
+    let token = app.service_token(&[Scope::KeysRead]).await;
+    let fresh = app.service_token(&[Scope::KeysRead]).await;
+    listener_subscribed(&app).await;
     eventually("the cache serves the token", || async {
         assert_eq!(fetch(&app, "ten_1", Some(&token)).await.status(), 200);
-        cache_hits(&app).await >= 1
+        cache_hits(&app) >= 1
     })
     .await;
-    let killed = format!("SELECT count(pg_terminate_backend(pid)) {LISTENER_ROWS}");
-    assert_eq!(app.db.scalar(&killed).await, 1);
+    let mut gate = Gate::close(&app).await;
+    gate.kill_listener().await;
     revoke(&app, &token).await;
     // Well within MAX_AGE (5 s): the entry was dropped, not aged out.
     refused_within(&app, &token, Duration::from_secs(2)).await;
+    // Longer than the listener waits between tries (1 s): no token is kept meanwhile.
+    let before = cache_hits(&app);
+    let until = std::time::Instant::now() + Duration::from_millis(1_500);
+    while std::time::Instant::now() < until {
+        assert_eq!(fetch(&app, "ten_1", Some(&fresh)).await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        cache_hits(&app),
+        before,
+        "a token was kept while unsubscribed"
+    );
 
-    // Subscribed again (a second later): tokens are kept and served again.
-    let fresh = app.service_token(&[Scope::KeysRead]).await;
-    let before = cache_hits(&app).await;
+    gate.open().await;
     eventually("the cache serves again once subscribed", || async {
         assert_eq!(fetch(&app, "ten_1", Some(&fresh)).await.status(), 200);
-        cache_hits(&app).await > before
+        cache_hits(&app) > before
     })
     .await;
+}
+
+/// The proxy judges its caller's token like every internal route, from the cache when it
+/// vouches: then a proxied call reads one row (the key), not the token too.
+#[tokio::test]
+async fn a_proxied_call_is_authorised_from_the_token_cache() {
+    let (app, _) = connected_app(Backend::Postgres, &[]).await;
+    Mock::given(method("GET"))
+        .and(path("/v1/customers"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(
+            r#"{"object":"list","data":[],"has_more":false}"#,
+            "application/json",
+        ))
+        .mount(&app.stripe)
+        .await;
+    let token = app.service_token(&[Scope::StripeCall]).await;
+    let call = || async {
+        let url = app.url("/internal/v1/tenants/ten_1/stripe/v1/customers");
+        let response = app.http.get(url).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    };
+    listener_subscribed(&app).await;
+    eventually("the cache serves the proxy's caller", || async {
+        call().await;
+        cache_hits(&app) >= 1
+    })
+    .await;
+    let before = cache_hits(&app);
+    for _ in 0..5 {
+        call().await;
+    }
+    assert_eq!(
+        cache_hits(&app) - before,
+        5,
+        "a proxied call read its token"
+    );
 }
 
 async fn not_connected_and_revoked_connections(backend: Backend) {
