@@ -244,6 +244,9 @@ pub struct ProxySettings {
     /// `METHOD /v1/path/{template}` pairs that are forwarded; anything else is refused.
     #[serde(deserialize_with = "de::allowlist")]
     pub allowed: Allowlist,
+    /// The `expand[]` values forwarded; any other is refused.
+    #[serde(deserialize_with = "de::list")]
+    pub expand_allowed: Vec<String>,
     pub body_limit_bytes: usize,
     /// Calls per second smoothed per connected account, by the account's mode.
     #[serde(deserialize_with = "de::positive::<_, 10_000>")]

@@ -103,7 +103,9 @@ impl Settings {
                 );
             }
         }
-        if !s.ops_bind.trim().is_empty() && s.ops_bind.trim() == s.bind.trim() {
+        // Port 0 (tests) binds a free port for each: the same text is then no clash.
+        let ops = s.ops_bind.trim();
+        if !ops.is_empty() && ops == s.bind.trim() && !ops.ends_with(":0") {
             p.push(
                 "server.ops_bind",
                 "is server.bind; give another port, or leave it empty to serve probes on bind",
@@ -241,6 +243,18 @@ impl Settings {
         p.range("proxy.body_limit_bytes", x.body_limit_bytes, 1024..=1 << 20);
         p.millis("proxy.max_wait_ms", x.max_wait, 0..=60_000);
         p.millis("proxy.deadline_ms", x.deadline, 100..=120_000);
+        let field = |f: &str| {
+            !f.is_empty()
+                && (f.split('.')).all(|part| {
+                    !part.is_empty() && part.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                })
+        };
+        if let Some(bad) = x.expand_allowed.iter().find(|f| !field(f)) {
+            p.push(
+                "proxy.expand_allowed",
+                format!("lists {bad:?}; give Stripe field paths such as customer or data.invoice"),
+            );
+        }
     }
 
     fn kms_problems(&self, p: &mut Problems) {

@@ -33,6 +33,8 @@ pub enum ApiError {
     InsufficientScope(&'static str),
     #[error("The proxy does not forward this method and path (proxy.allowed).")]
     EndpointNotAllowed,
+    #[error("The proxy does not forward this expand[] value (proxy.expand_allowed).")]
+    ExpandNotAllowed,
     #[error("No Stripe connection exists for this tenant.")]
     NotConnected,
     #[error("No route matches this path.")]
@@ -43,6 +45,8 @@ pub enum ApiError {
     InvalidJson(String),
     #[error("Send the body as JSON with Content-Type: application/json.")]
     UnsupportedMediaType,
+    #[error("Send the body as a form with Content-Type: application/x-www-form-urlencoded, as for Stripe.")]
+    FormExpected,
     #[error("The request body is larger than {0} bytes.")]
     PayloadTooLarge(usize),
     #[error("The request body did not arrive in time; send it whole, without pauses.")]
@@ -136,6 +140,7 @@ impl ApiError {
             Self::Unauthenticated => (S::UNAUTHORIZED, "unauthenticated"),
             Self::InsufficientScope(_) => (S::FORBIDDEN, "insufficient_scope"),
             Self::EndpointNotAllowed => (S::FORBIDDEN, "endpoint_not_allowed"),
+            Self::ExpandNotAllowed => (S::FORBIDDEN, "expand_not_allowed"),
             Self::NotConnected => (S::NOT_FOUND, "not_connected"),
             Self::RouteNotFound => (S::NOT_FOUND, "not_found"),
             Self::UnknownWebhookConnection => (S::NOT_FOUND, "unknown_connection"),
@@ -144,7 +149,9 @@ impl ApiError {
             Self::InvalidRequest(_) => (S::BAD_REQUEST, "invalid_request"),
             Self::KeyFormat(e) => (S::BAD_REQUEST, e.code()),
             Self::WebhookRejected => (S::BAD_REQUEST, "webhook_rejected"),
-            Self::UnsupportedMediaType => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            Self::UnsupportedMediaType | Self::FormExpected => {
+                (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
             Self::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::RequestTimeout => (S::REQUEST_TIMEOUT, "request_timeout"),
             Self::ModeMismatch { .. } => (S::UNPROCESSABLE_ENTITY, "mode_mismatch"),

@@ -85,7 +85,7 @@ pub struct ConnectBody {
         (status = 429, description = "rate_limited (with retryable and retry_after)", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds until an attempt is allowed"))),
         (status = 502, description = "stripe_unavailable (retryable); nothing was stored", body = ErrorBody),
-        (status = 503, description = "service_unavailable: the database cannot be reached (retryable); nothing was changed", body = ErrorBody,
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable); nothing was changed; overloaded: the request bodies in flight would exceed server.inflight_body_bytes (retryable), answered before the body is read", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn connect(

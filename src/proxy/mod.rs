@@ -2,12 +2,14 @@
 //! `/internal/v1/tenants/{id}/stripe/v1/{path}` and this service adds the tenant's key, so
 //! the key never leaves it. Only allowlisted endpoints are forwarded (`allowlist.rs`) and
 //! each connected account's calls are smoothed under Stripe's rate limits (`smoothing.rs`).
-//! `forward.rs` makes one call: key, turn, Stripe, accounting.
+//! `expand.rs` keeps `expand[]` within `proxy.expand_allowed`. `forward.rs` makes one call: key, turn, Stripe, accounting.
 
 mod allowlist;
+mod expand;
 mod forward;
 mod smoothing;
 
 pub use allowlist::{Allowlist, Endpoint};
+pub use expand::expansions_allowed;
 pub use forward::{Proxy, ProxyAnswer, ProxyCall, ProxyError};
 pub use smoothing::{AccountSmoothing, OverRate};
