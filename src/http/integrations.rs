@@ -46,13 +46,29 @@ pub fn router(cors_allowed_origins: &[HeaderValue]) -> Router<AppState> {
         )
         .layer(
             CorsLayer::new()
-                .allow_origin(AllowOrigin::list(origins))
+                .allow_origin(AllowOrigin::list(origins.clone()))
                 .allow_methods([Method::GET, Method::POST, Method::DELETE])
                 .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, REQUEST_ID])
                 .expose_headers([REQUEST_ID, header::RETRY_AFTER])
                 .allow_credentials(false)
                 .max_age(Duration::from_secs(600)),
         )
+        // Outermost: tower-http answers every OPTIONS as a preflight, with the allowed
+        // methods and headers, whatever its Origin. Only a configured origin gets one.
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let allowed = (request.method() != Method::OPTIONS)
+                    || (request.headers().get(header::ORIGIN))
+                        .is_some_and(|origin| origins.contains(origin));
+                async move {
+                    if allowed {
+                        next.run(request).await
+                    } else {
+                        ApiError::MethodNotAllowed.into_response()
+                    }
+                }
+            },
+        ))
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

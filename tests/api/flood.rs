@@ -234,3 +234,26 @@ async fn probes_answer_beside_idle_sockets(backend: Backend) {
         started.elapsed()
     );
 }
+
+/// Issue 21: the SQLite file was created mode 0644. The file and the directory made for it
+/// are the owner's alone.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_sqlite_file_and_its_directory_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let file = dir.join("atlas.db");
+    let url = format!("sqlite://{}", file.display());
+    let settings = atlas_stripe::config::Settings::load(None, &[("database.url", url.as_str())])
+        .expect("settings");
+    let store = atlas_stripe::store::connect(&settings.database)
+        .await
+        .expect("store");
+    store.migrate().await.expect("migrations");
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "the directory");
+    assert_eq!(mode(&file), 0o600, "the database file");
+}
