@@ -50,6 +50,12 @@ pub struct ServerLimits {
     pub max_connections_per_peer: usize,
 }
 
+/// The most a connection's read buffer grows to (hyper's default: 400 KiB). A body chunk
+/// is a slice of it, so while a chunk is held the buffer cannot be reused and hyper takes a
+/// new one: a connection reading a large body held up to two of these besides the body.
+/// 64 KiB still reads a 1 MiB delivery in 16 reads, and bounds a request head (431 above).
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Serves `router` on `listener` until `shutdown` resolves, then drains connections for at
 /// most `grace`. Returns whether every connection finished within the grace period.
 pub async fn serve(
@@ -131,6 +137,7 @@ async fn serve_connection(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(READ_BUFFER_BYTES)
         .keep_alive(true);
     let in_flight = activity.clone();
     let service =
