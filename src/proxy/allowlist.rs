@@ -220,7 +220,7 @@ mod tests {
             "POST /v1/invoices/{invoice}/pay".into(),
             "GET /v1/customers/{customer}".into(),
             "POST /v1/customers".into(),
-            "POST /v1/invoices/{invoice}".into(),
+            "GET /v1/invoices/{invoice}".into(),
             "GET /v1/coupons/{coupon}".into(),
             "GET /v1/invoiceitems/{invoiceitem}".into(),
             "GET /v1/checkout/sessions/{session}".into(),
@@ -233,7 +233,7 @@ mod tests {
     fn a_param_matches_only_an_id_of_its_resource() {
         let list = allowlist();
         for (method, path) in [
-            (Method::POST, "invoices/in_1MtHbELkdIwHu7ix"),
+            (Method::GET, "invoices/in_1MtHbELkdIwHu7ix"),
             (Method::GET, "customers/cus_NffrFeUfNV2Hib"),
             (Method::GET, "invoiceitems/ii_1MtGUtLkdIwHu7ix"),
             (Method::GET, "checkout/sessions/cs_test_a1b2"),
@@ -243,11 +243,11 @@ mod tests {
             assert!(list.find(&method, path).is_some(), "{method} {path}");
         }
         for (method, path) in [
-            (Method::POST, "invoices/create_preview"),
-            (Method::POST, "invoices/upcoming"),
-            (Method::POST, "invoices/search"),
-            (Method::POST, "invoices/ii_1MtGUtLkdIwHu7ix"),
-            (Method::POST, "invoices/in_"),
+            (Method::GET, "invoices/create_preview"),
+            (Method::GET, "invoices/upcoming"),
+            (Method::GET, "invoices/search"),
+            (Method::GET, "invoices/ii_1MtGUtLkdIwHu7ix"),
+            (Method::GET, "invoices/in_"),
             (Method::GET, "customers/search"),
             (Method::GET, "customers/cs_test_a1b2"),
             (Method::GET, "invoiceitems/in_1"),

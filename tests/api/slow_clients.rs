@@ -204,13 +204,20 @@ async fn idle_connections_make_room_at_the_cap(backend: Backend) {
     assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    for round in 0..2 {
+    let fresh_served = || async {
         let started = Instant::now();
         let (_, served) = served_within(&app, Duration::from_secs(2)).await;
-        assert!(served, "round {round}: a fresh caller is served at the cap");
+        assert!(served, "a fresh caller is served at the cap");
         assert!(started.elapsed() < Duration::from_secs(1));
-    }
-    // The two idle ones were closed (the idlest first), the busy one was not.
+        // Served with `Connection: close`: its slot is free again.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // At the cap (busy, headless, kept alive): the idlest goes, the one without a head.
+    fresh_served().await;
+    let mut newer = socket(&app).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // At the cap again (busy, kept alive, newer): the kept-alive one is now the idlest.
+    fresh_served().await;
     for (name, idle) in [("headless", &mut headless), ("kept alive", &mut kept_alive)] {
         let closed = tokio::time::timeout(Duration::from_secs(1), idle.read(&mut buffer)).await;
         assert!(
@@ -218,6 +225,12 @@ async fn idle_connections_make_room_at_the_cap(backend: Backend) {
             "{name} was closed"
         );
     }
+    let newer_open =
+        tokio::time::timeout(Duration::from_millis(200), newer.read(&mut buffer)).await;
+    assert!(
+        newer_open.is_err(),
+        "the newest idle connection was left alone"
+    );
     let still_open = tokio::time::timeout(Duration::from_millis(200), busy.read(&mut buffer)).await;
     assert!(still_open.is_err(), "the request in flight was left alone");
 }
