@@ -189,8 +189,11 @@ struct Registry {
     next_id: AtomicU64,
     connections: Mutex<HashMap<u64, Arc<Activity>>>,
     max_per_peer: usize,
-    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    peers: Arc<PeerCounts>,
 }
+
+/// Connections being served per peer address (only with a per-peer cap).
+type PeerCounts = Mutex<HashMap<IpAddr, usize>>;
 
 impl Registry {
     fn new(max_per_peer: usize) -> Self {
@@ -199,7 +202,7 @@ impl Registry {
             next_id: AtomicU64::new(0),
             connections: Mutex::new(HashMap::new()),
             max_per_peer,
-            peers: Arc::new(Mutex::new(HashMap::new())),
+            peers: Arc::new(PeerCounts::default()),
         }
     }
 
@@ -264,7 +267,7 @@ impl Drop for Tracked {
 }
 
 /// One connection of a peer, given back when the connection ends.
-struct PeerSlot(Option<(IpAddr, Arc<Mutex<HashMap<IpAddr, usize>>>)>);
+struct PeerSlot(Option<(IpAddr, Arc<PeerCounts>)>);
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
