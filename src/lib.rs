@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod domain;
 pub mod health;
 pub mod http;
+pub mod notifications;
 pub mod proxy;
 pub mod rotation;
 pub mod server;

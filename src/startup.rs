@@ -201,6 +201,12 @@ async fn workers(
     {
         handles.push(listener);
     }
+    handles.extend(crate::notifications::spawn(
+        &settings.notifications,
+        &settings.database,
+        store.clone(),
+        stop.clone(),
+    )?);
     if settings.reverify.enabled {
         let reverifier = Reverifier::new(
             store.clone(),

@@ -29,12 +29,22 @@ start_throwaway_postgres() {
     chown nobody "$PGTMP"
     AS_PG=(setpriv --reuid=nobody --regid="$(id -g nobody)" --clear-groups --)
   fi
-  PGPORT=$(free_port)
-  echo "==> starting a throwaway PostgreSQL on 127.0.0.1:$PGPORT ($PGBIN)" >&2
   "${AS_PG[@]}" "$PGBIN/initdb" -D "$PGTMP/data" -U postgres --auth=trust -E UTF8 --no-sync >"$PGTMP/initdb.log"
-  "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$PGTMP/data" -l "$PGTMP/data/server.log" -w -t 60 \
-    -o "-p $PGPORT -k $PGTMP -h 127.0.0.1 -c max_connections=400 ${PG_EXTRA_OPTS:-}" \
-    start >/dev/null
+  # The free port can be taken by another process before the server binds it (seen once
+  # on a loaded machine): a start that fails shows the server's log and tries another port.
+  local attempt
+  for attempt in 1 2 3; do
+    PGPORT=$(free_port)
+    echo "==> starting a throwaway PostgreSQL on 127.0.0.1:$PGPORT ($PGBIN)" >&2
+    if "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$PGTMP/data" -l "$PGTMP/server.log" -w -t 60 \
+      -o "-p $PGPORT -k $PGTMP -h 127.0.0.1 -c max_connections=400 ${PG_EXTRA_OPTS:-}" \
+      start >/dev/null; then
+      break
+    fi
+    echo "==> PostgreSQL did not start (attempt $attempt); its log:" >&2
+    tail -n 20 "$PGTMP/server.log" >&2 || true
+    [ "$attempt" -lt 3 ] || return 1
+  done
   export PGPORT PGTMP
   export ATLAS_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$PGPORT/postgres"
   export ATLAS_TEST_POSTGRES_DATA_DIR="$PGTMP/data"

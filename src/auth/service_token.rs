@@ -16,6 +16,8 @@ pub enum Scope {
     KeysRead,
     /// List connections and their health (ops).
     OpsRead,
+    /// Act on the service's own work: redeliver an announcement to Atlas (ops).
+    OpsWrite,
     /// Read the events Stripe delivered for a tenant (charging services).
     EventsRead,
     /// Call Stripe for a tenant through the proxy, which adds the key (charging services).
@@ -23,10 +25,11 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] = [
+    pub const ALL: [Scope; 6] = [
         Self::TenantsWrite,
         Self::KeysRead,
         Self::OpsRead,
+        Self::OpsWrite,
         Self::EventsRead,
         Self::StripeCall,
     ];
@@ -36,6 +39,7 @@ impl Scope {
             Self::TenantsWrite => "tenants:write",
             Self::KeysRead => "keys:read",
             Self::OpsRead => "ops:read",
+            Self::OpsWrite => "ops:write",
             Self::EventsRead => "events:read",
             Self::StripeCall => "stripe:call",
         }

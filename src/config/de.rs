@@ -57,6 +57,22 @@ pub(super) fn allowlist<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Al
     Allowlist::parse(&list(deserializer)?).map_err(D::Error::custom)
 }
 
+/// `proxy.stripe_versions`: each a Stripe API version (`YYYY-MM-DD`, optionally `.name`).
+pub(super) fn stripe_versions<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<String>, D::Error> {
+    let versions = list(deserializer)?;
+    match versions
+        .iter()
+        .find(|v| !crate::proxy::is_stripe_version(v))
+    {
+        Some(bad) => Err(D::Error::custom(format!(
+            "{bad:?} is not a Stripe version (YYYY-MM-DD, optionally .name)"
+        ))),
+        None => Ok(versions),
+    }
+}
+
 /// `server.cors_allowed_origins`: each an origin exactly as a browser sends it.
 pub(super) fn origins<'de, D: Deserializer<'de>>(
     deserializer: D,

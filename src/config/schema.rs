@@ -32,6 +32,7 @@ pub struct Settings {
     pub accounting: AccountingSettings,
     pub internal: InternalSettings,
     pub proxy: ProxySettings,
+    pub notifications: crate::notifications::NotificationSettings,
     pub dev: DevSettings,
     pub log: LogSettings,
     /// `ATLAS_STRIPE_ENVIRONMENT` when set (`production` turns on the production rules).
@@ -259,6 +260,9 @@ pub struct ProxySettings {
     /// The longest a call may take, retries included (a caller may ask for less).
     #[serde(rename = "deadline_ms", deserialize_with = "de::millis")]
     pub deadline: Duration,
+    /// The `Stripe-Version`s a caller may send (`YYYY-MM-DD[.name]`); empty accepts any.
+    #[serde(deserialize_with = "de::stripe_versions")]
+    pub stripe_versions: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -133,6 +133,11 @@ fn values_their_type_refuses_are_named_with_their_layer() {
             "-1",
             "reverify.lease_secs must be a number of seconds, not -1",
         ),
+        (
+            "ATLAS_STRIPE__PROXY__STRIPE_VERSIONS",
+            "2023-08-16,latest",
+            "proxy.stripe_versions \"latest\" is not a Stripe version (YYYY-MM-DD, optionally .name)",
+        ),
     ];
     for (variable, value, expected) in cases {
         let err = error(load_with(None, dir.path(), None, &[(variable, value)]));

@@ -50,6 +50,9 @@ impl Settings {
             1..=3_600_000,
         );
         self.proxy_problems(&mut p);
+        for (key, problem) in self.notifications.problems(self.is_production()) {
+            p.push(key, problem);
+        }
         self.kms_problems(&mut p);
         self.dev_problems(&mut p);
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {

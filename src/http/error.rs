@@ -39,6 +39,8 @@ pub enum ApiError {
     NotConnected,
     #[error("No route matches this path.")]
     RouteNotFound,
+    #[error("No announcement has this id (delivered ones are deleted after notifications.retention_days).")]
+    NotificationNotFound,
     #[error("This path does not accept that method.")]
     MethodNotAllowed,
     #[error("{0}")]
@@ -142,7 +144,7 @@ impl ApiError {
             Self::EndpointNotAllowed => (S::FORBIDDEN, "endpoint_not_allowed"),
             Self::ExpandNotAllowed => (S::FORBIDDEN, "expand_not_allowed"),
             Self::NotConnected => (S::NOT_FOUND, "not_connected"),
-            Self::RouteNotFound => (S::NOT_FOUND, "not_found"),
+            Self::RouteNotFound | Self::NotificationNotFound => (S::NOT_FOUND, "not_found"),
             Self::UnknownWebhookConnection => (S::NOT_FOUND, "unknown_connection"),
             Self::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::InvalidJson(_) => (S::BAD_REQUEST, "invalid_json"),
@@ -231,11 +233,35 @@ pub struct ErrorDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub key_mode: Option<Mode>,
+    /// The proxy route only (`…/stripe/v1/{path}`): Stripe's error `type` for our own
+    /// refusals, which Stripe's SDKs read beside `code` to pick their exception.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schema(rename = "type", nullable = false)]
+    pub stripe_type: Option<StripeErrorType>,
     /// `not_ready`: each readiness check (`database`, `keyring`) and its verdict (`ok`,
     /// `failed`, or `failed: ` and what to do).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<std::collections::BTreeMap<String, String>>, nullable = false)]
     pub checks: Option<serde_json::Value>,
+}
+
+/// Stripe's `error.type` for an answer of ours, by its status, as Stripe types its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StripeErrorType {
+    InvalidRequestError,
+    RateLimitError,
+    ApiError,
+}
+
+impl StripeErrorType {
+    pub fn for_status(status: StatusCode) -> Self {
+        match status.as_u16() {
+            429 => Self::RateLimitError,
+            500.. => Self::ApiError,
+            _ => Self::InvalidRequestError,
+        }
+    }
 }
 
 impl ErrorDetail {
@@ -251,12 +277,26 @@ impl ErrorDetail {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        self.respond(None)
+    }
+}
+
+impl ApiError {
+    /// The answer on the proxy route: the same body plus Stripe's `type`, so the caller's
+    /// Stripe SDK classifies our refusals as it does Stripe's.
+    pub fn into_stripe_response(self) -> Response {
+        let stripe_type = StripeErrorType::for_status(self.status());
+        self.respond(Some(stripe_type))
+    }
+
+    fn respond(self, stripe_type: Option<StripeErrorType>) -> Response {
         let status = self.status();
         if let Self::Internal(cause) = &self {
             // `{:#}` prints the whole chain; causes are built so that none holds a secret.
             tracing::error!(error = format!("{cause:#}"), "request failed");
         }
         let mut detail = ErrorDetail::new(self.code(), self.to_string());
+        detail.stripe_type = stripe_type;
         let mut retry_after_header = None;
         match self {
             Self::MissingPermissions {
@@ -484,5 +524,43 @@ mod tests {
             assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
             assert_eq!(response.headers()[header::RETRY_AFTER], "2");
         }
+    }
+
+    async fn body(response: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("a small body");
+        serde_json::from_slice(&bytes).expect("JSON")
+    }
+
+    #[tokio::test]
+    async fn the_proxys_refusals_carry_stripes_type_by_status() {
+        let cases = [
+            (ApiError::EndpointNotAllowed, "invalid_request_error"),
+            (ApiError::NotConnected, "invalid_request_error"),
+            (
+                ApiError::InvalidRequest("Stripe-Version …".into()),
+                "invalid_request_error",
+            ),
+            (
+                ApiError::rate_limited(Limited::Proxy, Duration::from_secs(1)),
+                "rate_limit_error",
+            ),
+            (ApiError::StripeUnavailable, "api_error"),
+            (ApiError::ServiceUnavailable, "api_error"),
+        ];
+        for (error, expected) in cases {
+            let code = error.code();
+            let error_body = body(error.into_stripe_response()).await;
+            assert_eq!(error_body["error"]["type"], expected, "{code}");
+            assert_eq!(error_body["error"]["code"], code);
+        }
+    }
+
+    #[tokio::test]
+    async fn other_routes_answer_without_a_type() {
+        let error_body = body(ApiError::NotConnected.into_response()).await;
+        assert_eq!(error_body["error"]["code"], "not_connected");
+        assert!(error_body["error"].get("type").is_none(), "{error_body}");
     }
 }

@@ -177,6 +177,11 @@ impl RequiredScope for OpsRead {
     const SCOPE: Scope = Scope::OpsRead;
 }
 
+pub struct OpsWrite;
+impl RequiredScope for OpsWrite {
+    const SCOPE: Scope = Scope::OpsWrite;
+}
+
 pub struct EventsRead;
 impl RequiredScope for EventsRead {
     const SCOPE: Scope = Scope::EventsRead;

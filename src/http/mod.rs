@@ -5,6 +5,7 @@ pub mod error;
 pub mod extract;
 mod integrations;
 mod internal;
+mod notifications;
 mod openapi;
 mod ops;
 pub mod proxy;
@@ -55,6 +56,7 @@ pub fn router(
         .merge(connect_page::router())
         .merge(integrations::router(cors_allowed_origins))
         .merge(internal::router())
+        .merge(notifications::router())
         .merge(webhooks::router())
         .merge(proxy::router())
         .fallback(|| async { ApiError::RouteNotFound })

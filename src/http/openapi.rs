@@ -9,7 +9,7 @@ use utoipa::{Modify, OpenApi};
 use super::error::{ErrorBody, ErrorDetail};
 use super::state::AppState;
 use super::summary::ConnectionSummary;
-use super::{integrations, internal, ops, proxy, webhooks};
+use super::{integrations, internal, notifications, ops, proxy, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,6 +25,8 @@ use super::{integrations, internal, ops, proxy, webhooks};
         internal::upsert_tenant,
         internal::fetch_key,
         internal::list_connections,
+        notifications::list_notifications,
+        notifications::redeliver,
         ops::healthz,
         ops::readyz,
         ops::metrics,
@@ -40,7 +42,7 @@ use super::{integrations, internal, ops, proxy, webhooks};
         (name = "internal", description = "Atlas's internal services; scoped service tokens"),
         (name = "ops", description = "Probes; open and revealing nothing secret"),
         (name = "webhooks", description = "Stripe's deliveries to the endpoint registered on each connected account"),
-        (name = "proxy", description = "Charging services call Stripe through this service, which adds the tenant's key; scope stripe:call"),
+        (name = "proxy", description = "Charging services call Stripe through this service, which adds the tenant's key; scope stripe:call. Stripe's official SDKs work unchanged with the API base …/internal/v1/tenants/{tenant_id}/stripe and the service token as key: the caller's Stripe-Version is forwarded, and this route's own refusals add Stripe's error `type` beside `code`"),
     )
 )]
 pub struct ApiDoc;

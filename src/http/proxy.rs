@@ -1,7 +1,7 @@
 //! `ANY /internal/v1/tenants/{tenant_id}/stripe/v1/{path…}`: charging services call Stripe
 //! through this service, which adds the tenant's key, so the key never leaves it. The
 //! method, the path below `/v1/`, the query string, the form body and the caller's
-//! `Idempotency-Key` are forwarded; Stripe's status, JSON body and `Request-Id` come back
+//! `Idempotency-Key` and `Stripe-Version` are forwarded (`crate::proxy::caller_headers`); Stripe's status, JSON body and `Request-Id` come back
 //! as they came. Bodies are customer data: never logged, never stored.
 
 use std::time::Duration;
@@ -35,11 +35,12 @@ const PREFIX_END: &str = "/stripe/v1/";
         ("path" = String, Path, description = "A Stripe path below /v1/, e.g. customers or invoices/in_123/pay; GET, POST and DELETE are forwarded the same way"),
         ("Idempotency-Key" = Option<String>, Header, description = "Forwarded to Stripe; a POST without one gets a generated key, returned in the answer's Idempotency-Key header"),
         ("X-Deadline-Ms" = Option<u64>, Header, description = "The caller's deadline for the whole call, retries included (at most proxy.deadline_ms)"),
+        ("Stripe-Version" = Option<String>, Header, description = "Forwarded as sent (YYYY-MM-DD, optionally .name; one of proxy.stripe_versions when that is set); without it, the pinned stripe.api_version. Stripe-Account and Stripe-Context are refused (400); no other header of the caller is forwarded"),
     ),
     request_body(content = String, description = "Stripe's form body, as for Stripe", content_type = "application/x-www-form-urlencoded"),
     responses(
         (status = 200, description = "Stripe's answer, status, JSON body and Request-Id as they came; any status Stripe answers is passed back the same way", content_type = "application/json"),
-        (status = 400, description = "invalid_request (tenant id, deadline, a body on a GET or DELETE)", body = ErrorBody),
+        (status = 400, description = "invalid_request (tenant id, deadline, a body on a GET or DELETE, a malformed or not accepted Stripe-Version, a Stripe-Account or Stripe-Context header). Every refusal of this route also carries Stripe's error `type`: invalid_request_error (4xx), rate_limit_error (429), api_error (5xx)", body = ErrorBody),
         (status = 401, description = "unauthenticated", body = ErrorBody),
         (status = 403, description = "insufficient_scope; endpoint_not_allowed (outside proxy.allowed, or a path segment that is not an id of the resource); expand_not_allowed (an expand[] value outside proxy.expand_allowed)", body = ErrorBody),
         (status = 404, description = "not_connected", body = ErrorBody),
@@ -55,8 +56,23 @@ const PREFIX_END: &str = "/stripe/v1/";
     ))]
 pub async fn forward(
     State(state): State<AppState>,
+    caller: Result<ServiceCaller<StripeCall>, ApiError>,
+    tenant: Result<TenantPath, ApiError>,
+    request: Request,
+) -> Response {
+    // Every refusal of this route, the extractors' included, carries Stripe's `type`.
+    let answer = async {
+        let caller = caller?;
+        let TenantPath(tenant) = tenant?;
+        call_stripe(state, caller, tenant, request).await
+    };
+    answer.await.unwrap_or_else(ApiError::into_stripe_response)
+}
+
+async fn call_stripe(
+    state: AppState,
     caller: ServiceCaller<StripeCall>,
-    TenantPath(tenant): TenantPath,
+    tenant: crate::domain::TenantId,
     request: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
@@ -70,6 +86,8 @@ pub async fn forward(
         .endpoint(&parts.method, below_v1)
         .ok_or(ApiError::EndpointNotAllowed)?;
     let deadline = caller_deadline(&parts.headers, state.proxy.deadline())?;
+    let passed = crate::proxy::caller_headers(&parts.headers, state.proxy.stripe_versions())
+        .map_err(|refusal| ApiError::InvalidRequest(refusal.to_string()))?;
     // Stripe ignores a GET's or DELETE's body: whatever is in it was meant for something
     // else, and is refused before a byte of it is read.
     if matches!(parts.method, Method::GET | Method::DELETE) && !body.is_end_stream() {
@@ -83,17 +101,14 @@ pub async fn forward(
     if !state.proxy.expansions_allowed(parts.uri.query(), &body) {
         return Err(ApiError::ExpandNotAllowed);
     }
-    let idempotency_key = (parts.headers.get("idempotency-key"))
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 255)
-        .map(str::to_owned);
     let call = ProxyCall {
         method: parts.method.clone(),
         endpoint,
         below_v1,
         query: parts.uri.query(),
         body,
-        idempotency_key,
+        idempotency_key: passed.idempotency_key,
+        stripe_version: passed.stripe_version,
         deadline,
     };
     let answer = (state.proxy)

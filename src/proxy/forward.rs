@@ -20,6 +20,8 @@ pub struct Proxy {
     smoothing: AccountSmoothing,
     body_limit: usize,
     deadline: Duration,
+    /// `proxy.stripe_versions`: the caller versions accepted (empty: any).
+    stripe_versions: Vec<String>,
     keys: Arc<KeyAccess>,
     connections: Arc<ConnectionService>,
     store: Arc<dyn Store>,
@@ -35,6 +37,8 @@ pub struct ProxyCall<'a> {
     pub body: Bytes,
     /// The caller's `Idempotency-Key`, when usable.
     pub idempotency_key: Option<String>,
+    /// The caller's `Stripe-Version`, checked; `None` sends the pinned `stripe.api_version`.
+    pub stripe_version: Option<String>,
     /// The caller's deadline, already bounded by `proxy.deadline_ms`.
     pub deadline: Duration,
 }
@@ -79,6 +83,7 @@ impl Proxy {
             ),
             body_limit: settings.body_limit_bytes,
             deadline: settings.deadline,
+            stripe_versions: settings.stripe_versions.clone(),
             keys,
             connections,
             store,
@@ -103,6 +108,11 @@ impl Proxy {
     /// `proxy.deadline_ms`: the most a caller may ask for.
     pub fn deadline(&self) -> Duration {
         self.deadline
+    }
+
+    /// The caller versions accepted (`proxy.stripe_versions`; empty: any).
+    pub fn stripe_versions(&self) -> &[String] {
+        &self.stripe_versions
     }
 
     /// Forwards an authenticated caller's call to Stripe with the tenant's key.
@@ -136,6 +146,7 @@ impl Proxy {
             path_and_query,
             body: call.body,
             idempotency_key: idempotency_key.clone(),
+            stripe_version: call.stripe_version,
             retry,
             deadline: tokio::time::Instant::now() + call.deadline,
         };

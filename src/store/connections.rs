@@ -16,7 +16,7 @@ use super::rows::{
     SealedRowRaw,
 };
 use super::sql_store::{audit, SqlStore};
-use super::{queries, StoreError};
+use super::{notifications, queries, StoreError};
 use crate::clock::now;
 use crate::crypto::{MasterKeyId, Purpose};
 use crate::domain::{ConnectionStatus, Resource, TenantId};
@@ -33,6 +33,7 @@ where
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
     for<'r> (String,): FromRow<'r, DB::Row>,
     for<'r> (String, i64): FromRow<'r, DB::Row>,
+    for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'r> (String, String): FromRow<'r, DB::Row>,
     for<'r> (String, Option<String>, Vec<u8>): FromRow<'r, DB::Row>,
     for<'r> ConnectionRow: FromRow<'r, DB::Row>,
@@ -139,6 +140,7 @@ where
             .ok_or_else(|| {
                 StoreError::Corrupt("connection vanished in its own transaction".into())
             })?;
+        notifications::announce_saved::<DB>(&mut tx, &record, previous.is_some()).await?;
         tx.commit().await?;
         Ok(match previous {
             Some(_) => SaveOutcome::Replaced(record),
@@ -183,6 +185,7 @@ where
         )
         .await?;
         let record = Self::read_connection(&mut *tx, tenant).await?;
+        notifications::announce_verified::<DB>(&mut tx, record.as_ref()).await?;
         tx.commit().await?;
         Ok(record)
     }
@@ -213,6 +216,8 @@ where
             detail,
         )
         .await?;
+        notifications::announce_disconnected::<DB>(&mut tx, tenant, &connection_id, &key_last4)
+            .await?;
         tx.commit().await?;
         Ok(true)
     }

@@ -10,6 +10,7 @@ mod dialect;
 mod error;
 mod events;
 mod model;
+pub mod notifications;
 mod postgres;
 mod queries;
 mod rows;
@@ -32,6 +33,7 @@ pub use model::{
     ServiceTokenRecord, StoredEvent, StoredState, StoredWebhook, TenantRecord, TenantWrite,
     Verification, WebhookChange, WebhookTarget,
 };
+pub use notifications::Outbox;
 pub use sql_store::SqlStore;
 
 use crate::crypto::{MasterKeyId, Purpose};
@@ -51,7 +53,7 @@ pub enum Backend {
 /// Everything the service persists. One implementation per backend; the same story test
 /// suite runs against both.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: Outbox + Send + Sync + 'static {
     fn backend(&self) -> Backend;
 
     /// Applies pending migrations.

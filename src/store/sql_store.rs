@@ -39,6 +39,10 @@ impl<DB: Dialect> SqlStore<DB> {
             pool: DB::open_pool(url, max_connections, acquire_timeout).await?,
         })
     }
+
+    pub(super) fn pool(&self) -> &Pool<DB> {
+        &self.pool
+    }
 }
 
 // What the shared statements need of a backend: the column and parameter types they use,
@@ -75,6 +79,7 @@ where
     for<'r> KeyFetchTallyRow: FromRow<'r, DB::Row>,
     for<'r> ApiKeyRow: FromRow<'r, DB::Row>,
     for<'r> AuditRow: FromRow<'r, DB::Row>,
+    Self: super::Outbox,
 {
     fn backend(&self) -> Backend {
         DB::BACKEND

@@ -196,7 +196,10 @@ impl StripeClient {
             .request(request.method.clone(), url)
             .timeout(left.min(self.config.request_timeout))
             .bearer_auth(key.expose_secret())
-            .header("Stripe-Version", &self.config.api_version);
+            .header(
+                "Stripe-Version",
+                (request.stripe_version.as_deref()).unwrap_or(&self.config.api_version),
+            );
         if let Some(idempotency_key) = &request.idempotency_key {
             builder = builder.header("Idempotency-Key", idempotency_key);
         }
@@ -352,6 +355,8 @@ pub struct Forward {
     /// The form body, as the caller sent it.
     pub body: axum::body::Bytes,
     pub idempotency_key: Option<String>,
+    /// The caller's `Stripe-Version`; `None` sends the pinned `stripe.api_version`.
+    pub stripe_version: Option<String>,
     /// Whether the request is safe to send again (a GET, or a POST with an idempotency key).
     pub retry: bool,
     pub deadline: tokio::time::Instant,

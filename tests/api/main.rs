@@ -18,6 +18,7 @@ mod keys;
 mod kms;
 mod lifecycle;
 mod limits;
+mod notifications;
 mod openapi_doc;
 mod ops;
 mod outage;

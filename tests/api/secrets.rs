@@ -9,7 +9,7 @@ use atlas_stripe::domain::{Mode, Resource};
 use reqwest::Method;
 
 use crate::backend_tests;
-use crate::helpers::{assert_error, spawn_app, Backend, TestApp};
+use crate::helpers::{assert_error, spawn_app_with, Backend, TestApp};
 use crate::stripe_mock::{answer_all, grant_all_but, key, Answer};
 
 backend_tests!(a_canary_key_leaks_nowhere);
@@ -102,7 +102,17 @@ async fn database_files(app: &TestApp) -> Vec<std::path::PathBuf> {
 
 async fn a_canary_key_leaks_nowhere(backend: Backend) {
     let logs = captured_logs();
-    let app = spawn_app(backend).await;
+    // Announcements to Atlas go out too: their bodies and the signing secret are checked.
+    let signing_secret = crate::notifications::secret(9);
+    let atlas = crate::notifications::Receiver::start(&[&signing_secret]).await;
+    let app = spawn_app_with(
+        backend,
+        &[
+            ("notifications.url", atlas.url.as_str()),
+            ("notifications.secret", signing_secret.as_str()),
+        ],
+    )
+    .await;
     let tenant = format!(
         "ten_canary_{}",
         match backend {
@@ -272,6 +282,39 @@ async fn a_canary_key_leaks_nowhere(backend: Backend) {
             "a response body holds the webhook secret"
         );
     }
+
+    // Connected, then replaced: each announcement is the summary, never the key.
+    let announced = atlas
+        .wait_until("two announcements", |r| r.len() >= 2)
+        .await;
+    for r in &announced {
+        let whole = format!("{:?} {}", r.headers, r.raw);
+        assert!(
+            !whole.contains(&canary),
+            "an announcement holds the key: {whole}"
+        );
+        assert!(
+            !whole.contains(&canary[8..]),
+            "an announcement holds the key's body"
+        );
+        assert!(
+            !whole.contains(&webhook_secret),
+            "an announcement holds the webhook secret"
+        );
+        assert!(
+            !whole.contains(&signing_secret),
+            "an announcement holds its signing secret"
+        );
+    }
+    let logs = String::from_utf8_lossy(&captured_logs().0.lock().unwrap()).into_owned();
+    assert!(
+        !logs.contains(&signing_secret),
+        "a log line holds the signing secret"
+    );
+    assert!(
+        !logs.contains(&signing_secret[6..]),
+        "a log line holds the signing secret's body"
+    );
 
     let files = database_files(&app).await;
     for file in &files {
