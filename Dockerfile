@@ -6,7 +6,9 @@
 #              -e ATLAS_STRIPE__WEBHOOKS__PUBLIC_BASE_URL=https://stripe.atlas.example \
 #              -e ATLAS_STRIPE__CRYPTO__MASTER_KEYS=k1:… -e ATLAS_STRIPE__CRYPTO__ACTIVE_KEY_ID=k1 \
 #              -e ATLAS_STRIPE__CRYPTO__FINGERPRINT_KEY=… -e ATLAS_STRIPE__AUTH__TENANT_TOKEN_SECRET=… \
-#              -p 8080:8080 atlas-stripe
+#              -p 8080:8080 -p 9090:9090 atlas-stripe
+# Port 9090 (server.ops_bind) serves /healthz, /readyz and /metrics: point the probes
+# and the scraper there, and keep it off the public network.
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
@@ -30,6 +32,6 @@ COPY config /app/config
 # `docker run … keys generate --id k1` needs no configuration.
 ENV ATLAS_STRIPE_ENVIRONMENT=production
 USER nonroot:nonroot
-EXPOSE 8080
+EXPOSE 8080 9090
 ENTRYPOINT ["/usr/local/bin/atlas-stripe"]
 CMD ["serve"]

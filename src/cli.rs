@@ -122,7 +122,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // Before the port is bound: a SIGTERM from then on drains.
             let shutdown = shutdown_signal();
             let app = Application::build(&settings).await?;
-            tracing::info!(bind = %settings.server.bind, port = app.port(), "serving");
+            tracing::info!(
+                bind = %settings.server.bind,
+                port = app.port(),
+                ops_port = ?app.ops_port(),
+                "serving"
+            );
             app.run_until(shutdown).await?;
         }
         Command::Migrate => {

@@ -29,6 +29,8 @@ use crate::webhooks::recovery::{EventRecovery, RecoverySettings};
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
+    /// `server.ops_bind`'s listener and the probe routes, when set.
+    ops: Option<(TcpListener, axum::Router)>,
     shutdown_grace: Duration,
     limits: ServerLimits,
     background: Vec<JoinHandle<()>>,
@@ -140,6 +142,31 @@ async fn listener(settings: &Settings) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding {}", settings.server.bind))
 }
 
+/// `server.ops_bind`'s listener, when set.
+async fn ops_listener(settings: &Settings) -> anyhow::Result<Option<TcpListener>> {
+    let bind = settings.server.ops_bind.trim();
+    if bind.is_empty() {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(bind)
+        .await
+        .with_context(|| format!("binding server.ops_bind {bind}"))?;
+    Ok(Some(listener))
+}
+
+/// The probe listener's bounds: the public timeouts, and its own small cap. Probes and
+/// scrapes are a handful of callers; idle sockets past the cap make room as on the public
+/// port.
+fn ops_limits(public: ServerLimits) -> ServerLimits {
+    ServerLimits {
+        max_connections: OPS_MAX_CONNECTIONS,
+        max_connections_per_peer: 0,
+        ..public
+    }
+}
+
+const OPS_MAX_CONNECTIONS: usize = 64;
+
 /// What the background workers share with the routes.
 struct Workers {
     handles: Vec<JoinHandle<()>>,
@@ -241,7 +268,8 @@ async fn workers(
     })
 }
 
-/// The use cases the routes call, and the routes over them.
+/// The use cases the routes call, and the routes over them: the public ones, and the
+/// probes alone when they have a listener of their own.
 fn router(
     settings: &Settings,
     secrets: &Secrets,
@@ -250,7 +278,7 @@ fn router(
     connections: Arc<ConnectionService>,
     smoothing: Arc<AccountSmoothing>,
     workers: &Workers,
-) -> axum::Router {
+) -> (axum::Router, axum::Router) {
     let service_tokens = Arc::new(ServiceTokens::new(
         store.clone(),
         workers.service_tokens.clone(),
@@ -292,11 +320,16 @@ fn router(
         recovery: workers.recovery.clone(),
         key_fetch_enabled: settings.internal.key_fetch_enabled,
     });
-    http::router(
+    let ops_apart = !settings.server.ops_bind.trim().is_empty();
+    let ops = http::ops_router(state.clone(), settings.server.body_read_timeout);
+    let public = http::router(
         state,
         &settings.server.cors_allowed_origins,
         settings.server.body_read_timeout,
-    )
+        crate::server::BodyBudget::new(settings.server.inflight_body_bytes),
+        !ops_apart,
+    );
+    (public, ops)
 }
 
 impl Application {
@@ -312,6 +345,7 @@ impl Application {
         let connections =
             connections(settings, &store, &keyring, fingerprint_key, &recovery_due).await?;
         let listener = listener(settings).await?;
+        let ops_listener = ops_listener(settings).await?;
         // Background work starts only once nothing else can fail.
         let (stop_background, stop) = watch::channel(false);
         let smoothing = smoothing(settings);
@@ -333,7 +367,7 @@ impl Application {
             stop,
         )
         .await?;
-        let router = router(
+        let (router, ops_router) = router(
             settings,
             &secrets,
             store,
@@ -345,11 +379,13 @@ impl Application {
         Ok(Self {
             listener,
             router,
+            ops: ops_listener.map(|listener| (listener, ops_router)),
             shutdown_grace: settings.server.shutdown_grace,
             limits: ServerLimits {
                 header_read_timeout: settings.server.header_read_timeout,
                 idle_timeout: settings.server.idle_timeout,
                 max_connections: settings.server.max_connections,
+                max_connections_per_peer: settings.server.max_connections_per_peer,
             },
             background: workers.handles,
             stop_background,
@@ -366,20 +402,48 @@ impl Application {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
+    /// The port of `server.ops_bind`'s listener, when set (port 0 in tests).
+    pub fn ops_port(&self) -> Option<u16> {
+        let (listener, _) = self.ops.as_ref()?;
+        listener.local_addr().ok().map(|a| a.port())
+    }
+
     /// Serves until `shutdown` resolves, then lets in-flight requests finish for at most
     /// the grace period.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        // One signal, both listeners: the probes stop answering when the API does.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut stop: watch::Receiver<bool>| async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let ops = self.ops.map(|(listener, router)| {
+            tokio::spawn(crate::server::serve(
+                listener,
+                router,
+                ops_limits(self.limits),
+                stopped(stop_rx.clone()),
+                self.shutdown_grace,
+            ))
+        });
         let drained = crate::server::serve(
             self.listener,
             self.router,
             self.limits,
-            shutdown,
+            stopped(stop_rx),
             self.shutdown_grace,
         )
         .await;
+        if let Some(ops) = ops {
+            // Probes answer within milliseconds: draining them never outlasts the API's.
+            let _ = ops.await;
+        }
         if !drained {
             tracing::warn!("shutdown grace period elapsed with requests still in flight");
         }

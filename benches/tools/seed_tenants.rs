@@ -1,5 +1,6 @@
 //! Benchmark set-up, not part of the product: seeds `--tenants N` connected tenants
-//! `ten_0…` with sealed random keys through the store, and prints a `keys:read` service
+//! `ten_0…` with sealed random keys and webhook signing secrets (so their webhook URLs
+//! are known ids: scripts/measure-hostile) through the store, and prints a `keys:read` service
 //! token. Reads the same configuration as the service (`ATLAS_STRIPE__…` variables).
 //!
 //! `cargo run --release --example seed-tenants -- --tenants 10000`
@@ -12,7 +13,9 @@ use atlas_stripe::domain::{
     random_id, Access, ConnectionStatus, KeyKind, Mode, PermissionReport, Resource, TenantId,
 };
 use atlas_stripe::startup::open_store;
-use atlas_stripe::store::{Actor, NewConnection, NewServiceToken, StoredState, WebhookChange};
+use atlas_stripe::store::{
+    Actor, NewConnection, NewServiceToken, StoredState, StoredWebhook, WebhookChange,
+};
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use secrecy::ExposeSecret;
 
@@ -48,10 +51,18 @@ async fn main() -> anyhow::Result<()> {
                 let api_key = random_id("rk_test_", 99);
                 let secret_id = random_id("sec_", 20);
                 let context = SecretContext::api_key(&secret_id, &tenant, Mode::Test);
+                let webhook_secret_id = random_id("whs_", 20);
+                let webhook_context =
+                    SecretContext::webhook_secret(&webhook_secret_id, &tenant, Mode::Test);
+                let webhook = StoredWebhook {
+                    endpoint_id: random_id("we_", 24),
+                    sealed: keyring.seal(&webhook_context, random_id("whsec_", 32).as_bytes())?,
+                    secret_id: webhook_secret_id,
+                };
                 let connection = NewConnection {
                     connection_id: random_id("con_", 20),
                     expected: StoredState::Absent,
-                    webhook: WebhookChange::Keep,
+                    webhook: WebhookChange::Set(webhook),
                     tenant_id: tenant,
                     mode: Mode::Test,
                     key_type: KeyKind::Restricted,

@@ -59,6 +59,15 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
     /// Connections served at once per process.
     pub max_connections: usize,
+    /// Connections served at once to one peer address; 0: no per-peer cap (a load balancer
+    /// in front is one peer).
+    pub max_connections_per_peer: usize,
+    /// Request bodies being read at once share this many bytes; a request that would take
+    /// more is answered 503 `overloaded` at once.
+    pub inflight_body_bytes: usize,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served instead of `bind`; empty: on
+    /// `bind`, with the API.
+    pub ops_bind: String,
     /// How often the readiness and gauge snapshot is refreshed from the database.
     #[serde(rename = "health_refresh_ms", deserialize_with = "de::millis")]
     pub health_refresh: Duration,
@@ -241,6 +250,9 @@ pub struct ProxySettings {
     /// `METHOD /v1/path/{template}` pairs that are forwarded; anything else is refused.
     #[serde(deserialize_with = "de::allowlist")]
     pub allowed: Allowlist,
+    /// The `expand[]` values forwarded; any other is refused.
+    #[serde(deserialize_with = "de::list")]
+    pub expand_allowed: Vec<String>,
     pub body_limit_bytes: usize,
     /// Calls per second smoothed per connected account, by the account's mode.
     #[serde(deserialize_with = "de::positive::<_, 10_000>")]

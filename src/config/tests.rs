@@ -295,6 +295,44 @@ fn unknown_keys_are_named_with_their_layer() {
     );
 }
 
+/// The body budget covers every route's limit, so a declared length over the budget is
+/// always a 413 of the route, never a 503; probes and the API never share one address; an
+/// `expand[]` entry is a field path.
+#[test]
+fn flood_settings_are_checked_against_each_other() {
+    let err = error(Settings::load(
+        None,
+        &[
+            ("server.inflight_body_bytes", "1048576"),
+            ("webhooks.body_limit_bytes", "2097152"),
+        ],
+    ));
+    assert!(
+        err.contains("server.inflight_body_bytes") && err.contains("webhooks.body_limit_bytes"),
+        "{err}"
+    );
+    let err = error(Settings::load(
+        None,
+        &[
+            ("server.bind", "127.0.0.1:8080"),
+            ("server.ops_bind", "127.0.0.1:8080"),
+        ],
+    ));
+    assert!(err.contains("server.ops_bind"), "{err}");
+    let err = error(Settings::load(
+        None,
+        &[("proxy.expand_allowed", "customer,Sources!")],
+    ));
+    assert!(err.contains("proxy.expand_allowed"), "{err}");
+    let s = Settings::load(None, &[("server.ops_bind", "127.0.0.1:9090")]).unwrap();
+    assert_eq!(s.server.ops_bind, "127.0.0.1:9090");
+    assert_eq!(
+        s.server.inflight_body_bytes,
+        64 << 20,
+        "default.toml: 64 MiB"
+    );
+}
+
 #[test]
 fn every_number_is_checked_and_the_error_names_it() {
     let cases = [
@@ -305,6 +343,8 @@ fn every_number_is_checked_and_the_error_names_it() {
         ("server.body_read_timeout_ms", "0"),
         ("server.idle_timeout_ms", "0"),
         ("server.max_connections", "0"),
+        ("server.max_connections_per_peer", "2000"),
+        ("server.inflight_body_bytes", "1000"),
         ("database.max_connections", "0"),
         ("database.acquire_timeout_ms", "0"),
         ("stripe.connect_timeout_ms", "0"),

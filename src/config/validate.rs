@@ -81,6 +81,39 @@ impl Settings {
         );
         p.millis("server.idle_timeout_ms", s.idle_timeout, 1..=3_600_000);
         p.range("server.max_connections", s.max_connections, 1..=100_000);
+        p.range(
+            "server.max_connections_per_peer",
+            s.max_connections_per_peer,
+            0..=s.max_connections,
+        );
+        // At most 4 GiB - 1: a reservation is counted in a semaphore's u32 permits.
+        p.range(
+            "server.inflight_body_bytes",
+            s.inflight_body_bytes,
+            1 << 20..=u32::MAX as usize,
+        );
+        // A declared length over the budget is then always over the route's limit too, and
+        // refused 413 before a byte is read, never 503 (`crate::server::BodyBudget`).
+        for (key, limit) in [
+            ("server.body_limit_bytes", s.body_limit_bytes),
+            ("webhooks.body_limit_bytes", self.webhooks.body_limit_bytes),
+            ("proxy.body_limit_bytes", self.proxy.body_limit_bytes),
+        ] {
+            if limit > s.inflight_body_bytes {
+                p.push(
+                    "server.inflight_body_bytes",
+                    format!("is below {key} ({limit}); give at least that"),
+                );
+            }
+        }
+        // Port 0 (tests) binds a free port for each: the same text is then no clash.
+        let ops = s.ops_bind.trim();
+        if !ops.is_empty() && ops == s.bind.trim() && !ops.ends_with(":0") {
+            p.push(
+                "server.ops_bind",
+                "is server.bind; give another port, or leave it empty to serve probes on bind",
+            );
+        }
         p.millis("server.health_refresh_ms", s.health_refresh, 50..=3_600_000);
         if s.bind.trim().is_empty() {
             p.push("server.bind", "is empty; give host:port, e.g. 0.0.0.0:8080");
@@ -218,6 +251,18 @@ impl Settings {
         p.range("proxy.body_limit_bytes", x.body_limit_bytes, 1024..=1 << 20);
         p.millis("proxy.max_wait_ms", x.max_wait, 0..=60_000);
         p.millis("proxy.deadline_ms", x.deadline, 100..=120_000);
+        let field = |f: &str| {
+            !f.is_empty()
+                && (f.split('.')).all(|part| {
+                    !part.is_empty() && part.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                })
+        };
+        if let Some(bad) = x.expand_allowed.iter().find(|f| !field(f)) {
+            p.push(
+                "proxy.expand_allowed",
+                format!("lists {bad:?}; give Stripe field paths such as customer or data.invoice"),
+            );
+        }
     }
 
     fn kms_problems(&self, p: &mut Problems) {

@@ -34,6 +34,8 @@ pub enum ApiError {
     InsufficientScope(&'static str),
     #[error("The proxy does not forward this method and path (proxy.allowed).")]
     EndpointNotAllowed,
+    #[error("The proxy does not forward this expand[] value (proxy.expand_allowed).")]
+    ExpandNotAllowed,
     #[error("No Stripe connection exists for this tenant.")]
     NotConnected,
     #[error("No route matches this path.")]
@@ -46,6 +48,8 @@ pub enum ApiError {
     InvalidJson(String),
     #[error("Send the body as JSON with Content-Type: application/json.")]
     UnsupportedMediaType,
+    #[error("Send the body as a form with Content-Type: application/x-www-form-urlencoded, as for Stripe.")]
+    FormExpected,
     #[error("The request body is larger than {0} bytes.")]
     PayloadTooLarge(usize),
     #[error("The request body did not arrive in time; send it whole, without pauses.")]
@@ -87,6 +91,8 @@ pub enum ApiError {
     ServiceUnavailable,
     #[error("The master key this needs is held by AWS KMS and not decrypted yet (KMS did not answer at start-up; the service keeps asking). Try again shortly.")]
     MasterKeyUnavailable,
+    #[error("The service is reading as many request bodies as it holds at once (server.inflight_body_bytes); nothing was done. Try again shortly.")]
+    Overloaded,
     #[error("The webhook delivery was rejected.")]
     WebhookRejected,
     #[error("This connection's key may not read Events, so missed events cannot be recovered. Create a restricted key that adds Events: Read (the connection's fix_url pre-fills it) and connect it.")]
@@ -143,6 +149,7 @@ impl ApiError {
             Self::Unauthenticated => (S::UNAUTHORIZED, "unauthenticated"),
             Self::InsufficientScope(_) => (S::FORBIDDEN, "insufficient_scope"),
             Self::EndpointNotAllowed => (S::FORBIDDEN, "endpoint_not_allowed"),
+            Self::ExpandNotAllowed => (S::FORBIDDEN, "expand_not_allowed"),
             Self::NotConnected => (S::NOT_FOUND, "not_connected"),
             Self::RouteNotFound | Self::NotificationNotFound => (S::NOT_FOUND, "not_found"),
             Self::UnknownWebhookConnection => (S::NOT_FOUND, "unknown_connection"),
@@ -151,7 +158,9 @@ impl ApiError {
             Self::InvalidRequest(_) => (S::BAD_REQUEST, "invalid_request"),
             Self::KeyFormat(e) => (S::BAD_REQUEST, e.code()),
             Self::WebhookRejected => (S::BAD_REQUEST, "webhook_rejected"),
-            Self::UnsupportedMediaType => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            Self::UnsupportedMediaType | Self::FormExpected => {
+                (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
             Self::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::RequestTimeout => (S::REQUEST_TIMEOUT, "request_timeout"),
             Self::ModeMismatch { .. } => (S::UNPROCESSABLE_ENTITY, "mode_mismatch"),
@@ -171,6 +180,7 @@ impl ApiError {
             Self::ServiceUnavailable | Self::MasterKeyUnavailable => {
                 (S::SERVICE_UNAVAILABLE, "service_unavailable")
             }
+            Self::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
@@ -215,7 +225,8 @@ pub struct ErrorDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub fix_url: Option<String>,
-    /// `stripe_unavailable`, `rate_limited`, `service_unavailable`, `concurrent_change`:
+    /// `stripe_unavailable`, `rate_limited`, `service_unavailable`, `overloaded`,
+    /// `concurrent_change`:
     /// trying again later may succeed.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -313,6 +324,10 @@ impl ApiError {
                 detail.retryable = Some(true);
                 retry_after_header = Some(DATABASE_RETRY_AFTER_SECS);
             }
+            Self::Overloaded => {
+                detail.retryable = Some(true);
+                retry_after_header = Some(OVERLOADED_RETRY_AFTER_SECS);
+            }
             Self::RateLimited {
                 retry_after_secs, ..
             } => {
@@ -340,6 +355,10 @@ impl From<KeyFormatError> for ApiError {
 
 /// How long a caller is asked to wait while the database is unreachable.
 const DATABASE_RETRY_AFTER_SECS: u64 = 1;
+
+/// How long a caller is asked to wait while the body budget is spent: bodies in flight are
+/// read within `server.body_read_timeout_ms`, most within a second.
+const OVERLOADED_RETRY_AFTER_SECS: u64 = 1;
 
 impl ApiError {
     /// The answer a store error gets when it is not our fault.

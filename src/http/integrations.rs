@@ -46,13 +46,29 @@ pub fn router(cors_allowed_origins: &[HeaderValue]) -> Router<AppState> {
         )
         .layer(
             CorsLayer::new()
-                .allow_origin(AllowOrigin::list(origins))
+                .allow_origin(AllowOrigin::list(origins.clone()))
                 .allow_methods([Method::GET, Method::POST, Method::DELETE])
                 .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, REQUEST_ID])
                 .expose_headers([REQUEST_ID, header::RETRY_AFTER])
                 .allow_credentials(false)
                 .max_age(Duration::from_secs(600)),
         )
+        // Outermost: tower-http answers every OPTIONS as a preflight, with the allowed
+        // methods and headers, whatever its Origin. Only a configured origin gets one.
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let allowed = (request.method() != Method::OPTIONS)
+                    || (request.headers().get(header::ORIGIN))
+                        .is_some_and(|origin| origins.contains(origin));
+                async move {
+                    if allowed {
+                        next.run(request).await
+                    } else {
+                        ApiError::MethodNotAllowed.into_response()
+                    }
+                }
+            },
+        ))
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -85,7 +101,7 @@ pub struct ConnectBody {
         (status = 429, description = "rate_limited (with retryable and retry_after)", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds until an attempt is allowed"))),
         (status = 502, description = "stripe_unavailable (retryable); nothing was stored", body = ErrorBody),
-        (status = 503, description = "service_unavailable: the database cannot be reached (retryable); nothing was changed", body = ErrorBody,
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable); nothing was changed; overloaded: the request bodies in flight would exceed server.inflight_body_bytes (retryable), answered before the body is read", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn connect(

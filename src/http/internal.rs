@@ -330,7 +330,7 @@ pub struct TenantView {
         (status = 409, description = "tenant_has_connection: the mode would change while a key is connected", body = ErrorBody),
         (status = 413, description = "payload_too_large: the body is larger than server.body_limit_bytes", body = ErrorBody),
         (status = 415, description = "unsupported_media_type: the body was not sent as application/json", body = ErrorBody),
-        (status = 503, description = "service_unavailable: the database cannot be reached (retryable); nothing was changed", body = ErrorBody,
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable); nothing was changed; overloaded: the request bodies in flight would exceed server.inflight_body_bytes (retryable), answered before the body is read", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn upsert_tenant(

@@ -36,13 +36,22 @@ pub use summary::ConnectionSummary;
 /// request a boxed service clone and a boxed future (eight allocations, measured): so there
 /// is one, `request_context`, which does all that every request needs. Body limits are
 /// applied where a body is read (`extract::read_body`).
+///
+/// `ops_here`: whether `/healthz`, `/readyz` and `/metrics` are served on this router too
+/// (no `server.ops_bind`), else only by [`ops_router`].
 pub fn router(
     state: AppState,
     cors_allowed_origins: &[axum::http::HeaderValue],
     body_read_timeout: std::time::Duration,
+    budget: crate::server::BodyBudget,
+    ops_here: bool,
 ) -> Router {
-    let routes = Router::new()
-        .merge(ops::router())
+    let routes = if ops_here {
+        ops::router()
+    } else {
+        Router::new()
+    };
+    let routes = routes
         .merge(openapi::router())
         .merge(connect_page::router())
         .merge(integrations::router(cors_allowed_origins))
@@ -52,18 +61,30 @@ pub fn router(
         .merge(proxy::router())
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
-    with_request_context(routes, body_read_timeout).with_state(state)
+    with_request_context(routes, body_read_timeout, budget).with_state(state)
+}
+
+/// `/healthz`, `/readyz` and `/metrics` alone, for the listener of `server.ops_bind`. No
+/// route reads a body: a budget of its own, never touched.
+pub fn ops_router(state: AppState, body_read_timeout: std::time::Duration) -> Router {
+    let routes = ops::router()
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
+    let budget = crate::server::BodyBudget::new(0);
+    with_request_context(routes, body_read_timeout, budget).with_state(state)
 }
 
 /// Adds [`request_context`] to every route of `routes`.
 fn with_request_context<S: Clone + Send + Sync + 'static>(
     routes: Router<S>,
     body_read_timeout: std::time::Duration,
+    budget: crate::server::BodyBudget,
 ) -> Router<S> {
     routes.layer(middleware::from_fn_with_state(
         Arc::new(RequestContext {
             metrics: HttpMetrics::default(),
             body_read_timeout,
+            budget,
         }),
         request_context,
     ))
@@ -105,18 +126,19 @@ pub(super) fn method_label(method: &Method) -> &'static str {
 struct RequestContext {
     metrics: HttpMetrics,
     body_read_timeout: std::time::Duration,
+    budget: crate::server::BodyBudget,
 }
 
 /// Gives each request an id (echoed as `x-request-id`, present in every log line and error
 /// body), a span named by its matched route (never its raw URI), its metrics, and its body
-/// read deadline (`crate::server`); a handler that panics answers 500 in our error shape,
-/// with all of those.
+/// read deadline and its share of the body budget (`crate::server`: 503 `overloaded` at
+/// once when it does not fit); a handler that panics answers 500 in our error shape, with
+/// all of those.
 async fn request_context(
     State(context): State<Arc<RequestContext>>,
     req: Request,
     next: Next,
 ) -> Response {
-    let req = crate::server::with_body_deadline(req, context.body_read_timeout);
     let id = request_id(&req);
     // An Arc<str> inside: cloning it allocates nothing.
     let matched = req.extensions().get::<MatchedPath>().cloned();
@@ -130,12 +152,19 @@ async fn request_context(
         tenant_id = tracing::field::Empty,
     );
     let started = Instant::now();
-    let handled = AssertUnwindSafe(next.run(req).instrument(span.clone())).catch_unwind();
+    let guarded = context.budget.guard_body(req, context.body_read_timeout);
     let mut response = REQUEST_ID
         .scope(id.clone(), async {
-            handled.await.unwrap_or_else(|_| {
+            let Ok((req, reservation)) = guarded else {
+                return ApiError::Overloaded.into_response();
+            };
+            let handled = AssertUnwindSafe(next.run(req).instrument(span.clone())).catch_unwind();
+            let response = handled.await.unwrap_or_else(|_| {
                 ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
-            })
+            });
+            // Held until here: the handler's copy of the body counts against the budget.
+            drop(reservation);
+            response
         })
         .await;
     if let Ok(value) = HeaderValue::from_str(&id) {
@@ -175,7 +204,11 @@ mod tests {
                 }),
             )
             .route("/fine", get(|| async { "fine" }));
-        let app = with_request_context(routes, std::time::Duration::from_secs(5));
+        let app = with_request_context(
+            routes,
+            std::time::Duration::from_secs(5),
+            crate::server::BodyBudget::new(1 << 20),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
+use http_body::Body as _;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ServiceCaller, StripeCall, TenantPath};
@@ -39,18 +40,18 @@ const PREFIX_END: &str = "/stripe/v1/";
     request_body(content = String, description = "Stripe's form body, as for Stripe", content_type = "application/x-www-form-urlencoded"),
     responses(
         (status = 200, description = "Stripe's answer, status, JSON body and Request-Id as they came; any status Stripe answers is passed back the same way", content_type = "application/json"),
-        (status = 400, description = "invalid_request (tenant id, deadline, a malformed or not accepted Stripe-Version, a Stripe-Account or Stripe-Context header). Every refusal of this route also carries Stripe's error `type`: invalid_request_error (4xx), rate_limit_error (429), api_error (5xx)", body = ErrorBody),
+        (status = 400, description = "invalid_request (tenant id, deadline, a body on a GET or DELETE, a malformed or not accepted Stripe-Version, a Stripe-Account or Stripe-Context header). Every refusal of this route also carries Stripe's error `type`: invalid_request_error (4xx), rate_limit_error (429), api_error (5xx)", body = ErrorBody),
         (status = 401, description = "unauthenticated", body = ErrorBody),
-        (status = 403, description = "insufficient_scope; endpoint_not_allowed (outside proxy.allowed)", body = ErrorBody),
+        (status = 403, description = "insufficient_scope; endpoint_not_allowed (outside proxy.allowed, or a path segment that is not an id of the resource); expand_not_allowed (an expand[] value outside proxy.expand_allowed)", body = ErrorBody),
         (status = 404, description = "not_connected", body = ErrorBody),
         (status = 409, description = "connection_not_active (revoked)", body = ErrorBody),
-        (status = 413, description = "payload_too_large (proxy.body_limit_bytes)", body = ErrorBody),
+        (status = 413, description = "payload_too_large (proxy.body_limit_bytes; a declared Content-Length over it is refused before the body is read)", body = ErrorBody),
         (status = 415, description = "unsupported_media_type: a body that is not a form", body = ErrorBody),
         (status = 408, description = "request_timeout: the body did not arrive in time", body = ErrorBody),
         (status = 429, description = "rate_limited: over this account's smoothed rate", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds until a call is allowed"))),
         (status = 502, description = "stripe_unavailable: Stripe did not answer (in time)", body = ErrorBody),
-        (status = 503, description = "service_unavailable: the database cannot be reached (retryable)", body = ErrorBody,
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable); overloaded: the request bodies in flight would exceed server.inflight_body_bytes (retryable)", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn forward(
@@ -87,7 +88,19 @@ async fn call_stripe(
     let deadline = caller_deadline(&parts.headers, state.proxy.deadline())?;
     let passed = crate::proxy::caller_headers(&parts.headers, state.proxy.stripe_versions())
         .map_err(|refusal| ApiError::InvalidRequest(refusal.to_string()))?;
+    // Stripe ignores a GET's or DELETE's body: whatever is in it was meant for something
+    // else, and is refused before a byte of it is read.
+    if matches!(parts.method, Method::GET | Method::DELETE) && !body.is_end_stream() {
+        return Err(ApiError::InvalidRequest(
+            "A GET or DELETE through the proxy carries no body; send its parameters in the \
+             query string."
+                .into(),
+        ));
+    }
     let body = read_form_body(&parts.headers, body, state.proxy.body_limit()).await?;
+    if !state.proxy.expansions_allowed(parts.uri.query(), &body) {
+        return Err(ApiError::ExpandNotAllowed);
+    }
     let call = ProxyCall {
         method: parts.method.clone(),
         endpoint,
@@ -160,6 +173,6 @@ async fn read_form_body(headers: &HeaderMap, body: Body, limit: usize) -> Result
     if form {
         Ok(bytes)
     } else {
-        Err(ApiError::UnsupportedMediaType)
+        Err(ApiError::FormExpected)
     }
 }

@@ -45,11 +45,11 @@ pub struct WebhookReceipt {
     request_body(content = WebhookEvent, description = "A Stripe event, as Stripe sent it", content_type = "application/json"),
     responses(
         (status = 200, description = "Stored (or already stored: a redelivery)", body = WebhookReceipt),
-        (status = 400, description = "webhook_rejected: bad signature, stale timestamp, livemode contradicting the tenant's mode, or not an event", body = ErrorBody),
+        (status = 400, description = "webhook_rejected: bad signature (a malformed or stale Stripe-Signature is refused before the body is read), stale timestamp, livemode contradicting the tenant's mode, or not an event", body = ErrorBody),
         (status = 404, description = "unknown_connection: no connection has this URL", body = ErrorBody),
         (status = 408, description = "request_timeout: the body did not arrive within server.body_read_timeout_ms", body = ErrorBody),
-        (status = 413, description = "payload_too_large: the body is larger than webhooks.body_limit_bytes", body = ErrorBody),
-        (status = 503, description = "service_unavailable: the database cannot be reached (retryable); nothing was stored", body = ErrorBody,
+        (status = 413, description = "payload_too_large: the body (or its declared Content-Length, refused before reading) is larger than webhooks.body_limit_bytes", body = ErrorBody),
+        (status = 503, description = "service_unavailable: the database cannot be reached (retryable); nothing was stored; overloaded: the request bodies in flight would exceed server.inflight_body_bytes (retryable), answered before the body is read", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn receive(

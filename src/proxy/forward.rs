@@ -16,6 +16,7 @@ use crate::stripe::Forward;
 /// What the proxy needs, built once at start-up from `proxy.*`.
 pub struct Proxy {
     allowlist: Allowlist,
+    expand_allowed: Vec<String>,
     /// Shared with the recovery of missed events: one rate per account.
     smoothing: Arc<AccountSmoothing>,
     body_limit: usize,
@@ -76,6 +77,7 @@ impl Proxy {
     ) -> Self {
         Self {
             allowlist: settings.allowed.clone(),
+            expand_allowed: settings.expand_allowed.clone(),
             smoothing,
             body_limit: settings.body_limit_bytes,
             deadline: settings.deadline,
@@ -89,6 +91,11 @@ impl Proxy {
     /// The allowlisted endpoint `method` and the raw path below `/v1/` match, if any.
     pub fn endpoint(&self, method: &Method, below_v1: &str) -> Option<&Endpoint> {
         self.allowlist.find(method, below_v1)
+    }
+
+    /// Whether every `expand[]` of the query and the form body is in `proxy.expand_allowed`.
+    pub fn expansions_allowed(&self, query: Option<&str>, body: &[u8]) -> bool {
+        super::expansions_allowed(&self.expand_allowed, query, body)
     }
 
     /// `proxy.body_limit_bytes`.

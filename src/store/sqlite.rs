@@ -67,10 +67,14 @@ impl Dialect for Sqlite {
             .busy_timeout(Duration::from_secs(5));
         if let Some(dir) = options.get_filename().parent() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+                create_owner_only_dir(dir).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
             }
         }
+        // The file holds sealed keys and webhook payloads: created owner-only before SQLite
+        // opens it (SQLite would create it 0644 under the usual umask). Its -wal and -shm
+        // files take the main file's mode.
+        create_owner_only_file(options.get_filename())
+            .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         Ok(SqlitePoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(acquire_timeout)
@@ -170,5 +174,31 @@ impl Dialect for Sqlite {
         }
         tx.commit().await?;
         Ok(true)
+    }
+}
+
+/// Creates `dir` (and its missing parents) mode 0700; an existing directory is left as is.
+fn create_owner_only_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Creates `file` empty, mode 0600, when it does not exist (SQLite takes an empty file as
+/// a new database); an existing file is left as is. `:memory:` names no file.
+fn create_owner_only_file(file: &std::path::Path) -> std::io::Result<()> {
+    if file.as_os_str().is_empty() || file.as_os_str() == ":memory:" {
+        return Ok(());
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(file) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
     }
 }

@@ -165,40 +165,65 @@ pub fn verify_signature(
     now_unix: i64,
     tolerance_secs: i64,
 ) -> Result<(), SignatureError> {
-    let mut timestamp = None;
-    let mut candidates = Vec::new();
-    for part in header.split(',') {
-        match part.trim().split_once('=') {
-            Some(("t", value)) => timestamp = value.parse::<i64>().ok().map(|t| (t, value)),
-            Some(("v1", value)) => {
-                if let Ok(bytes) = hex::decode(value) {
-                    candidates.push(bytes);
+    SignatureHeader::parse(header, now_unix, tolerance_secs)?.verify(body, secret)
+}
+
+/// A `Stripe-Signature` header that parses and whose timestamp is within the tolerance:
+/// judged before the body is read, so a delivery that can never verify holds no memory.
+pub struct SignatureHeader<'a> {
+    /// Stripe signs the timestamp exactly as it sends it in the header.
+    signed_timestamp: &'a str,
+    candidates: Vec<Vec<u8>>,
+}
+
+impl<'a> SignatureHeader<'a> {
+    pub fn parse(
+        header: &'a str,
+        now_unix: i64,
+        tolerance_secs: i64,
+    ) -> Result<Self, SignatureError> {
+        let mut timestamp = None;
+        let mut candidates = Vec::new();
+        for part in header.split(',') {
+            match part.trim().split_once('=') {
+                Some(("t", value)) => timestamp = value.parse::<i64>().ok().map(|t| (t, value)),
+                Some(("v1", value)) => {
+                    if let Ok(bytes) = hex::decode(value) {
+                        candidates.push(bytes);
+                    }
                 }
+                _ => {}
             }
-            _ => {}
         }
+        let (timestamp, signed_timestamp) = timestamp.ok_or(SignatureError::Malformed)?;
+        if candidates.is_empty() {
+            return Err(SignatureError::Malformed);
+        }
+        // Checked: a timestamp near i64::MIN or MAX must not wrap into the window.
+        let age = now_unix.checked_sub(timestamp).map(i64::unsigned_abs);
+        if age.is_none_or(|age| age > tolerance_secs.unsigned_abs()) {
+            return Err(SignatureError::Stale);
+        }
+        Ok(Self {
+            signed_timestamp,
+            candidates,
+        })
     }
-    let (timestamp, signed_timestamp) = timestamp.ok_or(SignatureError::Malformed)?;
-    if candidates.is_empty() {
-        return Err(SignatureError::Malformed);
-    }
-    // Checked: a timestamp near i64::MIN or MAX must not wrap into the window.
-    let age = now_unix.checked_sub(timestamp).map(i64::unsigned_abs);
-    if age.is_none_or(|age| age > tolerance_secs.unsigned_abs()) {
-        return Err(SignatureError::Stale);
-    }
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| SignatureError::Malformed)?;
-    // Stripe signs the timestamp exactly as it sends it in the header.
-    mac.update(signed_timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    let matched = candidates
-        .iter()
-        .any(|candidate| mac.clone().verify_slice(candidate).is_ok());
-    if matched {
-        Ok(())
-    } else {
-        Err(SignatureError::Mismatch)
+
+    /// Whether a `v1` signature is the HMAC of `body` under `secret`.
+    pub fn verify(&self, body: &[u8], secret: &[u8]) -> Result<(), SignatureError> {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(secret).map_err(|_| SignatureError::Malformed)?;
+        mac.update(self.signed_timestamp.as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        let matched =
+            (self.candidates.iter()).any(|candidate| mac.clone().verify_slice(candidate).is_ok());
+        if matched {
+            Ok(())
+        } else {
+            Err(SignatureError::Mismatch)
+        }
     }
 }
 

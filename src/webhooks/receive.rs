@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::crypto::{CryptoError, Keyring};
 use crate::domain::Mode;
 use crate::store::{NewEvent, Store, StoreError};
-use crate::stripe::webhooks::verify_signature;
+use crate::stripe::webhooks::SignatureHeader;
 
 /// Why a delivery was not stored. `E` is why its body could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +62,11 @@ impl WebhookReceiver {
         }
     }
 
-    /// Finds the connection, reads the body (only then: a made-up id is answered before a
-    /// byte of its body is read, so stalled uploads to random ids hold no memory), verifies
-    /// the signature and stores the event once.
+    /// Finds the connection and parses the signature header, reads the body (only then: a
+    /// made-up id, or a delivery whose signature is malformed or stale, is answered before
+    /// a byte of its body is read, so stalled uploads hold no memory), verifies the
+    /// signature and stores the event once. The HMAC is computed over the buffered body:
+    /// the event is parsed from the same bytes, so streaming it would save no memory.
     pub async fn receive<E>(
         &self,
         connection_id: &str,
@@ -76,16 +78,13 @@ impl WebhookReceiver {
         }
         let target = (self.store.find_webhook_target(connection_id).await?)
             .ok_or(DeliveryError::UnknownConnection)?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let header =
+            SignatureHeader::parse(signature, now, self.tolerance_secs).map_err(rejected)?;
         // The raw bytes are what Stripe signed.
         let body = body.await.map_err(DeliveryError::Body)?;
         let secret = self.keyring.open(&target.context, &target.sealed)?;
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        if let Err(reason) = verify_signature(signature, &body, &secret, now, self.tolerance_secs) {
-            metrics::counter!("atlas_webhook_deliveries_total", "outcome" => "bad_signature")
-                .increment(1);
-            tracing::info!(%reason, "webhook delivery rejected");
-            return Err(DeliveryError::Rejected);
-        }
+        header.verify(&body, &secret).map_err(rejected)?;
         let envelope: EventEnvelope =
             serde_json::from_slice(&body).map_err(|_| DeliveryError::Rejected)?;
         if !plain(&envelope.id, 255) || !plain(&envelope.event_type, 255) {
@@ -112,6 +111,13 @@ impl WebhookReceiver {
         metrics::counter!("atlas_webhook_deliveries_total", "outcome" => outcome).increment(1);
         Ok(Stored { duplicate: !stored })
     }
+}
+
+/// A delivery whose signature is malformed, stale or does not match, counted and logged.
+fn rejected<E>(reason: crate::stripe::webhooks::SignatureError) -> DeliveryError<E> {
+    metrics::counter!("atlas_webhook_deliveries_total", "outcome" => "bad_signature").increment(1);
+    tracing::info!(%reason, "webhook delivery rejected");
+    DeliveryError::Rejected
 }
 
 /// Ids we accept: short, and only letters, digits and `_.-`.

@@ -72,6 +72,20 @@ async fn only_configured_origins_reach_the_tenant_routes(backend: Backend) {
 
     let refused = preflight(&app, &connection, REFUSED).await;
     assert_eq!(allowed_origin(&refused), None);
+    // Issue 21: an OPTIONS without an allowed Origin (none, or another) got the allowed
+    // methods and headers. It gets no CORS header at all.
+    let no_origin = (app.http)
+        .request(Method::OPTIONS, app.url(&connection))
+        .send()
+        .await
+        .unwrap();
+    for answer in [&refused, &no_origin] {
+        let cors: Vec<_> = (answer.headers().keys())
+            .filter(|name| name.as_str().starts_with("access-control-"))
+            .collect();
+        assert!(cors.is_empty(), "{cors:?}");
+        assert_eq!(answer.status(), 405);
+    }
 
     // The actual request, with the tenant token, from each origin.
     let get = |origin: &'static str| {

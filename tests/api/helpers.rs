@@ -157,6 +157,8 @@ impl TestSecrets {
 
 pub struct TestApp {
     pub address: String,
+    /// `http://127.0.0.1:<port>` of the probe listener, when `server.ops_bind` is set.
+    pub ops_address: Option<String>,
     pub http: reqwest::Client,
     pub stripe: MockServer,
     pub store: Arc<dyn Store>,
@@ -236,6 +238,7 @@ async fn start(
     let settings = Settings::load(None, &overrides).expect("test settings");
     let app = Application::build(&settings).await.expect("build app");
     let port = app.port();
+    let ops_port = app.ops_port();
     let token_cache = app.service_token_cache();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async move {
@@ -248,6 +251,7 @@ async fn start(
         TenantTokens::new(&SecretString::from(secrets.tenant_token_secret.clone()), 0);
     TestApp {
         address: format!("http://127.0.0.1:{port}"),
+        ops_address: ops_port.map(|port| format!("http://127.0.0.1:{port}")),
         http: reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()

@@ -18,6 +18,8 @@ use crate::stripe_mock::{answer_all, key, Answer};
 backend_tests!(
     forwards_the_request_and_passes_the_answer_back,
     only_allowlisted_endpoints_are_forwarded,
+    expansions_beyond_the_resources_are_refused,
+    a_body_on_a_get_or_delete_is_refused,
     a_dot_dot_segment_never_reaches_stripe,
     bodies_are_forms_within_the_limit,
     the_caller_can_shorten_the_deadline,
@@ -91,7 +93,8 @@ fn stripe_json(status: u16, body: serde_json::Value) -> ResponseTemplate {
 }
 
 async fn forwards_the_request_and_passes_the_answer_back(backend: Backend) {
-    let p = connected(backend, &[]).await;
+    // An expansion outside the default list, allowed here: configured ones are forwarded.
+    let p = connected(backend, &[("proxy.expand_allowed", "default_source")]).await;
     let customer = json!({"id": "cus_Nw1", "object": "customer", "email": "ada@example.com"});
     Mock::given(method("POST"))
         .and(path("/v1/customers"))
@@ -191,9 +194,75 @@ async fn only_allowlisted_endpoints_are_forwarded(backend: Backend) {
         (Method::GET, "customers/cus_1%2Fsources"),
         (Method::PUT, "customers/cus_1"),
         (Method::POST, "webhook_endpoints"),
+        // Issue 21: a literal of Stripe's API, or another object's id, is not an id of the
+        // resource the template names.
+        (Method::POST, "invoices/create_preview"),
+        (Method::POST, "invoices/upcoming"),
+        (Method::GET, "customers/cs_test_1"),
+        (Method::POST, "invoices/ii_1/pay"),
+        (Method::GET, "coupons/search"),
     ] {
         let refused = p.call(verb.clone(), below_v1).send().await.unwrap();
         assert_error(refused, 403, "endpoint_not_allowed").await;
+    }
+    assert_eq!(
+        p.forwarded().await.len(),
+        before,
+        "nothing refused reached Stripe"
+    );
+}
+
+/// Issue 21: `expand[]` was forwarded unfiltered, so a customer's `sources` (outside the
+/// allowlist) came back expanded. Only `proxy.expand_allowed` passes, from the query or the
+/// form.
+async fn expansions_beyond_the_resources_are_refused(backend: Backend) {
+    let p = connected(backend, &[]).await;
+    empty_list(&p.app.stripe, "/v1/invoices").await;
+    let before = p.forwarded().await.len();
+    for below_v1 in [
+        "customers/cus_1?expand[]=sources",
+        "customers/cus_1?expand%5B%5D=sources",
+        "customers/cus_1?expand[0]=default_source",
+        "invoices?expand[]=data.customer.sources",
+    ] {
+        let refused = p.call(Method::GET, below_v1).send().await.unwrap();
+        assert_error(refused, 403, "expand_not_allowed").await;
+    }
+    let in_form = (p.call(Method::POST, "customers/cus_1"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("email=a%40b.c&expand[]=sources")
+        .send()
+        .await
+        .unwrap();
+    assert_error(in_form, 403, "expand_not_allowed").await;
+    assert_eq!(
+        p.forwarded().await.len(),
+        before,
+        "nothing refused reached Stripe"
+    );
+    let within = p
+        .call(Method::GET, "invoices?expand[]=data.customer")
+        .send()
+        .await;
+    assert_eq!(within.unwrap().status(), 200, "the default list passes");
+}
+
+/// Issue 21: a GET's body was forwarded. A GET or DELETE with a body is 400, unread.
+async fn a_body_on_a_get_or_delete_is_refused(backend: Backend) {
+    let p = connected(backend, &[]).await;
+    let before = p.forwarded().await.len();
+    for (verb, below_v1) in [
+        (Method::GET, "customers/cus_1"),
+        (Method::DELETE, "invoiceitems/ii_1"),
+    ] {
+        let refused = (p.call(verb, below_v1))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("email=a%40b.c")
+            .send()
+            .await
+            .unwrap();
+        let body = assert_error(refused, 400, "invalid_request").await;
+        assert!(body.to_string().contains("query string"), "{body}");
     }
     assert_eq!(
         p.forwarded().await.len(),
@@ -264,18 +333,34 @@ async fn bodies_are_forms_within_the_limit(backend: Backend) {
     let form = "application/x-www-form-urlencoded";
     let at_limit = post(form_of(BODY_LIMIT), form).await.unwrap();
     assert_eq!(at_limit.status(), 200, "a form of the limit is forwarded");
-    let over = post(form_of(BODY_LIMIT + 1), form).await.unwrap();
-    let body = assert_error(over, 413, "payload_too_large").await;
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("262144"),
-        "{body}"
+    // Refused before the body is read (issue 21), so the answer is read over a socket that
+    // sends the head alone: a client still sending meets a closed connection.
+    let host = p.app.address.trim_start_matches("http://");
+    let mut socket = TcpStream::connect(host).await.unwrap();
+    let head = format!(
+        "POST /internal/v1/tenants/ten_1/stripe/v1/customers HTTP/1.1\r\nHost: {host}\r\n\
+         Authorization: Bearer {}\r\nContent-Type: {form}\r\nContent-Length: {}\r\n\r\n",
+        p.token,
+        BODY_LIMIT + 1
     );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut answer))
+        .await
+        .expect("answered before the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains(r#""code":"payload_too_large""#), "{answer}");
+    assert!(answer.contains("262144"), "{answer}");
     // Stripe takes forms only: JSON (or any other body) is refused, not passed on.
     let not_a_form = post(r#"{"email":"ada@example.com"}"#.into(), "application/json").await;
-    assert_error(not_a_form.unwrap(), 415, "unsupported_media_type").await;
+    let refused = assert_error(not_a_form.unwrap(), 415, "unsupported_media_type").await;
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("application/x-www-form-urlencoded") && !message.contains("JSON"),
+        "the 415 names what the proxy takes: {refused}"
+    );
     let sent = p.forwarded().await;
     assert_eq!(
         sent.len(),

@@ -155,7 +155,6 @@ async fn feed(c: &Connected) -> Vec<StoredEvent> {
     panic!("the feed never showed the {stored} stored events");
 }
 
-#[track_caller]
 /// How many announcements of `kind` whose body holds `fragment` are in the outbox.
 async fn announced(c: &Connected, kind: &str, fragment: &str) -> i64 {
     let sql = format!(
@@ -164,6 +163,7 @@ async fn announced(c: &Connected, kind: &str, fragment: &str) -> i64 {
     c.app.db.scalar(&sql).await
 }
 
+#[track_caller]
 fn assert_once(feed: &[StoredEvent], ids: &[String]) {
     let mut stored: Vec<&str> = feed.iter().map(|e| e.event_id.as_str()).collect();
     stored.sort_unstable();
