@@ -196,8 +196,8 @@ async fn main() {
         .count();
     assert_eq!(
         (requests.len(), registrations),
-        ((connects + 1) * 6, connects + 1),
-        "five probes and one registration per connect"
+        ((connects + 1) * 7, connects + 1),
+        "five permission probes, the Events: Read probe and one registration per connect"
     );
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1)];
