@@ -44,11 +44,15 @@ wait_http() {
   return 1
 }
 
-# free_port: a free TCP port on 127.0.0.1.
+# free_port: a free TCP port on 127.0.0.1, below the kernel's ephemeral range: a port in
+# that range can be the local end of some outgoing connection (a test's client, a pool's
+# connection) and fail to bind although nobody listens on it (seen on a loaded machine).
 free_port() {
-  local port
+  local port low=32768
+  read -r low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+  [ "$low" -gt 11000 ] || low=32768
   for _ in $(seq 1 50); do
-    port=$((20000 + RANDOM % 40000))
+    port=$((10000 + RANDOM % (low - 10000)))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       echo "$port"
       return 0
