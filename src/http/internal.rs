@@ -2,7 +2,7 @@
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -13,6 +13,7 @@ use super::extract::{
     parse_tenant_path, AppJson, AppQuery, EventsRead, EventsWrite, OpsRead, OptionalAppJson,
     ServiceCaller, TenantPath, TenantsWrite,
 };
+use super::paging::{link_next, page_limit};
 use super::state::AppState;
 use super::summary::{ConnectionSummary, KeyType, TenantIdSchema};
 use crate::auth::{PresentedServiceToken, Scope};
@@ -370,7 +371,6 @@ pub struct ConnectionsQuery {
 }
 
 const CONNECTIONS_PAGE: i64 = 500;
-const CONNECTIONS_PAGE_MAX: i64 = 1000;
 
 #[utoipa::path(get, path = "/internal/v1/connections", tag = "internal",
     security(("service_token" = ["ops:read"])),
@@ -397,12 +397,7 @@ pub async fn list_connections(
             )
         })?),
     };
-    let limit = match query.limit.as_deref() {
-        None => CONNECTIONS_PAGE,
-        Some(raw) => (raw.parse::<i64>().ok())
-            .filter(|n| (1..=CONNECTIONS_PAGE_MAX).contains(n))
-            .ok_or_else(|| ApiError::InvalidRequest("limit must be 1 to 1000.".into()))?,
-    };
+    let limit = page_limit(query.limit.as_deref(), CONNECTIONS_PAGE)?;
     let after = query.after.unwrap_or_default();
     if !after.is_empty() && !is_connection_id(&after) {
         return Err(ApiError::InvalidRequest(
@@ -412,20 +407,14 @@ pub async fn list_connections(
     let records = state.store.list_connections(status, &after, limit).await?;
     let summaries: Vec<ConnectionSummary> = records.iter().map(Into::into).collect();
     let mut response = Json(summaries).into_response();
-    // A full page may have a next one; an empty next page is the honest end.
-    if let Some(last) = records.last().filter(|_| records.len() as i64 == limit) {
-        let mut next = format!(
-            "/internal/v1/connections?limit={limit}&after={}",
-            last.connection_id
-        );
-        if let Some(status) = status {
-            next.push_str("&status=");
-            next.push_str(status.as_str());
-        }
-        if let Ok(link) = HeaderValue::from_str(&format!("<{next}>; rel=\"next\"")) {
-            response.headers_mut().insert(header::LINK, link);
-        }
-    }
+    link_next(
+        &mut response,
+        "/internal/v1/connections",
+        limit,
+        records.len(),
+        records.last().map(|r| r.connection_id.as_str()),
+        status.map(ConnectionStatus::as_str),
+    );
     Ok(response)
 }
 

@@ -8,6 +8,7 @@ mod internal;
 mod notifications;
 mod openapi;
 mod ops;
+mod paging;
 pub mod proxy;
 mod request_metrics;
 pub mod state;

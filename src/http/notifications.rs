@@ -2,7 +2,7 @@
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{AppQuery, OpsRead, OpsWrite, ServiceCaller};
+use super::paging::{link_next, page_limit};
 use super::state::AppState;
 use crate::store::notifications::{AnnouncementRecord, DeliveryStatus};
 
@@ -21,7 +22,6 @@ pub fn router() -> Router<AppState> {
 }
 
 const PAGE: i64 = 500;
-const PAGE_MAX: i64 = 1000;
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -124,12 +124,7 @@ pub async fn list_notifications(
             ApiError::InvalidRequest("status must be pending, delivered or failed.".to_owned())
         })?),
     };
-    let limit = match query.limit.as_deref() {
-        None => PAGE,
-        Some(raw) => (raw.parse::<i64>().ok())
-            .filter(|n| (1..=PAGE_MAX).contains(n))
-            .ok_or_else(|| ApiError::InvalidRequest("limit must be 1 to 1000.".into()))?,
-    };
+    let limit = page_limit(query.limit.as_deref(), PAGE)?;
     let after = query.after.filter(|a| !a.is_empty());
     if after.as_deref().is_some_and(|a| !is_message_id(a)) {
         return Err(ApiError::InvalidRequest(
@@ -139,21 +134,18 @@ pub async fn list_notifications(
     let records = (state.store)
         .list_announcements(status, after.as_deref(), limit)
         .await?;
-    let full = records.len() as i64 == limit;
+    let returned = records.len();
     let last_id = records.last().map(|r| r.id.clone());
     let views: Vec<NotificationView> = records.into_iter().map(Into::into).collect();
     let mut response = Json(views).into_response();
-    // A full page may have a next one; an empty next page is the honest end.
-    if let Some(last) = last_id.filter(|_| full) {
-        let mut next = format!("/internal/v1/notifications?limit={limit}&after={last}");
-        if let Some(status) = status {
-            next.push_str("&status=");
-            next.push_str(status.as_str());
-        }
-        if let Ok(link) = HeaderValue::from_str(&format!("<{next}>; rel=\"next\"")) {
-            response.headers_mut().insert(header::LINK, link);
-        }
-    }
+    link_next(
+        &mut response,
+        "/internal/v1/notifications",
+        limit,
+        returned,
+        last_id.as_deref(),
+        status.map(DeliveryStatus::as_str),
+    );
     Ok(response)
 }
 
