@@ -152,16 +152,23 @@ async fn request_context(
         route = %route,
         tenant_id = tracing::field::Empty,
     );
+    // On the proxy route the answers made here are Stripe-shaped too, so a caller's Stripe
+    // SDK classifies a 503 `overloaded` or a 500 as it does Stripe's own.
+    let answer = if route == proxy::ROUTE {
+        ApiError::into_stripe_response
+    } else {
+        IntoResponse::into_response
+    };
     let started = Instant::now();
     let guarded = context.budget.guard_body(req, context.body_read_timeout);
     let mut response = REQUEST_ID
         .scope(id.clone(), async {
             let Ok((req, reservation)) = guarded else {
-                return ApiError::Overloaded.into_response();
+                return answer(ApiError::Overloaded);
             };
             let handled = AssertUnwindSafe(next.run(req).instrument(span.clone())).catch_unwind();
             let response = handled.await.unwrap_or_else(|_| {
-                ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
+                answer(ApiError::internal(anyhow::anyhow!("handler panicked")))
             });
             // Held until here: the handler's copy of the body counts against the budget.
             drop(reservation);

@@ -19,11 +19,11 @@ use super::extract::{ServiceCaller, StripeCall, TenantPath};
 use super::state::AppState;
 use crate::proxy::ProxyCall;
 
+/// The proxy's route: its refusals carry Stripe's error `type` (see `super::request_context`).
+pub(super) const ROUTE: &str = "/internal/v1/tenants/{tenant_id}/stripe/v1/{*path}";
+
 pub fn router() -> Router<AppState> {
-    Router::new().route(
-        "/internal/v1/tenants/{tenant_id}/stripe/v1/{*path}",
-        any(forward),
-    )
+    Router::new().route(ROUTE, any(forward))
 }
 
 const PREFIX_END: &str = "/stripe/v1/";

@@ -115,6 +115,28 @@ async fn stalled_bodies_share_a_budget(backend: Backend) {
         answer.to_ascii_lowercase().contains("retry-after: 1"),
         "{answer}"
     );
+    assert!(
+        !answer.contains(r#""type":"#),
+        "ours, not Stripe's: {answer}"
+    );
+
+    // The proxy's refusal is Stripe-shaped too: the caller's Stripe SDK reads `type` to pick
+    // its exception (an APIError, which it retries).
+    let service = app.service_token(&[Scope::StripeCall]).await;
+    let mut proxied = stalled_post(
+        &app,
+        "/internal/v1/tenants/ten_1/stripe/v1/customers",
+        &format!("Authorization: Bearer {service}\r\n"),
+        600_000,
+        10,
+    )
+    .await;
+    let answer = answer_within(&mut proxied, Duration::from_secs(5))
+        .await
+        .expect("answered without waiting for the body");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains(r#""code":"overloaded""#), "{answer}");
+    assert!(answer.contains(r#""type":"api_error""#), "{answer}");
 
     // The first sender goes: its share comes back, and the next is read, not refused.
     drop(first);
