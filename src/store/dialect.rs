@@ -66,6 +66,12 @@ pub trait Dialect: Database {
         source: EventSource,
     ) -> Result<bool, StoreError>;
 
+    /// Inside the caller's transaction that wrote the outbox: wakes the deliverers. On
+    /// PostgreSQL a notice every instance hears at commit; on SQLite this process's own
+    /// (there is no other), at once: a deliverer's claim waits for the writer's lock, so it
+    /// sees the row once the transaction commits.
+    async fn outbox_written(conn: &mut Self::Connection) -> Result<(), StoreError>;
+
     /// Inserts a verified event so that feed order follows commit order; false when the
     /// event was already stored.
     async fn insert_event_in_feed_order(

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use super::dialect::Dialect;
 use super::model::ConnectionRecord;
-use super::{Backend, SqlStore, StoreError};
+use super::{SqlStore, StoreError};
 use crate::clock::now;
 use crate::domain::{random_id, ConnectionStatus, TenantId};
 use crate::notifications::Announcement;
@@ -168,8 +168,6 @@ mod sql {
         status, attempts, next_attempt_at, created_at) \
         VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $6)";
 
-    pub const PG_NOTIFY: &str = "SELECT pg_notify($1, '')";
-
     /// Split around `Dialect::SKIP_LOCKED`. A tenant's later announcements wait while an
     /// earlier one is pending (leased, or waiting for its next attempt).
     pub const CLAIM: [&str; 2] = [
@@ -215,7 +213,7 @@ pub fn outbox_written() -> watch::Receiver<()> {
     OUTBOX_WRITTEN.subscribe()
 }
 
-fn wake_local() {
+pub(super) fn wake_local() {
     OUTBOX_WRITTEN.send_modify(|()| {});
 }
 
@@ -255,16 +253,7 @@ where
         .bind(at)
         .execute(&mut *conn)
         .await?;
-    // The one dialect difference of the outbox: how other deliverers hear of the commit.
-    match DB::BACKEND {
-        Backend::Postgres => {
-            sqlx::query(sql::PG_NOTIFY)
-                .bind(CHANNEL)
-                .execute(&mut *conn)
-                .await?;
-        }
-        Backend::Sqlite => wake_local(),
-    }
+    DB::outbox_written(&mut *conn).await?;
     Ok(id)
 }
 
@@ -480,12 +469,7 @@ where
         if DB::rows_affected(&updated) == 0 {
             return Ok(false);
         }
-        if DB::BACKEND == Backend::Postgres {
-            sqlx::query(sql::PG_NOTIFY)
-                .bind(CHANNEL)
-                .execute(&mut *tx)
-                .await?;
-        }
+        DB::outbox_written(&mut *tx).await?;
         tx.commit().await?;
         wake_local();
         Ok(true)

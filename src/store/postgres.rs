@@ -58,6 +58,14 @@ impl Dialect for Postgres {
         &MIGRATOR
     }
 
+    async fn outbox_written(conn: &mut PgConnection) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(super::notifications::CHANNEL)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
     fn rows_affected(result: &PgQueryResult) -> u64 {
         result.rows_affected()
     }

@@ -50,6 +50,11 @@ impl Dialect for Sqlite {
         &MIGRATOR
     }
 
+    async fn outbox_written(_conn: &mut SqliteConnection) -> Result<(), StoreError> {
+        super::notifications::wake_local();
+        Ok(())
+    }
+
     fn rows_affected(result: &SqliteQueryResult) -> u64 {
         result.rows_affected()
     }
