@@ -159,5 +159,9 @@ impl HealthMonitor {
                 .set(*n as f64);
         }
         *gauged = counts.iter().map(|(id, _)| id.clone()).collect();
+        // Rewrap progress in one figure: what is left under a master key other than the
+        // active one (0 once `keys rewrap` is done).
+        let remaining = crate::rotation::remaining(counts, self.keyring.active_id());
+        metrics::gauge!("atlas_rewrap_remaining_secrets").set(remaining as f64);
     }
 }
