@@ -100,7 +100,7 @@ pub enum KeysCommand {
     /// Re-wrap every data key under crypto.active_key_id, in batches, while the service runs.
     /// Safe to interrupt and rerun.
     Rewrap {
-        #[arg(long, default_value_t = 500)]
+        #[arg(long, default_value_t = 2000)]
         batch: i64,
     },
     /// Count stored keys per master-key id, and list the configured master keys and where

@@ -35,6 +35,9 @@ pub use model::{
     Verification, WebhookChange, WebhookTarget,
 };
 pub use notifications::Outbox;
+pub use postgres::{
+    explain_generic, hot_statements, seq_scans_of_growing_tables, HotStatement,
+};
 pub use recovery::{EventSource, RecoveryClaim, RecoveryCursor, RecoveryRun, WebhookStatus};
 pub use sql_store::SqlStore;
 

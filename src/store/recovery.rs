@@ -20,7 +20,7 @@ use crate::domain::{Mode, TenantId};
 /// Leases due cursors (`$1` owner, `$2` lease end, `$3` now, `$4` at most);
 /// `Dialect::SKIP_LOCKED` goes between the two halves. The outer lease check is evaluated
 /// again on the locked row, so two claimers never both win one cursor.
-const CLAIM_DUE_RECOVERIES: [&str; 2] = [
+pub(super) const CLAIM_DUE_RECOVERIES: [&str; 2] = [
     "UPDATE recovery_cursors SET lease_owner = $1, lease_until = $2 \
      WHERE (lease_until IS NULL OR lease_until < $3) AND connection_id IN \
      (SELECT r.connection_id FROM recovery_cursors r \
@@ -32,7 +32,7 @@ const CLAIM_DUE_RECOVERIES: [&str; 2] = [
     ") RETURNING connection_id, tenant_id",
 ];
 
-const FIND_CURSOR: &str = "SELECT r.connection_id, r.tenant_id, r.event_recovery, \
+pub(super) const FIND_CURSOR: &str = "SELECT r.connection_id, r.tenant_id, r.event_recovery, \
     r.webhook_status, r.recovered_through, r.requested_since, r.run_since, r.run_until, \
     r.run_after, r.last_run_at, \
     (SELECT MAX(e.created) FROM webhook_events e WHERE e.connection_id = r.connection_id) \
@@ -78,7 +78,7 @@ const REPLACE_WEBHOOK: &str = "UPDATE stripe_connections SET webhook_endpoint_id
 /// The oldest cursor of mode `$1` among connections whose events are recovered: the
 /// (mode, recovered_through) index walked from its start to the first cursor whose
 /// connection is not revoked (usually the first entry).
-const OLDEST_CURSOR: &str = "SELECT r.recovered_through FROM recovery_cursors r \
+pub(super) const OLDEST_CURSOR: &str = "SELECT r.recovered_through FROM recovery_cursors r \
     JOIN stripe_connections c ON c.connection_id = r.connection_id \
     WHERE r.mode = $1 AND r.event_recovery = 'on' AND c.status <> 'revoked' \
     ORDER BY r.recovered_through LIMIT 1";

@@ -357,3 +357,49 @@ async fn start_up_marks_only_for_a_grown_requirement(backend: Backend) {
         .unwrap();
     assert_eq!(same, 0, "an unchanged set reads no connection");
 }
+
+/// 5,000 connected tenants written by SQL (plans, not behaviour, are under test here), with
+/// cursors and events, then ANALYZE: enough rows that a sequential scan is the planner's
+/// choice only when no index serves the statement.
+const FILL: &str = r"
+INSERT INTO tenants (tenant_id, mode, created_at, updated_at)
+    SELECT 'ten_' || i, 'test', now(), now() FROM generate_series(1, 5000) i;
+INSERT INTO stripe_connections (tenant_id, connection_id, api_key_secret_id, master_key_id,
+    wrapped_key, ciphertext, status, mode, key_type, key_last4, key_fingerprint, permissions,
+    warnings, verified_at, connected_at, updated_at, next_verify_at, webhook_endpoint_id,
+    webhook_secret_id, webhook_master_key_id, webhook_wrapped_key, webhook_ciphertext)
+    SELECT 'ten_' || i, 'con_' || md5(i::text), 'sec_' || md5(i::text), 'k' || (i % 2),
+        '\x00'::bytea, '\x00'::bytea,
+        CASE WHEN i % 50 = 0 THEN 'needs_attention' ELSE 'active' END, 'test', 'restricted',
+        'Ab12', '\x00'::bytea, '{}', '[]', now(), now(), now(),
+        now() + i * interval '1 minute', 'we_' || i, 'whs_' || md5(i::text), 'k' || (i % 2),
+        '\x00'::bytea, '\x00'::bytea
+    FROM generate_series(1, 5000) i;
+INSERT INTO recovery_cursors (connection_id, tenant_id, mode, recovered_through, due_at)
+    SELECT connection_id, tenant_id, mode, now() - random() * interval '1 day',
+        next_verify_at FROM stripe_connections;
+INSERT INTO webhook_events (tenant_id, txid, seq, connection_id, event_id, event_type,
+    created, livemode, received_at, payload)
+    SELECT tenant_id, 1, j, connection_id, 'evt_' || j || md5(connection_id), 'x', 0, false,
+        now(), '{}' FROM stripe_connections, generate_series(1, 3) j;
+ANALYZE;
+";
+
+/// Every hot statement's generic plan at 5,000 tenants reads no growing table sequentially.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_statements_are_index_scans_postgres() {
+    let (db, _store) = store(Backend::Postgres).await;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(FILL).execute(&mut conn).await.unwrap();
+    let mut scanning = Vec::new();
+    for statement in atlas_stripe::store::hot_statements() {
+        let plan = atlas_stripe::store::explain_generic(&mut conn, &statement)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", statement.name));
+        let scans = atlas_stripe::store::seq_scans_of_growing_tables(&plan);
+        if !scans.is_empty() {
+            scanning.push(format!("{}: {scans:?}\n{}", statement.name, plan.join("\n")));
+        }
+    }
+    assert!(scanning.is_empty(), "{}", scanning.join("\n\n"));
+}
