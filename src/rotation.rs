@@ -89,11 +89,9 @@ async fn rewrap_under(
         receiver.recv().await.map(|rows| (rows, receiver))
     });
     // The first failed write stops the writers; the reader then finds no one listening.
-    let write = batches
-        .map(Ok)
-        .try_for_each_concurrent(IN_FLIGHT, |rows| {
-            rewrap_batch(store, keyring, purpose, rows, report)
-        });
+    let write = batches.map(Ok).try_for_each_concurrent(IN_FLIGHT, |rows| {
+        rewrap_batch(store, keyring, purpose, rows, report)
+    });
     let (read, write) = tokio::join!(read, write);
     read.and(write)
 }

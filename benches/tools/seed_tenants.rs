@@ -245,7 +245,10 @@ async fn copy_chunk(
             timestamp(tenant.recovery_due_at)?
         )?;
         writeln!(n, "{tid}\t0\tactive")?;
-        writeln!(a, "{now}\tcli\ttenant.created\t{tid}\t{{\"mode\":\"test\"}}")?;
+        writeln!(
+            a,
+            "{now}\tcli\ttenant.created\t{tid}\t{{\"mode\":\"test\"}}"
+        )?;
         writeln!(
             a,
             "{now}\tcli\tconnection.created\t{tid}\t{{\"connection_id\":\"{}\",\"key_last4\":\"{}\"}}",

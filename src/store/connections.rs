@@ -243,7 +243,9 @@ where
         limit: i64,
     ) -> Result<Vec<ConnectionRecord>, StoreError> {
         let rows: Vec<ConnectionRow> = match status {
-            None => sqlx::query_as(queries::LIST_CONNECTIONS).bind(after).bind(limit),
+            None => sqlx::query_as(queries::LIST_CONNECTIONS)
+                .bind(after)
+                .bind(limit),
             Some(status) => sqlx::query_as(queries::LIST_CONNECTIONS_OF_STATUS)
                 .bind(status.as_str())
                 .bind(after)
@@ -375,10 +377,9 @@ where
     pub(super) async fn count_secrets_by_purpose(
         &self,
     ) -> Result<Vec<(Purpose, MasterKeyId, u64)>, StoreError> {
-        let counts: Vec<(String, String, i64)> =
-            sqlx::query_as(queries::COUNT_SECRETS_BY_PURPOSE)
-                .fetch_all(&self.pool)
-                .await?;
+        let counts: Vec<(String, String, i64)> = sqlx::query_as(queries::COUNT_SECRETS_BY_PURPOSE)
+            .fetch_all(&self.pool)
+            .await?;
         (counts.into_iter())
             .map(|(purpose, id, n)| {
                 let purpose = match purpose.as_str() {

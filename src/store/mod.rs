@@ -35,9 +35,7 @@ pub use model::{
     Verification, WebhookChange, WebhookTarget,
 };
 pub use notifications::Outbox;
-pub use postgres::{
-    explain_generic, hot_statements, seq_scans_of_growing_tables, HotStatement,
-};
+pub use postgres::{explain_generic, hot_statements, seq_scans_of_growing_tables, HotStatement};
 pub use recovery::{EventSource, RecoveryClaim, RecoveryCursor, RecoveryRun, WebhookStatus};
 pub use sql_store::SqlStore;
 
@@ -150,8 +148,9 @@ pub trait Store: Outbox + Send + Sync + 'static {
 
     /// Sealed secrets per purpose and master-key id, from the same counters (what the
     /// rewrap has left, per master key).
-    async fn count_secrets_by_purpose(&self)
-        -> Result<Vec<(Purpose, MasterKeyId, u64)>, StoreError>;
+    async fn count_secrets_by_purpose(
+        &self,
+    ) -> Result<Vec<(Purpose, MasterKeyId, u64)>, StoreError>;
 
     /// Up to `limit` sealed secrets of `purpose` under master key `under`, after `after` in
     /// secret-id order.

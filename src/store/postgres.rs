@@ -255,7 +255,11 @@ pub fn hot_statements() -> Vec<HotStatement> {
         hot("key fetch", queries::FETCH_KEY, &["'tok_1'", "'ten_1'"]),
         hot("proxy key read", queries::FIND_API_KEY, &["'ten_1'"]),
         hot("connection read", queries::FIND_CONNECTION, &["'ten_1'"]),
-        hot("connections list", queries::LIST_CONNECTIONS, &["'con_x'", "100"]),
+        hot(
+            "connections list",
+            queries::LIST_CONNECTIONS,
+            &["'con_x'", "100"],
+        ),
         hot(
             "connections list of a status",
             queries::LIST_CONNECTIONS_OF_STATUS,
@@ -287,7 +291,11 @@ pub fn hot_statements() -> Vec<HotStatement> {
             args: &["'me'", "now() + interval '1 minute'", "now()", "10"],
         },
         hot("recovery cursor read", recovery::FIND_CURSOR, &["'con_x'"]),
-        hot("oldest recovery cursor", recovery::OLDEST_CURSOR, &["'test'"]),
+        hot(
+            "oldest recovery cursor",
+            recovery::OLDEST_CURSOR,
+            &["'test'"],
+        ),
         hot(
             "API keys to rewrap",
             queries::API_KEYS_TO_REWRAP,
@@ -301,7 +309,12 @@ pub fn hot_statements() -> Vec<HotStatement> {
         hot("webhook target", queries::FIND_WEBHOOK_TARGET, &["'con_x'"]),
         HotStatement {
             name: "event feed",
-            sql: [queries::LIST_EVENTS[0], feed_horizon, queries::LIST_EVENTS[1]].concat(),
+            sql: [
+                queries::LIST_EVENTS[0],
+                feed_horizon,
+                queries::LIST_EVENTS[1],
+            ]
+            .concat(),
             args: &["'ten_1'", "0", "0", "100"],
         },
     ]
@@ -340,9 +353,7 @@ pub async fn explain_generic(
     } else {
         format!("EXPLAIN EXECUTE atlas_hot({})", statement.args.join(", "))
     };
-    let lines: Vec<String> = sqlx::query_scalar(&explain)
-        .fetch_all(&mut *conn)
-        .await?;
+    let lines: Vec<String> = sqlx::query_scalar(&explain).fetch_all(&mut *conn).await?;
     sqlx::raw_sql("DEALLOCATE atlas_hot; RESET plan_cache_mode")
         .execute(&mut *conn)
         .await?;

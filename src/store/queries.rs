@@ -112,9 +112,11 @@ pub const INSERT_RECOVERY_CURSOR: &str = "INSERT INTO recovery_cursors \
 /// A disconnected connection's cursor goes with it.
 pub const DELETE_RECOVERY_CURSOR: &str = "DELETE FROM recovery_cursors WHERE connection_id = $1";
 
-/// The required resources start-up last marked connections due for (comma-separated).
-pub const VERIFY_REQUIREMENTS: &str =
-    "SELECT resources FROM verify_requirements WHERE singleton = 1";
+/// The required resources start-up last marked connections due for (comma-separated), read
+/// by a write (like `LOCK_TENANT`): instances starting together take turns, and the second
+/// finds the first's set.
+pub const VERIFY_REQUIREMENTS: &str = "UPDATE verify_requirements SET resources = resources \
+    WHERE singleton = 1 RETURNING resources";
 
 pub const SET_VERIFY_REQUIREMENTS: &str = "INSERT INTO verify_requirements \
     (singleton, resources) VALUES (1, $1) \

@@ -121,13 +121,7 @@ async fn rows(db: &TestDatabase, statement: &str) -> Counts {
         String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
         i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     {
-        (
-            row.get(0),
-            row.get(1),
-            row.get(2),
-            row.get(3),
-            row.get(4),
-        )
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4))
     }
     match db.backend {
         Backend::Postgres => {
@@ -176,14 +170,22 @@ async fn counters_equal_a_recount(backend: Backend) {
     let (db, store) = store(backend).await;
     let (old, new) = keyrings();
     assert_counted(&db, &*store, "nothing").await;
-    for (i, mode) in [(1, Mode::Test), (2, Mode::Test), (3, Mode::Live), (4, Mode::Test)] {
+    for (i, mode) in [
+        (1, Mode::Test),
+        (2, Mode::Test),
+        (3, Mode::Live),
+        (4, Mode::Test),
+    ] {
         let id = format!("ten_{i}");
         store
             .upsert_tenant(&tenant(&id), mode, &Actor::Cli)
             .await
             .unwrap();
         let connection = sealed_connection(&old, &id, mode, &format!("sec_{i}"), i != 4);
-        store.save_connection(&connection, &Actor::Cli).await.unwrap();
+        store
+            .save_connection(&connection, &Actor::Cli)
+            .await
+            .unwrap();
     }
     assert_counted(&db, &*store, "four connects").await;
 
@@ -268,7 +270,10 @@ async fn cursors_come_with_the_connection(backend: Backend) {
         .await
         .unwrap();
     let connection = sealed_connection(&old, "ten_1", Mode::Test, "sec_1", true);
-    store.save_connection(&connection, &Actor::Cli).await.unwrap();
+    store
+        .save_connection(&connection, &Actor::Cli)
+        .await
+        .unwrap();
     let cursors = |db: &TestDatabase| {
         let url = db.url.clone();
         let backend = db.backend;
@@ -329,7 +334,10 @@ async fn start_up_marks_only_for_a_grown_requirement(backend: Backend) {
         .filter(|r| *r != Resource::Coupons)
         .map(|r| (r, Access::Granted))
         .collect();
-    store.save_connection(&connection, &Actor::Cli).await.unwrap();
+    store
+        .save_connection(&connection, &Actor::Cli)
+        .await
+        .unwrap();
     let now = time::OffsetDateTime::now_utc();
     let first = store
         .mark_due_lacking(&[Resource::Customers], now)
@@ -398,7 +406,11 @@ async fn hot_statements_are_index_scans_postgres() {
             .unwrap_or_else(|e| panic!("{}: {e}", statement.name));
         let scans = atlas_stripe::store::seq_scans_of_growing_tables(&plan);
         if !scans.is_empty() {
-            scanning.push(format!("{}: {scans:?}\n{}", statement.name, plan.join("\n")));
+            scanning.push(format!(
+                "{}: {scans:?}\n{}",
+                statement.name,
+                plan.join("\n")
+            ));
         }
     }
     assert!(scanning.is_empty(), "{}", scanning.join("\n\n"));
