@@ -287,8 +287,7 @@ where
         lease_until: OffsetDateTime,
         limit: i64,
     ) -> Result<Vec<TenantId>, StoreError> {
-        let [head, tail] = queries::CLAIM_DUE;
-        let statement = [head, DB::SKIP_LOCKED, tail].concat();
+        let statement = DB::claim(queries::CLAIM_DUE);
         let claimed: Vec<String> = sqlx::query_scalar(&statement)
             .bind(owner)
             .bind(lease_until)

@@ -50,6 +50,7 @@ const INSERT_EVENT_WITH_TXID: &str = "INSERT INTO webhook_events (tenant_id, txi
 impl Dialect for Postgres {
     const BACKEND: Backend = Backend::Postgres;
     const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
+    const KEYS_FROM: [&'static str; 2] = [" = ANY(ARRAY(", "))"];
     /// Only rows of transactions older than every running one: those can commit no more.
     const FEED_HORIZON: &'static str =
         " AND txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
@@ -244,7 +245,6 @@ pub struct HotStatement {
 /// index lookup or range, never a sequential scan of a table that grows with them.
 pub fn hot_statements() -> Vec<HotStatement> {
     use super::{queries, recovery};
-    let skip_locked = <Postgres as Dialect>::SKIP_LOCKED;
     let feed_horizon = <Postgres as Dialect>::FEED_HORIZON;
     let hot = |name, sql: &str, args| HotStatement {
         name,
@@ -277,17 +277,12 @@ pub fn hot_statements() -> Vec<HotStatement> {
         ),
         HotStatement {
             name: "re-verification claim",
-            sql: [queries::CLAIM_DUE[0], skip_locked, queries::CLAIM_DUE[1]].concat(),
+            sql: Postgres::claim(queries::CLAIM_DUE),
             args: &["'me'", "now() + interval '1 minute'", "now()", "10"],
         },
         HotStatement {
             name: "recovery claim",
-            sql: [
-                recovery::CLAIM_DUE_RECOVERIES[0],
-                skip_locked,
-                recovery::CLAIM_DUE_RECOVERIES[1],
-            ]
-            .concat(),
+            sql: Postgres::claim(recovery::CLAIM_DUE_RECOVERIES),
             args: &["'me'", "now() + interval '1 minute'", "now()", "10"],
         },
         hot("recovery cursor read", recovery::FIND_CURSOR, &["'con_x'"]),
@@ -342,7 +337,7 @@ pub async fn explain_generic(
     conn: &mut PgConnection,
     statement: &HotStatement,
 ) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::raw_sql("SET plan_cache_mode = force_generic_plan; DEALLOCATE ALL")
+    sqlx::raw_sql("SET plan_cache_mode = force_generic_plan")
         .execute(&mut *conn)
         .await?;
     sqlx::raw_sql(&format!("PREPARE atlas_hot AS {}", statement.sql))

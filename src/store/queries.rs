@@ -122,14 +122,15 @@ pub const SET_VERIFY_REQUIREMENTS: &str = "INSERT INTO verify_requirements \
     (singleton, resources) VALUES (1, $1) \
     ON CONFLICT (singleton) DO UPDATE SET resources = excluded.resources";
 
-/// Leases due connections; `Dialect::SKIP_LOCKED` goes between the two halves.
-pub const CLAIM_DUE: [&str; 2] = [
-    "UPDATE stripe_connections SET lease_owner = $1, lease_until = $2 \
-     WHERE tenant_id IN (SELECT tenant_id FROM stripe_connections \
+/// Leases due connections (`Dialect::claim` puts the parts together): the due ones are a
+/// range of the next_verify_at index, then each is updated by primary key.
+pub const CLAIM_DUE: [&str; 3] = [
+    "UPDATE stripe_connections SET lease_owner = $1, lease_until = $2 WHERE tenant_id",
+    "SELECT tenant_id FROM stripe_connections \
      WHERE status <> 'revoked' AND next_verify_at <= $3 \
      AND (lease_until IS NULL OR lease_until < $3) \
      ORDER BY next_verify_at LIMIT $4",
-    ") RETURNING tenant_id",
+    " RETURNING tenant_id",
 ];
 
 pub const RELEASE_CONNECTION: &str = "UPDATE stripe_connections SET lease_owner = NULL, \

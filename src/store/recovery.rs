@@ -18,18 +18,18 @@ use super::StoreError;
 use crate::domain::{Mode, TenantId};
 
 /// Leases due cursors (`$1` owner, `$2` lease end, `$3` now, `$4` at most);
-/// `Dialect::SKIP_LOCKED` goes between the two halves. The outer lease check is evaluated
-/// again on the locked row, so two claimers never both win one cursor.
-pub(super) const CLAIM_DUE_RECOVERIES: [&str; 2] = [
+/// `Dialect::claim` puts the parts together. The outer lease check is evaluated again on the
+/// locked row, so two claimers never both win one cursor.
+pub(super) const CLAIM_DUE_RECOVERIES: [&str; 3] = [
     "UPDATE recovery_cursors SET lease_owner = $1, lease_until = $2 \
-     WHERE (lease_until IS NULL OR lease_until < $3) AND connection_id IN \
-     (SELECT r.connection_id FROM recovery_cursors r \
+     WHERE (lease_until IS NULL OR lease_until < $3) AND connection_id",
+    "SELECT r.connection_id FROM recovery_cursors r \
      WHERE r.event_recovery = 'on' AND r.due_at <= $3 \
      AND (r.lease_until IS NULL OR r.lease_until < $3) \
      AND EXISTS (SELECT 1 FROM stripe_connections c \
      WHERE c.connection_id = r.connection_id AND c.status <> 'revoked') \
      ORDER BY r.due_at LIMIT $4",
-    ") RETURNING connection_id, tenant_id",
+    " RETURNING connection_id, tenant_id",
 ];
 
 pub(super) const FIND_CURSOR: &str = "SELECT r.connection_id, r.tenant_id, r.event_recovery, \
@@ -226,8 +226,7 @@ where
     ) -> Result<Vec<RecoveryClaim>, StoreError> {
         // Every connection has its cursor from the transaction that saved it, and loses it
         // in the one that deletes it: nothing to reconcile here.
-        let [head, tail] = CLAIM_DUE_RECOVERIES;
-        let statement = [head, DB::SKIP_LOCKED, tail].concat();
+        let statement = DB::claim(CLAIM_DUE_RECOVERIES);
         let claimed: Vec<(String, String)> = sqlx::query_as(&statement)
             .bind(owner)
             .bind(lease_until)
