@@ -301,6 +301,26 @@ pub fn hot_statements() -> Vec<HotStatement> {
             queries::WEBHOOK_SECRETS_TO_REWRAP,
             &["'k1'", "'whs_x'", "5000"],
         ),
+        hot(
+            "API keys rewrapped",
+            REWRAP_API_KEYS_UNNEST,
+            &[
+                "ARRAY['sec_x', 'sec_y']",
+                "ARRAY['k1', 'k1']",
+                "ARRAY['k2', 'k2']",
+                "ARRAY['\\x00'::bytea, '\\x00'::bytea]",
+            ],
+        ),
+        hot(
+            "webhook secrets rewrapped",
+            REWRAP_WEBHOOK_SECRETS_UNNEST,
+            &[
+                "ARRAY['whs_x', 'whs_y']",
+                "ARRAY['k1', 'k1']",
+                "ARRAY['k2', 'k2']",
+                "ARRAY['\\x00'::bytea, '\\x00'::bytea]",
+            ],
+        ),
         hot("webhook target", queries::FIND_WEBHOOK_TARGET, &["'con_x'"]),
         HotStatement {
             name: "event feed",
