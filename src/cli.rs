@@ -100,7 +100,7 @@ pub enum KeysCommand {
     /// Re-wrap every data key under crypto.active_key_id, in batches, while the service runs.
     /// Safe to interrupt and rerun.
     Rewrap {
-        #[arg(long, default_value_t = 500)]
+        #[arg(long, default_value_t = 2000)]
         batch: i64,
     },
     /// Count stored keys per master-key id, and list the configured master keys and where
@@ -189,7 +189,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = open_store(&settings).await?;
             let keyring = crate::startup::keyring(&settings, &settings.secrets()?)?;
             println!("{:<34} {:>10}  configured", "master_key_id", "keys");
-            for (id, count) in store.count_secrets_by_master_key().await? {
+            let counts = store.count_secrets_by_master_key().await?;
+            for (id, count) in counts.iter().cloned() {
                 let configured = if keyring.contains(id.as_str()) {
                     "yes"
                 } else {
@@ -202,6 +203,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 println!("{:<34} {count:>10}  {configured}{active}", id.as_str());
             }
+            // Rewrap progress, from the same maintained counts the service's gauges read.
+            let total: u64 = counts.iter().map(|(_, n)| n).sum();
+            let remaining = crate::rotation::remaining(&counts, keyring.active_id());
+            println!();
+            println!(
+                "rewrap: {remaining} of {total} keys left to rewrap under {} ({:.1}% done)",
+                keyring.active_id().as_str(),
+                if total == 0 {
+                    100.0
+                } else {
+                    (total - remaining) as f64 * 100.0 / total as f64
+                }
+            );
             println!();
             println!("{:<34} {:<10}", "configured master key", "held by");
             for (id, holder) in keyring.entries() {

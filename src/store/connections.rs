@@ -33,6 +33,7 @@ where
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
     for<'r> (String,): FromRow<'r, DB::Row>,
     for<'r> (String, i64): FromRow<'r, DB::Row>,
+    for<'r> (String, String, i64): FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'r> (String, String): FromRow<'r, DB::Row>,
     for<'r> (String, Option<String>, Vec<u8>): FromRow<'r, DB::Row>,
@@ -130,6 +131,15 @@ where
             "master_key_id": new.sealed.master_key_id,
             "webhook_endpoint_id": new_endpoint,
         });
+        // The cursor exists from the connection's first commit on: reads never write it, and
+        // the recovery worker never looks for connections without one.
+        sqlx::query(queries::INSERT_RECOVERY_CURSOR)
+            .bind(new.connection_id.as_str())
+            .bind(tenant)
+            .bind(new.mode.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         let action = match previous {
             Some(_) => "connection.replaced",
             None => "connection.created",
@@ -206,6 +216,10 @@ where
         let Some((connection_id, key_last4)) = deleted else {
             return Ok(false);
         };
+        sqlx::query(queries::DELETE_RECOVERY_CURSOR)
+            .bind(connection_id.as_str())
+            .execute(&mut *tx)
+            .await?;
         let detail = json!({"connection_id": connection_id, "key_last4": key_last4});
         audit(
             &mut *tx,
@@ -228,12 +242,17 @@ where
         after: &str,
         limit: i64,
     ) -> Result<Vec<ConnectionRecord>, StoreError> {
-        let rows: Vec<ConnectionRow> = sqlx::query_as(queries::LIST_CONNECTIONS)
-            .bind(status.map(ConnectionStatus::as_str))
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows: Vec<ConnectionRow> = match status {
+            None => sqlx::query_as(queries::LIST_CONNECTIONS)
+                .bind(after)
+                .bind(limit),
+            Some(status) => sqlx::query_as(queries::LIST_CONNECTIONS_OF_STATUS)
+                .bind(status.as_str())
+                .bind(after)
+                .bind(limit),
+        }
+        .fetch_all(&self.pool)
+        .await?;
         rows.into_iter().map(TryInto::try_into).collect()
     }
 
@@ -268,8 +287,7 @@ where
         lease_until: OffsetDateTime,
         limit: i64,
     ) -> Result<Vec<TenantId>, StoreError> {
-        let [head, tail] = queries::CLAIM_DUE;
-        let statement = [head, DB::SKIP_LOCKED, tail].concat();
+        let statement = DB::claim(queries::CLAIM_DUE);
         let claimed: Vec<String> = sqlx::query_scalar(&statement)
             .bind(owner)
             .bind(lease_until)
@@ -295,20 +313,39 @@ where
         Ok(())
     }
 
+    /// Marks due only for the resources added to `required` since the last call (every one
+    /// on the first): a start-up with the same required set reads no connection.
     pub(super) async fn mark_due_lacking(
         &self,
         required: &[Resource],
         now: OffsetDateTime,
     ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let applied: Option<String> = sqlx::query_scalar(queries::VERIFY_REQUIREMENTS)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let applied: Option<Vec<&str>> = applied.as_deref().map(|a| a.split(',').collect());
         let mut marked = 0;
         for resource in required {
+            if applied
+                .as_ref()
+                .is_some_and(|applied| applied.contains(&resource.as_str()))
+            {
+                continue;
+            }
             let result = sqlx::query(queries::MARK_DUE_LACKING)
                 .bind(now)
                 .bind(format!("%\"{}\"%", resource.as_str()))
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
             marked += DB::rows_affected(&result);
         }
+        let names: Vec<&str> = required.iter().map(|r| r.as_str()).collect();
+        sqlx::query(queries::SET_VERIFY_REQUIREMENTS)
+            .bind(names.join(","))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(marked)
     }
 
@@ -336,25 +373,44 @@ where
             .collect()
     }
 
-    pub(super) async fn count_secrets_by_master_key(
+    pub(super) async fn count_secrets_by_purpose(
         &self,
-    ) -> Result<Vec<(MasterKeyId, u64)>, StoreError> {
-        let counts: Vec<(String, i64)> = sqlx::query_as(queries::COUNT_SECRETS_BY_MASTER_KEY)
+    ) -> Result<Vec<(Purpose, MasterKeyId, u64)>, StoreError> {
+        let counts: Vec<(String, String, i64)> = sqlx::query_as(queries::COUNT_SECRETS_BY_PURPOSE)
             .fetch_all(&self.pool)
             .await?;
         (counts.into_iter())
-            .map(|(id, n)| {
+            .map(|(purpose, id, n)| {
+                let purpose = match purpose.as_str() {
+                    "stripe_api_key" => Purpose::StripeApiKey,
+                    "webhook_signing_secret" => Purpose::WebhookSigningSecret,
+                    _ => return Err(StoreError::Corrupt("purpose".into())),
+                };
                 let id = MasterKeyId::parse(&id)
                     .map_err(|_| StoreError::Corrupt("master_key_id".into()))?;
-                Ok((id, n.max(0) as u64))
+                Ok((purpose, id, n.max(0) as u64))
             })
             .collect()
+    }
+
+    pub(super) async fn count_secrets_by_master_key(
+        &self,
+    ) -> Result<Vec<(MasterKeyId, u64)>, StoreError> {
+        let mut totals: Vec<(MasterKeyId, u64)> = Vec::new();
+        for (_, id, n) in self.count_secrets_by_purpose().await? {
+            match totals.iter_mut().find(|(counted, _)| *counted == id) {
+                Some((_, total)) => *total += n,
+                None => totals.push((id, n)),
+            }
+        }
+        totals.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        Ok(totals)
     }
 
     pub(super) async fn secrets_to_rewrap(
         &self,
         purpose: Purpose,
-        active: &str,
+        under: &str,
         after: &str,
         limit: i64,
     ) -> Result<Vec<SealedRow>, StoreError> {
@@ -363,7 +419,7 @@ where
             Purpose::WebhookSigningSecret => queries::WEBHOOK_SECRETS_TO_REWRAP,
         };
         let rows: Vec<SealedRowRaw> = sqlx::query_as(statement)
-            .bind(active)
+            .bind(under)
             .bind(after)
             .bind(limit)
             .fetch_all(&self.pool)

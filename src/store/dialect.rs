@@ -27,6 +27,19 @@ pub trait Dialect: Database {
     /// committing late (see `insert_event_in_feed_order`).
     const FEED_HORIZON: &'static str;
 
+    /// Around the subquery of a claim (the keys it leases, then updated by primary key).
+    /// PostgreSQL takes the keys as an array, `= ANY(ARRAY(…))`, which it looks up in the
+    /// primary key whatever it estimates; as `IN (…)`, a generic plan may hash-join them
+    /// against a sequential scan of the whole table. SQLite: `IN (…)`.
+    const KEYS_FROM: [&'static str; 2];
+
+    /// A claim: `parts[0]` (the UPDATE up to the key column), the subquery `parts[1]` with
+    /// `SKIP_LOCKED`, inside `KEYS_FROM`, then `parts[2]`.
+    fn claim(parts: [&str; 3]) -> String {
+        let [open, close] = Self::KEYS_FROM;
+        [parts[0], open, parts[1], Self::SKIP_LOCKED, close, parts[2]].concat()
+    }
+
     fn migrator() -> &'static Migrator;
 
     /// How many rows a statement changed (sqlx has no common trait for it).

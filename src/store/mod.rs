@@ -35,6 +35,7 @@ pub use model::{
     Verification, WebhookChange, WebhookTarget,
 };
 pub use notifications::Outbox;
+pub use postgres::{explain_generic, hot_statements, seq_scans_of_growing_tables, HotStatement};
 pub use recovery::{EventSource, RecoveryClaim, RecoveryCursor, RecoveryRun, WebhookStatus};
 pub use sql_store::SqlStore;
 
@@ -127,27 +128,36 @@ pub trait Store: Outbox + Send + Sync + 'static {
         next_verify_at: OffsetDateTime,
     ) -> Result<(), StoreError>;
 
-    /// Makes every connection whose report lacks one of `required` due now (the required
-    /// set grew). Returns how many.
+    /// Makes every connection whose report lacks one of `required` due now, for the
+    /// resources added to `required` since the last call (all of them on the first): a
+    /// start-up with an unchanged required set reads no connection. Returns how many.
     async fn mark_due_lacking(
         &self,
         required: &[Resource],
         now: OffsetDateTime,
     ) -> Result<u64, StoreError>;
 
-    /// Connections per status, for metrics.
+    /// Connections per status, for metrics: read from counters kept in the transaction of
+    /// every change, a few rows however many connections there are.
     async fn count_connections_by_status(&self)
         -> Result<Vec<(ConnectionStatus, u64)>, StoreError>;
 
-    /// Sealed secrets per master-key id (`keys status`, readiness, rewrap progress).
+    /// Sealed secrets per master-key id (`keys status`, readiness, rewrap progress), from
+    /// the same counters.
     async fn count_secrets_by_master_key(&self) -> Result<Vec<(MasterKeyId, u64)>, StoreError>;
 
-    /// Up to `limit` sealed secrets of `purpose` not under `active`, after `after` in
+    /// Sealed secrets per purpose and master-key id, from the same counters (what the
+    /// rewrap has left, per master key).
+    async fn count_secrets_by_purpose(
+        &self,
+    ) -> Result<Vec<(Purpose, MasterKeyId, u64)>, StoreError>;
+
+    /// Up to `limit` sealed secrets of `purpose` under master key `under`, after `after` in
     /// secret-id order.
     async fn secrets_to_rewrap(
         &self,
         purpose: Purpose,
-        active: &str,
+        under: &str,
         after: &str,
         limit: i64,
     ) -> Result<Vec<SealedRow>, StoreError>;
@@ -244,8 +254,8 @@ pub trait Store: Outbox + Send + Sync + 'static {
     async fn audit_trail(&self, tenant: Option<&TenantId>) -> Result<Vec<AuditRecord>, StoreError>;
 
     /// Leases up to `limit` connections due for event recovery to `owner` until
-    /// `lease_until` (giving new connections a cursor first); one leased by another live
-    /// process is skipped.
+    /// `lease_until`; one leased by another live process is skipped. An index range of the
+    /// due cursors: every connection has one from its save on.
     async fn claim_due_recoveries(
         &self,
         owner: &str,
@@ -254,8 +264,8 @@ pub trait Store: Outbox + Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<RecoveryClaim>, StoreError>;
 
-    /// The connection's recovery cursor (made, starting at the connection, if it had none);
-    /// `None` when there is no such connection.
+    /// The connection's recovery cursor (made with the connection, in the transaction that
+    /// saved it: reading it writes nothing); `None` when there is no such connection.
     async fn find_recovery_cursor(
         &self,
         connection_id: &str,
@@ -333,7 +343,8 @@ pub trait Store: Outbox + Send + Sync + 'static {
         new: &StoredWebhook,
     ) -> Result<bool, StoreError>;
 
-    /// The oldest recovery cursor per mode (connections whose events are recovered).
+    /// The oldest recovery cursor per mode (connections whose events are recovered), by an
+    /// index range per mode.
     async fn oldest_recovery_cursors(&self) -> Result<Vec<(Mode, OffsetDateTime)>, StoreError>;
 }
 

@@ -50,6 +50,7 @@ const INSERT_EVENT_WITH_TXID: &str = "INSERT INTO webhook_events (tenant_id, txi
 impl Dialect for Postgres {
     const BACKEND: Backend = Backend::Postgres;
     const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
+    const KEYS_FROM: [&'static str; 2] = [" = ANY(ARRAY(", "))"];
     /// Only rows of transactions older than every running one: those can commit no more.
     const FEED_HORIZON: &'static str =
         " AND txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
@@ -236,4 +237,161 @@ pub(super) fn spawn_token_listener(
             }
         }
     }))
+}
+
+/// A statement on a hot path, with example arguments (SQL literals), for checking its plan:
+/// the plan tests (tests/api/scale.rs) and `scripts/bench-scale` (through
+/// benches/tools/explain_hot.rs) prepare it and explain its generic plan, the one a prepared
+/// statement settles on.
+pub struct HotStatement {
+    pub name: &'static str,
+    pub sql: String,
+    pub args: &'static [&'static str],
+}
+
+/// The statements whose cost must not grow with the number of tenants: each must be an
+/// index lookup or range, never a sequential scan of a table that grows with them.
+pub fn hot_statements() -> Vec<HotStatement> {
+    use super::{queries, recovery};
+    let feed_horizon = <Postgres as Dialect>::FEED_HORIZON;
+    let hot = |name, sql: &str, args| HotStatement {
+        name,
+        sql: sql.to_owned(),
+        args,
+    };
+    vec![
+        hot("key fetch", queries::FETCH_KEY, &["'tok_1'", "'ten_1'"]),
+        hot("proxy key read", queries::FIND_API_KEY, &["'ten_1'"]),
+        hot("connection read", queries::FIND_CONNECTION, &["'ten_1'"]),
+        hot(
+            "connections list",
+            queries::LIST_CONNECTIONS,
+            &["'con_x'", "100"],
+        ),
+        hot(
+            "connections list of a status",
+            queries::LIST_CONNECTIONS_OF_STATUS,
+            &["'active'", "'con_x'", "100"],
+        ),
+        hot(
+            "connections by status (health)",
+            queries::COUNT_CONNECTIONS_BY_STATUS,
+            &[],
+        ),
+        hot(
+            "secrets by master key (health, rewrap)",
+            queries::COUNT_SECRETS_BY_PURPOSE,
+            &[],
+        ),
+        HotStatement {
+            name: "re-verification claim",
+            sql: Postgres::claim(queries::CLAIM_DUE),
+            args: &["'me'", "now() + interval '1 minute'", "now()", "10"],
+        },
+        HotStatement {
+            name: "recovery claim",
+            sql: Postgres::claim(recovery::CLAIM_DUE_RECOVERIES),
+            args: &["'me'", "now() + interval '1 minute'", "now()", "10"],
+        },
+        hot("recovery cursor read", recovery::FIND_CURSOR, &["'con_x'"]),
+        hot(
+            "oldest recovery cursor",
+            recovery::OLDEST_CURSOR,
+            &["'test'"],
+        ),
+        hot(
+            "API keys to rewrap",
+            queries::API_KEYS_TO_REWRAP,
+            &["'k1'", "'sec_x'", "5000"],
+        ),
+        hot(
+            "webhook secrets to rewrap",
+            queries::WEBHOOK_SECRETS_TO_REWRAP,
+            &["'k1'", "'whs_x'", "5000"],
+        ),
+        hot(
+            "API keys rewrapped",
+            REWRAP_API_KEYS_UNNEST,
+            &[
+                "ARRAY['sec_x', 'sec_y']",
+                "ARRAY['k1', 'k1']",
+                "ARRAY['k2', 'k2']",
+                "ARRAY['\\x00'::bytea, '\\x00'::bytea]",
+            ],
+        ),
+        hot(
+            "webhook secrets rewrapped",
+            REWRAP_WEBHOOK_SECRETS_UNNEST,
+            &[
+                "ARRAY['whs_x', 'whs_y']",
+                "ARRAY['k1', 'k1']",
+                "ARRAY['k2', 'k2']",
+                "ARRAY['\\x00'::bytea, '\\x00'::bytea]",
+            ],
+        ),
+        hot("webhook target", queries::FIND_WEBHOOK_TARGET, &["'con_x'"]),
+        HotStatement {
+            name: "event feed",
+            sql: [
+                queries::LIST_EVENTS[0],
+                feed_horizon,
+                queries::LIST_EVENTS[1],
+            ]
+            .concat(),
+            args: &["'ten_1'", "0", "0", "100"],
+        },
+    ]
+}
+
+/// Tables that grow with the number of tenants: a sequential scan of one on a hot path is
+/// a cost in proportion to N. (The counters, the service tokens and the migrations table
+/// stay small: scanning them is the cheap plan.)
+const GROWING_TABLES: [&str; 10] = [
+    "tenants",
+    "stripe_connections",
+    "recovery_cursors",
+    "webhook_events",
+    "key_fetches",
+    "stripe_calls",
+    "audit_events",
+    "notifications",
+    "notification_tenants",
+    "attempt_limits",
+];
+
+/// The generic plan of `statement` (the one a prepared statement settles on), one line per
+/// plan line. Nothing is executed: `EXPLAIN` without `ANALYZE`.
+pub async fn explain_generic(
+    conn: &mut PgConnection,
+    statement: &HotStatement,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::raw_sql("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::raw_sql(&format!("PREPARE atlas_hot AS {}", statement.sql))
+        .execute(&mut *conn)
+        .await?;
+    let explain = if statement.args.is_empty() {
+        "EXPLAIN EXECUTE atlas_hot".to_owned()
+    } else {
+        format!("EXPLAIN EXECUTE atlas_hot({})", statement.args.join(", "))
+    };
+    let lines: Vec<String> = sqlx::query_scalar(&explain).fetch_all(&mut *conn).await?;
+    sqlx::raw_sql("DEALLOCATE atlas_hot; RESET plan_cache_mode")
+        .execute(&mut *conn)
+        .await?;
+    Ok(lines)
+}
+
+/// The growing tables a plan reads sequentially (none is the point).
+pub fn seq_scans_of_growing_tables(plan: &[String]) -> Vec<&'static str> {
+    GROWING_TABLES
+        .into_iter()
+        .filter(|table| {
+            let needle = format!("Seq Scan on {table} ");
+            let at_end = format!("Seq Scan on {table}");
+            plan.iter()
+                .any(|line| line.contains(&needle) || line.trim_end().ends_with(&at_end))
+        })
+        .collect()
 }

@@ -57,12 +57,19 @@ macro_rules! connection_columns {
 
 pub const FIND_CONNECTION: &str = concat!(connection_columns!(), "WHERE c.tenant_id = $1");
 
-/// A page of connections in connection-id order: status `$1` (or all), after `$2`, `$3` at
-/// most.
+/// A page of connections in connection-id order: after `$1`, `$2` at most. A range scan of
+/// the connection-id index from `$1`, on the last page as on the first.
 pub const LIST_CONNECTIONS: &str = concat!(
     connection_columns!(),
-    "WHERE ($1 IS NULL OR c.status = $1) AND c.connection_id > $2 \
-     ORDER BY c.connection_id LIMIT $3"
+    "WHERE c.connection_id > $1 ORDER BY c.connection_id LIMIT $2"
+);
+
+/// The same of one status (`$1`): a range scan of the (status, connection_id) index. Its own
+/// statement rather than `$1 IS NULL OR …`, which a prepared statement's generic plan cannot
+/// turn into an index range.
+pub const LIST_CONNECTIONS_OF_STATUS: &str = concat!(
+    connection_columns!(),
+    "WHERE c.status = $1 AND c.connection_id > $2 ORDER BY c.connection_id LIMIT $3"
 );
 
 pub const PREVIOUS_CONNECTION: &str = "SELECT connection_id, webhook_endpoint_id, \
@@ -96,14 +103,34 @@ pub const DELETE_CONNECTION: &str = "DELETE FROM stripe_connections WHERE tenant
     AND (webhook_endpoint_id = $2 OR (webhook_endpoint_id IS NULL AND $2 IS NULL)) \
     RETURNING connection_id, key_last4";
 
-/// Leases due connections; `Dialect::SKIP_LOCKED` goes between the two halves.
-pub const CLAIM_DUE: [&str; 2] = [
-    "UPDATE stripe_connections SET lease_owner = $1, lease_until = $2 \
-     WHERE tenant_id IN (SELECT tenant_id FROM stripe_connections \
+/// A new connection's recovery cursor, made in the transaction that saves it (`$4` now:
+/// starting at the connection, due at once); a replaced connection keeps its cursor.
+pub const INSERT_RECOVERY_CURSOR: &str = "INSERT INTO recovery_cursors \
+    (connection_id, tenant_id, mode, recovered_through, due_at) VALUES ($1, $2, $3, $4, $4) \
+    ON CONFLICT (connection_id) DO NOTHING";
+
+/// A disconnected connection's cursor goes with it.
+pub const DELETE_RECOVERY_CURSOR: &str = "DELETE FROM recovery_cursors WHERE connection_id = $1";
+
+/// The required resources start-up last marked connections due for (comma-separated), read
+/// by a write (like `LOCK_TENANT`): instances starting together take turns, and the second
+/// finds the first's set.
+pub const VERIFY_REQUIREMENTS: &str = "UPDATE verify_requirements SET resources = resources \
+    WHERE singleton = 1 RETURNING resources";
+
+pub const SET_VERIFY_REQUIREMENTS: &str = "INSERT INTO verify_requirements \
+    (singleton, resources) VALUES (1, $1) \
+    ON CONFLICT (singleton) DO UPDATE SET resources = excluded.resources";
+
+/// Leases due connections (`Dialect::claim` puts the parts together): the due ones are a
+/// range of the next_verify_at index, then each is updated by primary key.
+pub const CLAIM_DUE: [&str; 3] = [
+    "UPDATE stripe_connections SET lease_owner = $1, lease_until = $2 WHERE tenant_id",
+    "SELECT tenant_id FROM stripe_connections \
      WHERE status <> 'revoked' AND next_verify_at <= $3 \
      AND (lease_until IS NULL OR lease_until < $3) \
      ORDER BY next_verify_at LIMIT $4",
-    ") RETURNING tenant_id",
+    " RETURNING tenant_id",
 ];
 
 pub const RELEASE_CONNECTION: &str = "UPDATE stripe_connections SET lease_owner = NULL, \
@@ -114,25 +141,29 @@ pub const RELEASE_CONNECTION: &str = "UPDATE stripe_connections SET lease_owner 
 pub const MARK_DUE_LACKING: &str = "UPDATE stripe_connections SET next_verify_at = $1 \
     WHERE status <> 'revoked' AND next_verify_at > $1 AND permissions NOT LIKE $2";
 
-pub const COUNT_CONNECTIONS_BY_STATUS: &str =
-    "SELECT status, COUNT(*) FROM stripe_connections GROUP BY status ORDER BY status";
+/// Connections per status: the API-key counters (one per connection), a few rows whatever
+/// the number of connections. `SUM` of a PostgreSQL `BIGINT` is `NUMERIC`, hence the cast.
+pub const COUNT_CONNECTIONS_BY_STATUS: &str = "SELECT status, CAST(SUM(n) AS BIGINT) \
+    FROM connection_counts WHERE purpose = 'stripe_api_key' GROUP BY status \
+    HAVING SUM(n) > 0 ORDER BY status";
 
-pub const COUNT_SECRETS_BY_MASTER_KEY: &str = "SELECT id, COUNT(*) FROM \
-    (SELECT master_key_id AS id FROM stripe_connections \
-    UNION ALL SELECT webhook_master_key_id FROM stripe_connections \
-    WHERE webhook_master_key_id IS NOT NULL) sealed GROUP BY id ORDER BY id";
+/// Sealed secrets per purpose and master key, from the counters.
+pub const COUNT_SECRETS_BY_PURPOSE: &str = "SELECT purpose, master_key_id, \
+    CAST(SUM(n) AS BIGINT) FROM connection_counts GROUP BY purpose, master_key_id \
+    HAVING SUM(n) > 0 ORDER BY purpose, master_key_id";
 
-/// Sealed API keys not under master key `$1`, after secret id `$2`, `$3` at most.
+/// Sealed API keys under master key `$1`, after secret id `$2`, `$3` at most: a range of the
+/// (master_key_id, api_key_secret_id) index holding only what is left to rewrap.
 pub const API_KEYS_TO_REWRAP: &str = "SELECT tenant_id, mode, api_key_secret_id AS secret_id, \
     master_key_id, wrapped_key, ciphertext FROM stripe_connections \
-    WHERE master_key_id <> $1 AND api_key_secret_id > $2 \
+    WHERE master_key_id = $1 AND api_key_secret_id > $2 \
     ORDER BY api_key_secret_id LIMIT $3";
 
 /// Sealed webhook secrets, aliased like `API_KEYS_TO_REWRAP`.
 pub const WEBHOOK_SECRETS_TO_REWRAP: &str = "SELECT tenant_id, mode, \
     webhook_secret_id AS secret_id, webhook_master_key_id AS master_key_id, \
     webhook_wrapped_key AS wrapped_key, webhook_ciphertext AS ciphertext \
-    FROM stripe_connections WHERE webhook_master_key_id <> $1 AND webhook_secret_id > $2 \
+    FROM stripe_connections WHERE webhook_master_key_id = $1 AND webhook_secret_id > $2 \
     ORDER BY webhook_secret_id LIMIT $3";
 
 pub const FIND_WEBHOOK_TARGET: &str = "SELECT tenant_id, mode, webhook_secret_id, \

@@ -12,46 +12,27 @@ use time::OffsetDateTime;
 
 use super::dialect::Dialect;
 use super::model::{NewEvent, StoredWebhook};
-use super::rows::{parse_mode, parse_tenant_id};
+use super::rows::parse_tenant_id;
 use super::sql_store::SqlStore;
 use super::StoreError;
 use crate::domain::{Mode, TenantId};
 
-/// Creates the cursor of every connection with a webhook endpoint that has none yet,
-/// starting where the connection started, due now (`$1`).
-const ENSURE_CURSORS: &str = "INSERT INTO recovery_cursors \
-    (connection_id, tenant_id, recovered_through, due_at) \
-    SELECT c.connection_id, c.tenant_id, c.connected_at, $1 FROM stripe_connections c \
-    WHERE c.webhook_endpoint_id IS NOT NULL AND NOT EXISTS \
-    (SELECT 1 FROM recovery_cursors r WHERE r.connection_id = c.connection_id) \
-    ON CONFLICT (connection_id) DO NOTHING";
-
-/// The same for one connection (`$1`), whether or not it has an endpoint.
-const ENSURE_CURSOR: &str = "INSERT INTO recovery_cursors \
-    (connection_id, tenant_id, recovered_through, due_at) \
-    SELECT c.connection_id, c.tenant_id, c.connected_at, $2 FROM stripe_connections c \
-    WHERE c.connection_id = $1 ON CONFLICT (connection_id) DO NOTHING";
-
-/// Cursors of connections that are gone (disconnected or replaced by a new connection id).
-const DROP_ORPHAN_CURSORS: &str = "DELETE FROM recovery_cursors WHERE NOT EXISTS \
-    (SELECT 1 FROM stripe_connections c WHERE c.connection_id = recovery_cursors.connection_id)";
-
 /// Leases due cursors (`$1` owner, `$2` lease end, `$3` now, `$4` at most);
-/// `Dialect::SKIP_LOCKED` goes between the two halves. The outer lease check is evaluated
-/// again on the locked row, so two claimers never both win one cursor.
-const CLAIM_DUE_RECOVERIES: [&str; 2] = [
+/// `Dialect::claim` puts the parts together. The outer lease check is evaluated again on the
+/// locked row, so two claimers never both win one cursor.
+pub(super) const CLAIM_DUE_RECOVERIES: [&str; 3] = [
     "UPDATE recovery_cursors SET lease_owner = $1, lease_until = $2 \
-     WHERE (lease_until IS NULL OR lease_until < $3) AND connection_id IN \
-     (SELECT r.connection_id FROM recovery_cursors r \
+     WHERE (lease_until IS NULL OR lease_until < $3) AND connection_id",
+    "SELECT r.connection_id FROM recovery_cursors r \
      WHERE r.event_recovery = 'on' AND r.due_at <= $3 \
      AND (r.lease_until IS NULL OR r.lease_until < $3) \
      AND EXISTS (SELECT 1 FROM stripe_connections c \
      WHERE c.connection_id = r.connection_id AND c.status <> 'revoked') \
      ORDER BY r.due_at LIMIT $4",
-    ") RETURNING connection_id, tenant_id",
+    " RETURNING connection_id, tenant_id",
 ];
 
-const FIND_CURSOR: &str = "SELECT r.connection_id, r.tenant_id, r.event_recovery, \
+pub(super) const FIND_CURSOR: &str = "SELECT r.connection_id, r.tenant_id, r.event_recovery, \
     r.webhook_status, r.recovered_through, r.requested_since, r.run_since, r.run_until, \
     r.run_after, r.last_run_at, \
     (SELECT MAX(e.created) FROM webhook_events e WHERE e.connection_id = r.connection_id) \
@@ -94,10 +75,13 @@ const REPLACE_WEBHOOK: &str = "UPDATE stripe_connections SET webhook_endpoint_id
     webhook_ciphertext = $8 WHERE tenant_id = $1 AND api_key_secret_id = $2 \
     AND webhook_endpoint_id = $3";
 
-/// The oldest cursor per mode among connections whose events are recovered.
-const OLDEST_CURSORS: &str = "SELECT c.mode, MIN(r.recovered_through) \
-    FROM recovery_cursors r JOIN stripe_connections c ON c.connection_id = r.connection_id \
-    WHERE r.event_recovery = 'on' AND c.status <> 'revoked' GROUP BY c.mode ORDER BY c.mode";
+/// The oldest cursor of mode `$1` among connections whose events are recovered: the
+/// (mode, recovered_through) index walked from its start to the first cursor whose
+/// connection is not revoked (usually the first entry).
+pub(super) const OLDEST_CURSOR: &str = "SELECT r.recovered_through FROM recovery_cursors r \
+    JOIN stripe_connections c ON c.connection_id = r.connection_id \
+    WHERE r.mode = $1 AND r.event_recovery = 'on' AND c.status <> 'revoked' \
+    ORDER BY r.recovered_through LIMIT 1";
 
 /// Where a stored event came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,7 +214,7 @@ where
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
     for<'r> (String, String): FromRow<'r, DB::Row>,
-    for<'r> (String, OffsetDateTime): FromRow<'r, DB::Row>,
+    for<'r> (OffsetDateTime,): FromRow<'r, DB::Row>,
     for<'r> RecoveryCursorRow: FromRow<'r, DB::Row>,
 {
     pub(super) async fn claim_due_recoveries(
@@ -240,14 +224,9 @@ where
         lease_until: OffsetDateTime,
         limit: i64,
     ) -> Result<Vec<RecoveryClaim>, StoreError> {
-        // Cursors follow the connections: new ones get one, gone ones lose theirs.
-        sqlx::query(ENSURE_CURSORS)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-        sqlx::query(DROP_ORPHAN_CURSORS).execute(&self.pool).await?;
-        let [head, tail] = CLAIM_DUE_RECOVERIES;
-        let statement = [head, DB::SKIP_LOCKED, tail].concat();
+        // Every connection has its cursor from the transaction that saved it, and loses it
+        // in the one that deletes it: nothing to reconcile here.
+        let statement = DB::claim(CLAIM_DUE_RECOVERIES);
         let claimed: Vec<(String, String)> = sqlx::query_as(&statement)
             .bind(owner)
             .bind(lease_until)
@@ -270,11 +249,6 @@ where
         &self,
         connection_id: &str,
     ) -> Result<Option<RecoveryCursor>, StoreError> {
-        sqlx::query(ENSURE_CURSOR)
-            .bind(connection_id)
-            .bind(crate::clock::now())
-            .execute(&self.pool)
-            .await?;
         let row: Option<RecoveryCursorRow> = sqlx::query_as(FIND_CURSOR)
             .bind(connection_id)
             .fetch_optional(&self.pool)
@@ -405,11 +379,6 @@ where
         recover_now: bool,
     ) -> Result<(), StoreError> {
         let now = crate::clock::now();
-        sqlx::query(ENSURE_CURSOR)
-            .bind(connection_id)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
         sqlx::query(RECORD_HEALTH)
             .bind(connection_id)
             .bind(now)
@@ -445,10 +414,14 @@ where
     pub(super) async fn oldest_recovery_cursors(
         &self,
     ) -> Result<Vec<(Mode, OffsetDateTime)>, StoreError> {
-        let rows: Vec<(String, OffsetDateTime)> =
-            sqlx::query_as(OLDEST_CURSORS).fetch_all(&self.pool).await?;
-        rows.into_iter()
-            .map(|(mode, oldest)| Ok((parse_mode(&mode)?, oldest)))
-            .collect()
+        let mut oldest = Vec::new();
+        for mode in [Mode::Live, Mode::Test] {
+            let cursor: Option<OffsetDateTime> = sqlx::query_scalar(OLDEST_CURSOR)
+                .bind(mode.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+            oldest.extend(cursor.map(|cursor| (mode, cursor)));
+        }
+        Ok(oldest)
     }
 }

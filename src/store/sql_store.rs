@@ -69,6 +69,7 @@ where
     for<'r> (String,): FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'r> (String, i64): FromRow<'r, DB::Row>,
+    for<'r> (String, String, i64): FromRow<'r, DB::Row>,
     for<'r> (String, String): FromRow<'r, DB::Row>,
     for<'r> (String, Option<String>, Vec<u8>): FromRow<'r, DB::Row>,
     for<'r> TenantRow: FromRow<'r, DB::Row>,
@@ -82,7 +83,7 @@ where
     for<'r> ApiKeyRow: FromRow<'r, DB::Row>,
     for<'r> AuditRow: FromRow<'r, DB::Row>,
     Self: super::Outbox,
-    for<'r> (String, OffsetDateTime): FromRow<'r, DB::Row>,
+    for<'r> (OffsetDateTime,): FromRow<'r, DB::Row>,
     for<'r> RecoveryCursorRow: FromRow<'r, DB::Row>,
 {
     fn backend(&self) -> Backend {
@@ -203,14 +204,20 @@ where
         self.count_secrets_by_master_key().await
     }
 
+    async fn count_secrets_by_purpose(
+        &self,
+    ) -> Result<Vec<(Purpose, MasterKeyId, u64)>, StoreError> {
+        self.count_secrets_by_purpose().await
+    }
+
     async fn secrets_to_rewrap(
         &self,
         purpose: Purpose,
-        active: &str,
+        under: &str,
         after: &str,
         limit: i64,
     ) -> Result<Vec<SealedRow>, StoreError> {
-        self.secrets_to_rewrap(purpose, active, after, limit).await
+        self.secrets_to_rewrap(purpose, under, after, limit).await
     }
 
     async fn replace_wrapped_keys(

@@ -43,6 +43,7 @@ const INSERT_EVENT_WITH_SEQ: &str = "INSERT INTO webhook_events (tenant_id, txid
 impl Dialect for Sqlite {
     const BACKEND: Backend = Backend::Sqlite;
     const SKIP_LOCKED: &'static str = "";
+    const KEYS_FROM: [&'static str; 2] = [" IN (", ")"];
     /// One writer at a time: every row visible is committed, in sequence order.
     const FEED_HORIZON: &'static str = "";
 

@@ -25,6 +25,7 @@ mod outage;
 mod proxy;
 mod races;
 mod recovery;
+mod scale;
 mod secrets;
 mod slow_clients;
 mod store;
