@@ -7,9 +7,9 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use serde::Deserialize;
 
+use super::batch::{BatchSettings, GroupCommitter};
 use crate::crypto::{CryptoError, Keyring};
 use crate::domain::Mode;
-use super::batch::{BatchSettings, GroupCommitter};
 use crate::store::{EventInsert, NewEvent, Store, StoreError};
 use crate::stripe::webhooks::SignatureHeader;
 

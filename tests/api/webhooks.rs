@@ -6,9 +6,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::backend_tests;
-use crate::helpers::{
-    assert_error, eventually, json, spawn_app, spawn_app_with, Backend, TestApp,
-};
+use crate::helpers::{assert_error, eventually, json, spawn_app, spawn_app_with, Backend, TestApp};
 use crate::stripe_mock::{answer_all, key, Answer, FakeEndpoints};
 
 backend_tests!(
@@ -619,7 +617,8 @@ async fn deliver_all(
     ids: &[&str],
 ) -> Vec<reqwest::Response> {
     let bodies: Vec<String> = ids.iter().map(|id| event(id, false)).collect();
-    let sends = (bodies.iter()).map(|body| deliver(app, connection_id, body, Some(signed(secret, body, 0))));
+    let sends = (bodies.iter())
+        .map(|body| deliver(app, connection_id, body, Some(signed(secret, body, 0))));
     futures_util::future::join_all(sends).await
 }
 
@@ -665,7 +664,11 @@ async fn a_failed_batch_answers_none_of_its_deliveries(backend: Backend) {
     }
     let ids = ["evt_ok1", "evt_ok2", "evt_poison", "evt_ok3"];
     for response in deliver_all(&app, &connection_id, &secret, &ids).await {
-        assert_eq!(response.status(), 500, "no delivery of a failed batch is acknowledged");
+        assert_eq!(
+            response.status(),
+            500,
+            "no delivery of a failed batch is acknowledged"
+        );
     }
     assert_eq!(
         app.db.scalar("SELECT COUNT(*) FROM webhook_events").await,
@@ -673,7 +676,13 @@ async fn a_failed_batch_answers_none_of_its_deliveries(backend: Backend) {
         "nothing of the failed batch is stored"
     );
     // Stripe retries them: all new, in a batch that commits.
-    let retried = deliver_all(&app, &connection_id, &secret, &["evt_ok1", "evt_ok2", "evt_ok3", "evt_ok4"]).await;
+    let retried = deliver_all(
+        &app,
+        &connection_id,
+        &secret,
+        &["evt_ok1", "evt_ok2", "evt_ok3", "evt_ok4"],
+    )
+    .await;
     assert_eq!(duplicate_flags(retried).await, [false; 4]);
     assert_eq!(
         app.db.scalar("SELECT COUNT(*) FROM webhook_events").await,
@@ -687,7 +696,13 @@ async fn duplicates_are_flagged_exactly_in_and_across_batches(backend: Backend) 
     let secret = endpoints.secret_for(&connection_id);
     // One batch holding one event twice: exactly one of the two is new.
     let first = duplicate_flags(
-        deliver_all(&app, &connection_id, &secret, &["evt_a", "evt_a", "evt_b", "evt_c"]).await,
+        deliver_all(
+            &app,
+            &connection_id,
+            &secret,
+            &["evt_a", "evt_a", "evt_b", "evt_c"],
+        )
+        .await,
     )
     .await;
     assert_eq!(
@@ -698,7 +713,13 @@ async fn duplicates_are_flagged_exactly_in_and_across_batches(backend: Backend) 
     assert_eq!(first[2..], [false, false]);
     // The next batch: two stored before, and a new one twice.
     let second = duplicate_flags(
-        deliver_all(&app, &connection_id, &secret, &["evt_a", "evt_b", "evt_d", "evt_d"]).await,
+        deliver_all(
+            &app,
+            &connection_id,
+            &secret,
+            &["evt_a", "evt_b", "evt_d", "evt_d"],
+        )
+        .await,
     )
     .await;
     assert_eq!(second[..2], [true, true]);
@@ -733,7 +754,8 @@ async fn the_feed_keeps_its_order_under_concurrent_batches(backend: Backend) {
         async move {
             for i in 0..each {
                 let body = event(&format!("evt_{s}_{i}"), false);
-                let response = deliver(app, connection_id, &body, Some(signed(secret, &body, 0))).await;
+                let response =
+                    deliver(app, connection_id, &body, Some(signed(secret, &body, 0))).await;
                 assert_eq!(response.status(), 200);
             }
         }
@@ -758,7 +780,11 @@ async fn the_feed_keeps_its_order_under_concurrent_batches(backend: Backend) {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
         }
-        panic!("the consumer saw {} of {} events: {seen:?}", seen.len(), senders * each);
+        panic!(
+            "the consumer saw {} of {} events: {seen:?}",
+            seen.len(),
+            senders * each
+        );
     };
     let ((), seen) = tokio::join!(
         async {
@@ -772,7 +798,11 @@ async fn the_feed_keeps_its_order_under_concurrent_batches(backend: Backend) {
             .filter_map(|id| id.strip_prefix(&format!("evt_{s}_")))
             .map(|i| i.parse().unwrap())
             .collect();
-        assert_eq!(own, (0..each).collect::<Vec<_>>(), "sender {s}'s events in its order");
+        assert_eq!(
+            own,
+            (0..each).collect::<Vec<_>>(),
+            "sender {s}'s events in its order"
+        );
     }
 }
 
