@@ -747,6 +747,37 @@ async fn the_feed_keeps_its_order_under_concurrent_batches(backend: Backend) {
     let secret = endpoints.secret_for(&connection_id);
     let token = app.service_token(&[Scope::EventsRead]).await;
     let (senders, each) = (6, 15);
+    // PostgreSQL: the batch holding evt_0_3 is held mid-transaction (its rows written with
+    // its transaction id, its commit not yet) while later batches commit and the consumer
+    // reads on; it commits once the test lets it go. A feed that passed it then would
+    // never show its events. (SQLite has one writer: a held batch would hold every other.)
+    let mut hold = match backend {
+        Backend::Postgres => {
+            let mut lock = <sqlx::PgConnection as sqlx::Connection>::connect(&app.db.url)
+                .await
+                .unwrap();
+            sqlx::query("SELECT pg_advisory_lock(4242)")
+                .execute(&mut lock)
+                .await
+                .unwrap();
+            app.db
+                .execute(
+                    "CREATE FUNCTION hold_event() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                     BEGIN IF NEW.event_id = 'evt_0_3' THEN \
+                     PERFORM pg_advisory_xact_lock_shared(4242); END IF; RETURN NEW; END $$",
+                )
+                .await;
+            app.db
+                .execute(
+                    "CREATE TRIGGER hold_event BEFORE INSERT ON webhook_events \
+                     FOR EACH ROW EXECUTE FUNCTION hold_event()",
+                )
+                .await;
+            Some(lock)
+        }
+        Backend::Sqlite => None,
+    };
+    let polls = std::sync::atomic::AtomicUsize::new(0);
     // Each sender waits for its answer before the next event, so its events must come
     // out of the feed in the order it sent them.
     let sends = (0..senders).map(|s| {
@@ -766,6 +797,7 @@ async fn the_feed_keeps_its_order_under_concurrent_batches(backend: Backend) {
         let mut seen: Vec<String> = Vec::new();
         let mut cursor = String::new();
         for _ in 0..2_000 {
+            polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let url = app.url(&format!(
                 "/internal/v1/tenants/ten_1/stripe/events?limit=4&after={cursor}"
             ));
@@ -786,11 +818,31 @@ async fn the_feed_keeps_its_order_under_concurrent_batches(backend: Backend) {
             senders * each
         );
     };
-    let ((), seen) = tokio::join!(
+    // Lets the held batch go once 40 events of later batches have committed and the
+    // consumer has read the feed twice since.
+    let release = async {
+        let Some(lock) = hold.as_mut() else { return };
+        for _ in 0..500 {
+            if app.db.scalar("SELECT COUNT(*) FROM webhook_events").await >= 40 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let read = polls.load(std::sync::atomic::Ordering::SeqCst);
+        while polls.load(std::sync::atomic::Ordering::SeqCst) < read + 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        sqlx::query("SELECT pg_advisory_unlock(4242)")
+            .execute(lock)
+            .await
+            .unwrap();
+    };
+    let ((), seen, ()) = tokio::join!(
         async {
             futures_util::future::join_all(sends).await;
         },
-        consumer
+        consumer,
+        release
     );
     assert_eq!(seen.len(), senders * each, "nothing repeated");
     for s in 0..senders {
