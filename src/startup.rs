@@ -301,6 +301,10 @@ fn router(
         keyring.clone(),
         // At most 3600 (validated), so it fits.
         i64::try_from(settings.webhooks.tolerance.as_secs()).unwrap_or(i64::MAX),
+        crate::webhooks::BatchSettings {
+            max_events: settings.webhooks.batch_max_events.get() as usize,
+            wait: std::time::Duration::from_micros(settings.webhooks.batch_wait_us),
+        },
     );
     let state = AppState::new(crate::http::state::Shared {
         api_body_limit: settings.server.body_limit_bytes,

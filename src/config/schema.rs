@@ -227,6 +227,11 @@ pub struct WebhookSettings {
     /// Each connection's events are recovered about this often.
     #[serde(rename = "recovery_interval_secs", deserialize_with = "de::secs")]
     pub recovery_interval: Duration,
+    /// Most deliveries stored in one transaction (group commit).
+    #[serde(deserialize_with = "de::positive::<_, 10_000>")]
+    pub batch_max_events: NonZeroU32,
+    /// How long a batch waits for more deliveries after its first, in microseconds.
+    pub batch_wait_us: u64,
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,12 +7,12 @@ use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::{Database, Pool};
 
-use super::model::{KeyFetchTally, NewEvent, RewrappedRow};
+use super::events::EventRef;
+use super::model::{KeyFetchTally, RewrappedRow};
 use super::queries::TallyStatements;
 use super::recovery::EventSource;
 use super::{Backend, StoreError};
 use crate::crypto::Purpose;
-use crate::domain::TenantId;
 
 #[async_trait]
 pub trait Dialect: Database {
@@ -24,7 +24,7 @@ pub trait Dialect: Database {
     const SKIP_LOCKED: &'static str;
 
     /// Appended to the feed query: only rows that can no longer be passed by an event
-    /// committing late (see `insert_event_in_feed_order`).
+    /// committing late (see `insert_events_in_feed_order`).
     const FEED_HORIZON: &'static str;
 
     /// Around the subquery of a claim (the keys it leases, then updated by primary key).
@@ -69,15 +69,14 @@ pub trait Dialect: Database {
         tallies: &[KeyFetchTally],
     ) -> Result<(), StoreError>;
 
-    /// Inserts an event inside the caller's transaction so that feed order follows commit
-    /// order; false when the event was already stored.
-    async fn insert_event(
+    /// Inserts events inside the caller's transaction so that feed order follows commit
+    /// order; for each row, whether it was stored (false: that event was already stored,
+    /// before or earlier in `rows`).
+    async fn insert_events(
         conn: &mut Self::Connection,
-        tenant: &TenantId,
-        connection_id: &str,
-        event: &NewEvent,
+        rows: &[EventRef<'_>],
         source: EventSource,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Vec<bool>, StoreError>;
 
     /// Inside the caller's transaction that wrote the outbox: wakes the deliverers. On
     /// PostgreSQL a notice every instance hears at commit; on SQLite this process's own
@@ -85,12 +84,11 @@ pub trait Dialect: Database {
     /// sees the row once the transaction commits.
     async fn outbox_written(conn: &mut Self::Connection) -> Result<(), StoreError>;
 
-    /// Inserts a verified event so that feed order follows commit order; false when the
-    /// event was already stored.
-    async fn insert_event_in_feed_order(
+    /// Inserts a batch of verified deliveries in one transaction, so that feed order
+    /// follows commit order; for each, whether it was stored (false: a redelivery). Either
+    /// all of the batch is committed or none of it.
+    async fn insert_events_in_feed_order(
         pool: &Pool<Self>,
-        tenant: &TenantId,
-        connection_id: &str,
-        event: &NewEvent,
-    ) -> Result<bool, StoreError>;
+        rows: &[EventRef<'_>],
+    ) -> Result<Vec<bool>, StoreError>;
 }

@@ -31,6 +31,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database.url must start with postgres://, postgresql:// or sqlite:")]
     UnsupportedUrl,
+    /// The group commit this write was part of failed (each of its writers gets one).
+    #[error("the batch failed: {0}")]
+    Batch(std::sync::Arc<StoreError>),
 }
 
 impl StoreError {
@@ -39,6 +42,7 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             Self::Database(e) => database_unavailable(e),
+            Self::Batch(e) => e.is_unavailable(),
             _ => false,
         }
     }

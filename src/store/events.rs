@@ -10,6 +10,58 @@ use super::sql_store::SqlStore;
 use super::{queries, StoreError};
 use crate::domain::TenantId;
 
+/// One verified delivery to store: the event, and the tenant and connection it came to.
+#[derive(Clone, Debug)]
+pub struct EventInsert {
+    pub tenant: TenantId,
+    pub connection_id: String,
+    pub event: NewEvent,
+}
+
+impl EventInsert {
+    pub fn as_ref(&self) -> EventRef<'_> {
+        EventRef {
+            tenant: &self.tenant,
+            connection_id: &self.connection_id,
+            event: &self.event,
+        }
+    }
+}
+
+/// An event to insert, borrowed (a recovered page shares one tenant and connection).
+#[derive(Clone, Copy, Debug)]
+pub struct EventRef<'a> {
+    pub tenant: &'a TenantId,
+    pub connection_id: &'a str,
+    pub event: &'a NewEvent,
+}
+
+/// Which rows of a batch to insert: the first of each (connection, event id), in key
+/// order. The key order is the order the unique index is written in, so two concurrent
+/// batches holding the same events wait for each other instead of deadlocking. Returns
+/// the rows to insert and, for each input row, the index of its row among them, or
+/// `None` for a repeat of an earlier row (a duplicate whatever the database holds).
+pub(super) fn first_of_each<'r, 'a>(
+    rows: &'r [EventRef<'a>],
+) -> (Vec<&'r EventRef<'a>>, Vec<Option<usize>>) {
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    // Stable: of equal keys, the earliest row comes first and is the one inserted.
+    order.sort_by_key(|&i| (rows[i].connection_id, rows[i].event.event_id.as_str()));
+    let mut unique: Vec<&EventRef<'a>> = Vec::with_capacity(rows.len());
+    let mut slot = vec![None; rows.len()];
+    for i in order {
+        let key = (rows[i].connection_id, rows[i].event.event_id.as_str());
+        let repeat = unique
+            .last()
+            .is_some_and(|last| (last.connection_id, last.event.event_id.as_str()) == key);
+        if !repeat {
+            slot[i] = Some(unique.len());
+            unique.push(&rows[i]);
+        }
+    }
+    (unique, slot)
+}
+
 impl<DB: Dialect> SqlStore<DB>
 where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
@@ -31,22 +83,17 @@ where
         row.map(TryInto::try_into).transpose()
     }
 
-    pub(super) async fn insert_webhook_event(
+    pub(super) async fn insert_webhook_events(
         &self,
-        tenant: &TenantId,
-        connection_id: &str,
-        event: &NewEvent,
-    ) -> Result<bool, StoreError> {
-        // Redeliveries are the common duplicate: answer them with one read.
-        let seen: i64 = sqlx::query_scalar(queries::EVENT_SEEN)
-            .bind(connection_id)
-            .bind(event.event_id.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-        if seen > 0 {
-            return Ok(false);
+        batch: &[EventInsert],
+    ) -> Result<Vec<bool>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
         }
-        DB::insert_event_in_feed_order(&self.pool, tenant, connection_id, event).await
+        // No read before the write: a redelivery is answered by the same statement (it
+        // inserts nothing), so a batch costs one round trip whatever it holds.
+        let rows: Vec<EventRef<'_>> = batch.iter().map(EventInsert::as_ref).collect();
+        DB::insert_events_in_feed_order(&self.pool, &rows).await
     }
 
     pub(super) async fn list_events(

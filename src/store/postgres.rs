@@ -1,5 +1,6 @@
 //! PostgreSQL, the production backend: stateless service instances share one cluster.
 
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,13 +13,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::dialect::Dialect;
-use super::model::{KeyFetchTally, NewEvent, RewrappedRow};
+use super::events::{first_of_each, EventRef};
+use super::model::{KeyFetchTally, RewrappedRow};
 use super::queries::TallyStatements;
 use super::recovery::EventSource;
 use super::{Backend, StoreError};
 use crate::auth::{token_cache, ServiceTokenCache};
 use crate::crypto::Purpose;
-use crate::domain::TenantId;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -38,13 +39,18 @@ const REWRAP_WEBHOOK_SECRETS_UNNEST: &str = "UPDATE stripe_connections c \
     AS v(secret_id, old_master, new_master, wrapped) \
     WHERE c.webhook_secret_id = v.secret_id AND c.webhook_master_key_id = v.old_master";
 
-/// The row carries its transaction id; the feed holds back rows of
-/// transactions still running (`Dialect::FEED_HORIZON`).
-const INSERT_EVENT_WITH_TXID: &str = "INSERT INTO webhook_events (tenant_id, txid, seq, \
+/// A batch of events in one statement (arrays unnested into rows, in the order given).
+/// Each row carries its transaction id; the feed holds back rows of transactions still
+/// running (`Dialect::FEED_HORIZON`). Returns the rows stored (a redelivery conflicts and
+/// is not returned).
+const INSERT_EVENTS_UNNEST: &str = "INSERT INTO webhook_events (tenant_id, txid, seq, \
     connection_id, event_id, event_type, created, livemode, received_at, payload, source) \
-    VALUES ($1, pg_current_xact_id()::text::bigint, nextval('webhook_event_seq'), $2, $3, $4, \
-    $5, $6, $7, $8, $9) \
-    ON CONFLICT (connection_id, event_id) DO NOTHING";
+    SELECT v.tenant_id, pg_current_xact_id()::text::bigint, nextval('webhook_event_seq'), \
+    v.connection_id, v.event_id, v.event_type, v.created, v.livemode, $8, v.payload, $9 \
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::bool[], \
+    $7::text[]) AS v(tenant_id, connection_id, event_id, event_type, created, livemode, \
+    payload) \
+    ON CONFLICT (connection_id, event_id) DO NOTHING RETURNING connection_id, event_id";
 
 #[async_trait]
 impl Dialect for Postgres {
@@ -142,47 +148,59 @@ impl Dialect for Postgres {
         Ok(result.rows_affected())
     }
 
-    /// No lock: the row carries its transaction id, and the feed orders by it and holds
-    /// back rows of transactions still running (`FEED_HORIZON`).
-    async fn insert_event(
+    /// No lock: every row carries its transaction id, and the feed orders by it and holds
+    /// back rows of transactions still running (`FEED_HORIZON`). A batch is one transaction
+    /// however many tenants it spans, so it is ordered like a single event, and it takes no
+    /// tenant lock that two batches could take in opposite orders.
+    async fn insert_events(
         conn: &mut PgConnection,
-        tenant: &TenantId,
-        connection_id: &str,
-        event: &NewEvent,
+        rows: &[EventRef<'_>],
         source: EventSource,
-    ) -> Result<bool, StoreError> {
-        let inserted = sqlx::query(INSERT_EVENT_WITH_TXID)
-            .bind(tenant.as_str())
-            .bind(connection_id)
-            .bind(&event.event_id)
-            .bind(&event.event_type)
-            .bind(event.created)
-            .bind(event.livemode)
+    ) -> Result<Vec<bool>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (unique, slot) = first_of_each(rows);
+        let tenants: Vec<&str> = unique.iter().map(|r| r.tenant.as_str()).collect();
+        let connections: Vec<&str> = unique.iter().map(|r| r.connection_id).collect();
+        let ids: Vec<&str> = unique.iter().map(|r| r.event.event_id.as_str()).collect();
+        let types: Vec<&str> = unique.iter().map(|r| r.event.event_type.as_str()).collect();
+        let created: Vec<i64> = unique.iter().map(|r| r.event.created).collect();
+        let livemode: Vec<bool> = unique.iter().map(|r| r.event.livemode).collect();
+        let payloads: Vec<&str> = unique.iter().map(|r| r.event.payload.as_str()).collect();
+        let inserted: Vec<(String, String)> = sqlx::query_as(INSERT_EVENTS_UNNEST)
+            .bind(&tenants)
+            .bind(&connections)
+            .bind(&ids)
+            .bind(&types)
+            .bind(&created)
+            .bind(&livemode)
+            .bind(&payloads)
             .bind(crate::clock::now())
-            .bind(&event.payload)
             .bind(source.as_str())
-            .execute(conn)
-            .await?
-            .rows_affected();
-        Ok(inserted == 1)
+            .fetch_all(conn)
+            .await?;
+        let inserted: HashSet<(&str, &str)> = (inserted.iter())
+            .map(|(c, e)| (c.as_str(), e.as_str()))
+            .collect();
+        Ok(slot
+            .iter()
+            .map(|s| {
+                s.is_some_and(|u| {
+                    let r = unique[u];
+                    inserted.contains(&(r.connection_id, r.event.event_id.as_str()))
+                })
+            })
+            .collect())
     }
 
-    /// One statement, in a transaction of its own.
-    async fn insert_event_in_feed_order(
+    /// One statement, so one transaction of its own.
+    async fn insert_events_in_feed_order(
         pool: &PgPool,
-        tenant: &TenantId,
-        connection_id: &str,
-        event: &NewEvent,
-    ) -> Result<bool, StoreError> {
+        rows: &[EventRef<'_>],
+    ) -> Result<Vec<bool>, StoreError> {
         let mut conn = pool.acquire().await?;
-        Self::insert_event(
-            &mut conn,
-            tenant,
-            connection_id,
-            event,
-            EventSource::Webhook,
-        )
-        .await
+        Self::insert_events(&mut conn, rows, EventSource::Webhook).await
     }
 }
 

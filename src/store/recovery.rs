@@ -11,6 +11,7 @@ use sqlx::{Encode, Executor, FromRow, IntoArguments, Type};
 use time::OffsetDateTime;
 
 use super::dialect::Dialect;
+use super::events::EventRef;
 use super::model::{NewEvent, StoredWebhook};
 use super::rows::parse_tenant_id;
 use super::sql_store::SqlStore;
@@ -294,20 +295,18 @@ where
         if DB::rows_affected(&result) != 1 {
             return Ok(None);
         }
-        let mut stored = 0;
-        for event in events {
-            if DB::insert_event(
-                &mut tx,
+        // The same batched insert as deliveries: one statement per page on PostgreSQL.
+        let rows: Vec<EventRef<'_>> = (events.iter())
+            .map(|event| EventRef {
                 tenant,
                 connection_id,
                 event,
-                EventSource::Recovered,
-            )
-            .await?
-            {
-                stored += 1;
-            }
-        }
+            })
+            .collect();
+        let stored = (DB::insert_events(&mut tx, &rows, EventSource::Recovered).await?)
+            .into_iter()
+            .filter(|&stored| stored)
+            .count() as u64;
         tx.commit().await?;
         Ok(Some(stored))
     }

@@ -22,7 +22,7 @@ use super::rows::{
     ApiKeyRow, AuditRow, ConnectionRow, KeyFetchRow, KeyFetchTallyRow, SealedRowRaw,
     ServiceTokenRow, TenantRow, WebhookTargetRow,
 };
-use super::{queries, AttemptQuota, Backend, NotReady, Store, StoreError};
+use super::{queries, AttemptQuota, Backend, EventInsert, NotReady, Store, StoreError};
 use crate::crypto::{MasterKeyId, Purpose};
 use crate::domain::{ConnectionStatus, Mode, Resource, TenantId};
 
@@ -235,14 +235,8 @@ where
         self.find_webhook_target(connection_id).await
     }
 
-    async fn insert_webhook_event(
-        &self,
-        tenant: &TenantId,
-        connection_id: &str,
-        event: &NewEvent,
-    ) -> Result<bool, StoreError> {
-        self.insert_webhook_event(tenant, connection_id, event)
-            .await
+    async fn insert_webhook_events(&self, batch: &[EventInsert]) -> Result<Vec<bool>, StoreError> {
+        self.insert_webhook_events(batch).await
     }
 
     async fn list_events(

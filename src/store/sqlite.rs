@@ -12,12 +12,12 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 
 use super::dialect::Dialect;
-use super::model::{KeyFetchTally, NewEvent, RewrappedRow};
-use super::queries::TallyStatements;
+use super::events::EventRef;
+use super::model::{KeyFetchTally, RewrappedRow};
+use super::queries::{self, TallyStatements};
 use super::recovery::EventSource;
 use super::{Backend, StoreError};
 use crate::crypto::Purpose;
-use crate::domain::TenantId;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -30,9 +30,12 @@ const REWRAP_WEBHOOK_SECRET: &str = "UPDATE stripe_connections \
     SET webhook_master_key_id = $3, webhook_wrapped_key = $4 \
     WHERE webhook_secret_id = $1 AND webhook_master_key_id = $2";
 
-/// A per-tenant sequence taken in the writing transaction.
-const NEXT_EVENT_SEQ: &str =
-    "UPDATE tenants SET event_seq = event_seq + 1 WHERE tenant_id = $1 RETURNING event_seq";
+/// A per-tenant sequence number taken in the writing transaction, only for an event not
+/// stored yet (a duplicate takes none). As the transaction's first write it takes SQLite's
+/// write lock up front.
+const NEXT_EVENT_SEQ_IF_NEW: &str = "UPDATE tenants SET event_seq = event_seq + 1 \
+    WHERE tenant_id = $1 AND NOT EXISTS (SELECT 1 FROM webhook_events \
+    WHERE connection_id = $2 AND event_id = $3) RETURNING event_seq";
 
 const INSERT_EVENT_WITH_SEQ: &str = "INSERT INTO webhook_events (tenant_id, txid, seq, \
     connection_id, event_id, event_type, created, livemode, received_at, payload, source) \
@@ -135,51 +138,63 @@ impl Dialect for Sqlite {
     }
 
     /// The per-tenant sequence is taken in the writing transaction; with one writer at a
-    /// time, sequence order is commit order.
-    async fn insert_event(
+    /// time, sequence order is commit order. A row at a time: the database is in this
+    /// process, so a statement costs no round trip.
+    async fn insert_events(
         conn: &mut SqliteConnection,
-        tenant: &TenantId,
-        connection_id: &str,
-        event: &NewEvent,
+        rows: &[EventRef<'_>],
         source: EventSource,
-    ) -> Result<bool, StoreError> {
-        let seq: Option<i64> = sqlx::query_scalar(NEXT_EVENT_SEQ)
-            .bind(tenant.as_str())
-            .fetch_optional(&mut *conn)
-            .await?;
-        let Some(seq) = seq else {
-            return Err(StoreError::TenantMissing);
-        };
-        let inserted = sqlx::query(INSERT_EVENT_WITH_SEQ)
-            .bind(tenant.as_str())
-            .bind(seq)
-            .bind(connection_id)
-            .bind(&event.event_id)
-            .bind(&event.event_type)
-            .bind(event.created)
-            .bind(event.livemode)
-            .bind(crate::clock::now())
-            .bind(&event.payload)
-            .bind(source.as_str())
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-        Ok(inserted == 1)
+    ) -> Result<Vec<bool>, StoreError> {
+        let received_at = crate::clock::now();
+        let mut stored = Vec::with_capacity(rows.len());
+        for row in rows {
+            let seq: Option<i64> = sqlx::query_scalar(NEXT_EVENT_SEQ_IF_NEW)
+                .bind(row.tenant.as_str())
+                .bind(row.connection_id)
+                .bind(row.event.event_id.as_str())
+                .fetch_optional(&mut *conn)
+                .await?;
+            let Some(seq) = seq else {
+                // Already stored (before, or earlier in this batch), or no such tenant.
+                let seen: i64 = sqlx::query_scalar(queries::EVENT_SEEN)
+                    .bind(row.connection_id)
+                    .bind(row.event.event_id.as_str())
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if seen == 0 {
+                    return Err(StoreError::TenantMissing);
+                }
+                stored.push(false);
+                continue;
+            };
+            let inserted = sqlx::query(INSERT_EVENT_WITH_SEQ)
+                .bind(row.tenant.as_str())
+                .bind(seq)
+                .bind(row.connection_id)
+                .bind(row.event.event_id.as_str())
+                .bind(row.event.event_type.as_str())
+                .bind(row.event.created)
+                .bind(row.event.livemode)
+                .bind(received_at)
+                .bind(row.event.payload.as_str())
+                .bind(source.as_str())
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            stored.push(inserted == 1);
+        }
+        Ok(stored)
     }
 
-    /// A duplicate rolls back, so it takes no sequence number.
-    async fn insert_event_in_feed_order(
+    /// The whole batch in one transaction: one commit for all of it.
+    async fn insert_events_in_feed_order(
         pool: &SqlitePool,
-        tenant: &TenantId,
-        connection_id: &str,
-        event: &NewEvent,
-    ) -> Result<bool, StoreError> {
+        rows: &[EventRef<'_>],
+    ) -> Result<Vec<bool>, StoreError> {
         let mut tx = pool.begin().await?;
-        if !Self::insert_event(&mut tx, tenant, connection_id, event, EventSource::Webhook).await? {
-            return Ok(false);
-        }
+        let stored = Self::insert_events(&mut tx, rows, EventSource::Webhook).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(stored)
     }
 }
 

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use serde::Deserialize;
 
+use super::batch::{BatchSettings, GroupCommitter};
 use crate::crypto::{CryptoError, Keyring};
 use crate::domain::Mode;
-use crate::store::{NewEvent, Store, StoreError};
+use crate::store::{EventInsert, NewEvent, Store, StoreError};
 use crate::stripe::webhooks::SignatureHeader;
 
 /// Why a delivery was not stored. `E` is why its body could not be read.
@@ -51,11 +52,20 @@ pub struct WebhookReceiver {
     keyring: Arc<Keyring>,
     /// `webhooks.tolerance_secs`: how old a signature's timestamp may be.
     tolerance_secs: i64,
+    /// Verified events are stored in batches shared by concurrent deliveries.
+    committer: GroupCommitter,
 }
 
 impl WebhookReceiver {
-    pub fn new(store: Arc<dyn Store>, keyring: Arc<Keyring>, tolerance_secs: i64) -> Self {
+    /// Starts the batch collector: call inside the Tokio runtime.
+    pub fn new(
+        store: Arc<dyn Store>,
+        keyring: Arc<Keyring>,
+        tolerance_secs: i64,
+        batch: BatchSettings,
+    ) -> Self {
         Self {
+            committer: GroupCommitter::start(store.clone(), batch),
             store,
             keyring,
             tolerance_secs,
@@ -65,7 +75,8 @@ impl WebhookReceiver {
     /// Finds the connection and parses the signature header, reads the body (only then: a
     /// made-up id, or a delivery whose signature is malformed or stale, is answered before
     /// a byte of its body is read, so stalled uploads hold no memory), verifies the
-    /// signature and stores the event once. The HMAC is computed over the buffered body:
+    /// signature and stores the event once, in the next batch (answered once the batch has
+    /// committed). The HMAC is computed over the buffered body:
     /// the event is parsed from the same bytes, so streaming it would save no memory.
     pub async fn receive<E>(
         &self,
@@ -96,7 +107,8 @@ impl WebhookReceiver {
             tracing::warn!(event_id = %envelope.id, "webhook livemode contradicts the tenant's mode");
             return Err(DeliveryError::Rejected);
         }
-        let payload = String::from_utf8(body.to_vec()).map_err(|_| DeliveryError::Rejected)?;
+        // Without a copy when the body is ours alone.
+        let payload = String::from_utf8(Vec::from(body)).map_err(|_| DeliveryError::Rejected)?;
         let event = NewEvent {
             event_id: envelope.id,
             event_type: envelope.event_type,
@@ -104,8 +116,12 @@ impl WebhookReceiver {
             livemode: envelope.livemode,
             payload,
         };
-        let stored = (self.store)
-            .insert_webhook_event(&target.tenant_id, connection_id, &event)
+        let stored = (self.committer)
+            .store(EventInsert {
+                tenant: target.tenant_id,
+                connection_id: connection_id.to_owned(),
+                event,
+            })
             .await?;
         let outcome = if stored { "stored" } else { "duplicate" };
         metrics::counter!("atlas_webhook_deliveries_total", "outcome" => outcome).increment(1);

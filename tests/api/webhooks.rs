@@ -6,7 +6,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::backend_tests;
-use crate::helpers::{assert_error, eventually, json, spawn_app, Backend, TestApp};
+use crate::helpers::{assert_error, eventually, json, spawn_app, spawn_app_with, Backend, TestApp};
 use crate::stripe_mock::{answer_all, key, Answer, FakeEndpoints};
 
 backend_tests!(
@@ -20,10 +20,23 @@ backend_tests!(
     signatures_are_checked,
     deliveries_are_stored_once,
     the_feed_pages_with_a_stable_cursor,
+    a_failed_batch_answers_none_of_its_deliveries,
+    duplicates_are_flagged_exactly_in_and_across_batches,
+    the_feed_keeps_its_order_under_concurrent_batches,
+    a_lone_delivery_waits_at_most_the_batch_wait,
 );
 
 async fn connected(backend: Backend, mode: Mode) -> (TestApp, FakeEndpoints, String) {
-    let app = spawn_app(backend).await;
+    connected_with(backend, mode, &[]).await
+}
+
+/// Connected, with extra settings.
+async fn connected_with(
+    backend: Backend,
+    mode: Mode,
+    extra: &[(&str, &str)],
+) -> (TestApp, FakeEndpoints, String) {
+    let app = spawn_app_with(backend, extra).await;
     app.create_tenant("ten_1", mode).await;
     let endpoints = answer_all(&app.stripe, Answer::Granted).await;
     let prefix = if mode == Mode::Live {
@@ -585,4 +598,294 @@ async fn the_feed_never_passes_an_event_that_commits_late() {
     })
     .await;
     assert_eq!(feed().await, ["evt_slow", "evt_fast"]);
+}
+
+/// Batches of exactly `size`: the wait is far longer than any test, so a batch closes on
+/// its size alone and `size` concurrent deliveries are one batch.
+fn batches_of(size: &str) -> [(&str, &str); 2] {
+    [
+        ("webhooks.batch_max_events", size),
+        ("webhooks.batch_wait_us", "10000000"),
+    ]
+}
+
+/// Delivers these events concurrently (signed now); the responses in the same order.
+async fn deliver_all(
+    app: &TestApp,
+    connection_id: &str,
+    secret: &str,
+    ids: &[&str],
+) -> Vec<reqwest::Response> {
+    let bodies: Vec<String> = ids.iter().map(|id| event(id, false)).collect();
+    let sends = (bodies.iter())
+        .map(|body| deliver(app, connection_id, body, Some(signed(secret, body, 0))));
+    futures_util::future::join_all(sends).await
+}
+
+/// The `duplicate` flag of each answer (each must be a 200).
+async fn duplicate_flags(responses: Vec<reqwest::Response>) -> Vec<bool> {
+    let mut flags = Vec::new();
+    for response in responses {
+        assert_eq!(response.status(), 200);
+        flags.push(json(response).await["duplicate"].as_bool().unwrap());
+    }
+    flags
+}
+
+async fn a_failed_batch_answers_none_of_its_deliveries(backend: Backend) {
+    let (app, endpoints, connection_id) =
+        connected_with(backend, Mode::Test, &batches_of("4")).await;
+    let secret = endpoints.secret_for(&connection_id);
+    // The database refuses one event of the batch, so its commit fails.
+    match backend {
+        Backend::Sqlite => {
+            app.db
+                .execute(
+                    "CREATE TRIGGER refuse_poison BEFORE INSERT ON webhook_events \
+                     WHEN NEW.event_id = 'evt_poison' BEGIN SELECT RAISE(ABORT, 'refused'); END",
+                )
+                .await
+        }
+        Backend::Postgres => {
+            app.db
+                .execute(
+                    "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                     BEGIN IF NEW.event_id = 'evt_poison' THEN RAISE EXCEPTION 'refused'; \
+                     END IF; RETURN NEW; END $$",
+                )
+                .await;
+            app.db
+                .execute(
+                    "CREATE TRIGGER refuse_poison BEFORE INSERT ON webhook_events \
+                     FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+                )
+                .await
+        }
+    }
+    let ids = ["evt_ok1", "evt_ok2", "evt_poison", "evt_ok3"];
+    for response in deliver_all(&app, &connection_id, &secret, &ids).await {
+        assert_eq!(
+            response.status(),
+            500,
+            "no delivery of a failed batch is acknowledged"
+        );
+    }
+    assert_eq!(
+        app.db.scalar("SELECT COUNT(*) FROM webhook_events").await,
+        0,
+        "nothing of the failed batch is stored"
+    );
+    // Stripe retries them: all new, in a batch that commits.
+    let retried = deliver_all(
+        &app,
+        &connection_id,
+        &secret,
+        &["evt_ok1", "evt_ok2", "evt_ok3", "evt_ok4"],
+    )
+    .await;
+    assert_eq!(duplicate_flags(retried).await, [false; 4]);
+    assert_eq!(
+        app.db.scalar("SELECT COUNT(*) FROM webhook_events").await,
+        4
+    );
+}
+
+async fn duplicates_are_flagged_exactly_in_and_across_batches(backend: Backend) {
+    let (app, endpoints, connection_id) =
+        connected_with(backend, Mode::Test, &batches_of("4")).await;
+    let secret = endpoints.secret_for(&connection_id);
+    // One batch holding one event twice: exactly one of the two is new.
+    let first = duplicate_flags(
+        deliver_all(
+            &app,
+            &connection_id,
+            &secret,
+            &["evt_a", "evt_a", "evt_b", "evt_c"],
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        first[..2].iter().filter(|&&duplicate| !duplicate).count(),
+        1,
+        "one of the two deliveries of evt_a stored it: {first:?}"
+    );
+    assert_eq!(first[2..], [false, false]);
+    // The next batch: two stored before, and a new one twice.
+    let second = duplicate_flags(
+        deliver_all(
+            &app,
+            &connection_id,
+            &secret,
+            &["evt_a", "evt_b", "evt_d", "evt_d"],
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(second[..2], [true, true]);
+    assert_eq!(
+        second[2..].iter().filter(|&&duplicate| !duplicate).count(),
+        1,
+        "one of the two deliveries of evt_d stored it: {second:?}"
+    );
+    assert_eq!(
+        app.db.scalar("SELECT COUNT(*) FROM webhook_events").await,
+        4
+    );
+}
+
+async fn the_feed_keeps_its_order_under_concurrent_batches(backend: Backend) {
+    let (app, endpoints, connection_id) = connected_with(
+        backend,
+        Mode::Test,
+        &[
+            ("webhooks.batch_max_events", "3"),
+            ("webhooks.batch_wait_us", "2000"),
+        ],
+    )
+    .await;
+    let secret = endpoints.secret_for(&connection_id);
+    let token = app.service_token(&[Scope::EventsRead]).await;
+    let (senders, each) = (6, 15);
+    // PostgreSQL: the batch holding evt_0_3 is held mid-transaction (its rows written with
+    // its transaction id, its commit not yet) while later batches commit and the consumer
+    // reads on; it commits once the test lets it go. A feed that passed it then would
+    // never show its events. (SQLite has one writer: a held batch would hold every other.)
+    let mut hold = match backend {
+        Backend::Postgres => {
+            let mut lock = <sqlx::PgConnection as sqlx::Connection>::connect(&app.db.url)
+                .await
+                .unwrap();
+            sqlx::query("SELECT pg_advisory_lock(4242)")
+                .execute(&mut lock)
+                .await
+                .unwrap();
+            app.db
+                .execute(
+                    "CREATE FUNCTION hold_event() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                     BEGIN IF NEW.event_id = 'evt_0_3' THEN \
+                     PERFORM pg_advisory_xact_lock_shared(4242); END IF; RETURN NEW; END $$",
+                )
+                .await;
+            app.db
+                .execute(
+                    "CREATE TRIGGER hold_event BEFORE INSERT ON webhook_events \
+                     FOR EACH ROW EXECUTE FUNCTION hold_event()",
+                )
+                .await;
+            Some(lock)
+        }
+        Backend::Sqlite => None,
+    };
+    let polls = std::sync::atomic::AtomicUsize::new(0);
+    // Each sender waits for its answer before the next event, so its events must come
+    // out of the feed in the order it sent them.
+    let sends = (0..senders).map(|s| {
+        let (app, connection_id, secret) = (&app, &connection_id, &secret);
+        async move {
+            for i in 0..each {
+                let body = event(&format!("evt_{s}_{i}"), false);
+                let response =
+                    deliver(app, connection_id, &body, Some(signed(secret, &body, 0))).await;
+                assert_eq!(response.status(), 200);
+            }
+        }
+    });
+    // Meanwhile a consumer follows the feed with its cursor, small pages at a time: an
+    // event that committed behind its cursor would never reach it.
+    let consumer = async {
+        let mut seen: Vec<String> = Vec::new();
+        let mut cursor = String::new();
+        for _ in 0..2_000 {
+            polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let url = app.url(&format!(
+                "/internal/v1/tenants/ten_1/stripe/events?limit=4&after={cursor}"
+            ));
+            let body = json(app.http.get(url).bearer_auth(&token).send().await.unwrap()).await;
+            let events = body["events"].as_array().unwrap();
+            seen.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+            cursor = body["next_cursor"].as_str().unwrap().to_owned();
+            if seen.len() >= senders * each {
+                return seen;
+            }
+            if events.is_empty() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        panic!(
+            "the consumer saw {} of {} events: {seen:?}",
+            seen.len(),
+            senders * each
+        );
+    };
+    // Lets the held batch go once 40 events of later batches have committed and the
+    // consumer has read the feed twice since.
+    let release = async {
+        let Some(lock) = hold.as_mut() else { return };
+        for _ in 0..500 {
+            if app.db.scalar("SELECT COUNT(*) FROM webhook_events").await >= 40 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let read = polls.load(std::sync::atomic::Ordering::SeqCst);
+        while polls.load(std::sync::atomic::Ordering::SeqCst) < read + 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        sqlx::query("SELECT pg_advisory_unlock(4242)")
+            .execute(lock)
+            .await
+            .unwrap();
+    };
+    let ((), seen, ()) = tokio::join!(
+        async {
+            futures_util::future::join_all(sends).await;
+        },
+        consumer,
+        release
+    );
+    assert_eq!(seen.len(), senders * each, "nothing repeated");
+    for s in 0..senders {
+        let own: Vec<usize> = (seen.iter())
+            .filter_map(|id| id.strip_prefix(&format!("evt_{s}_")))
+            .map(|i| i.parse().unwrap())
+            .collect();
+        assert_eq!(
+            own,
+            (0..each).collect::<Vec<_>>(),
+            "sender {s}'s events in its order"
+        );
+    }
+}
+
+async fn a_lone_delivery_waits_at_most_the_batch_wait(backend: Backend) {
+    let wait = std::time::Duration::from_millis(1_000);
+    let (app, endpoints, connection_id) = connected_with(
+        backend,
+        Mode::Test,
+        &[
+            ("webhooks.batch_max_events", "64"),
+            ("webhooks.batch_wait_us", "1000000"),
+        ],
+    )
+    .await;
+    let secret = endpoints.secret_for(&connection_id);
+    // Alone, the batch closes on its wait: the delivery is answered after about the wait
+    // (never the 63 more events it could hold), plus what a delivery costs anyway.
+    for id in ["evt_lone1", "evt_lone2"] {
+        let body = event(id, false);
+        let started = std::time::Instant::now();
+        let response = tokio::time::timeout(
+            wait * 3,
+            deliver(&app, &connection_id, &body, Some(signed(&secret, &body, 0))),
+        )
+        .await
+        .expect("a lone delivery is answered once its batch's wait has passed");
+        let took = started.elapsed();
+        assert_eq!(json(response).await["duplicate"], false);
+        assert!(
+            took < wait + std::time::Duration::from_millis(700),
+            "a lone delivery took {took:?}, more than the batch wait ({wait:?}) and a margin"
+        );
+    }
 }
