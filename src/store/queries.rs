@@ -96,7 +96,9 @@ pub const DELETE_CONNECTION: &str = "DELETE FROM stripe_connections WHERE tenant
     AND (webhook_endpoint_id = $2 OR (webhook_endpoint_id IS NULL AND $2 IS NULL)) \
     RETURNING connection_id, key_last4";
 
-/// Leases due connections; `Dialect::SKIP_LOCKED` goes between the two halves.
+/// Leases due connections; `Dialect::SKIP_LOCKED` goes between the two halves. A range
+/// scan of the partial index `stripe_connections_due` (migration 20261208000200): revoked
+/// connections, never probed again, are not in it, so no claim walks past them.
 pub const CLAIM_DUE: [&str; 2] = [
     "UPDATE stripe_connections SET lease_owner = $1, lease_until = $2 \
      WHERE tenant_id IN (SELECT tenant_id FROM stripe_connections \
@@ -250,3 +252,36 @@ pub const MARK_DUE_NOW: &str = "UPDATE stripe_connections SET next_verify_at = $
 
 pub const KEY_FETCHES: &str = "SELECT token_id, tenant_id, window_start, fetch_count, \
     last_fetched_at FROM key_fetches WHERE tenant_id = $1 ORDER BY window_start, token_id";
+
+/// Deletes up to `$2` rows of a usage table whose minute began before `$1`, oldest first (an
+/// index range scan on `window_start`); `Dialect::SKIP_LOCKED` goes between the two halves,
+/// so instances deleting at once take different rows.
+macro_rules! delete_old_tallies {
+    ($table:literal) => {
+        [
+            concat!(
+                "DELETE FROM ",
+                $table,
+                " WHERE (tenant_id, window_start, token_id) IN \
+                 (SELECT tenant_id, window_start, token_id FROM ",
+                $table,
+                " WHERE window_start < $1 ORDER BY window_start LIMIT $2"
+            ),
+            ")",
+        ]
+    };
+}
+
+pub const DELETE_OLD_KEY_FETCHES: [&str; 2] = delete_old_tallies!("key_fetches");
+
+pub const DELETE_OLD_STRIPE_CALLS: [&str; 2] = delete_old_tallies!("stripe_calls");
+
+/// Deletes up to `$2` feed rows received before `$1`, oldest first, split like
+/// `DELETE_OLD_KEY_FETCHES`. Only `received_at` decides: a row newer than the horizon is
+/// never taken, whatever its place in the feed.
+pub const DELETE_OLD_EVENTS: [&str; 2] = [
+    "DELETE FROM webhook_events WHERE (tenant_id, txid, seq) IN \
+     (SELECT tenant_id, txid, seq FROM webhook_events WHERE received_at < $1 \
+     ORDER BY received_at LIMIT $2",
+    ")",
+];
