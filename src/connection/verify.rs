@@ -242,15 +242,22 @@ impl Reverifier {
     /// slice of the budget; returns how many connections it took. A claim that finds
     /// nothing due ends the run.
     pub async fn run_once(&self) -> usize {
+        let (_keep, running) = watch::channel(false);
+        self.run_until(&running).await
+    }
+
+    /// `run_once`, claiming nothing more once `stop` turns true (verifications under way
+    /// finish; a claim waiting for the budget is given back).
+    async fn run_until(&self, stop: &watch::Receiver<bool>) -> usize {
         let taken = AtomicUsize::new(0);
         let done = AtomicBool::new(false);
         let (taken_ref, done_ref) = (&taken, &done);
         stream::iter(0..self.settings.batch)
             .for_each_concurrent(self.settings.concurrency as usize, |_| async move {
-                if done_ref.load(Ordering::Relaxed) {
+                if done_ref.load(Ordering::Relaxed) || *stop.borrow() {
                     return;
                 }
-                match self.claim_one().await {
+                match self.claim_one(stop.clone()).await {
                     Some(tenant) => {
                         taken_ref.fetch_add(1, Ordering::Relaxed);
                         self.connections.reverify_leased(&tenant, &self.owner).await;
@@ -263,9 +270,9 @@ impl Reverifier {
     }
 
     /// Leases one due connection and waits for its slice of the budget. `None` when
-    /// nothing is due, the store failed, or the budget would keep it waiting past half its
-    /// lease (it is then given back, still due, for a later claim).
-    async fn claim_one(&self) -> Option<TenantId> {
+    /// nothing is due, the store failed, `stop` turned true, or the budget would keep it
+    /// waiting past half its lease (the claim is then given back, still due).
+    async fn claim_one(&self, mut stop: watch::Receiver<bool>) -> Option<TenantId> {
         let now = crate::clock::now();
         let lease_until = now + self.settings.lease;
         let claimed = match (self.store)
@@ -289,11 +296,14 @@ impl Reverifier {
                 }
             };
             if tokio::time::Instant::now() + wait > give_up {
+                metrics::counter!("atlas_reverify_budget_waits_total").increment(1);
                 break;
             }
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = stop.wait_for(|stopped| *stopped) => break,
+            }
         }
-        metrics::counter!("atlas_reverify_budget_waits_total").increment(1);
         if let Err(e) = (self.store)
             .release_connection(&claimed, &self.owner, crate::clock::now())
             .await
@@ -314,7 +324,7 @@ impl Reverifier {
                     _ = tokio::time::sleep(pause) => {}
                     _ = stop.wait_for(|stopped| *stopped) => return,
                 }
-                while self.run_once().await == self.settings.batch as usize {
+                while self.run_until(&stop).await == self.settings.batch as usize {
                     if *stop.borrow() {
                         return;
                     }

@@ -130,8 +130,12 @@ async fn verifications(store: &dyn Store) -> usize {
 /// Two instances re-verifying a fleet that is always due share one budget: together they
 /// verify no faster than it allows.
 async fn reverification_across_instances_stays_under_the_budget(backend: Backend) {
-    // Connected with the background off, then two instances with it on.
-    let app = spawn_app_with(backend, &[]).await;
+    // Connected with the background off (each due at once), then two instances with it on.
+    let app = spawn_app_with(
+        backend,
+        &[("reverify.period_secs", "0"), ("reverify.jitter_secs", "0")],
+    )
+    .await;
     answer_all(&app.stripe, Answer::Granted).await;
     for i in 0..6 {
         let id = format!("ten_{i}");
