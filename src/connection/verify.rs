@@ -333,3 +333,39 @@ impl Reverifier {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    /// A re-verification is due within the period, at most `jitter` early; a first one
+    /// anywhere in it, and the first ones of many connections are spread over all of it.
+    #[test]
+    fn due_times_stay_within_the_period_and_spread_new_connections() {
+        let schedule = VerifySchedule {
+            period: DAY * 7,
+            jitter: DAY / 2,
+            retry: Duration::from_secs(300),
+        };
+        let before = crate::clock::now();
+        let next: Vec<OffsetDateTime> = (0..200).map(|_| schedule.next_due()).collect();
+        let first: Vec<OffsetDateTime> = (0..200).map(|_| schedule.first_due()).collect();
+        let after = crate::clock::now();
+        for due in &next {
+            assert!(*due >= before + DAY * 7 - DAY / 2 && *due <= after + DAY * 7);
+        }
+        for due in &first {
+            assert!(*due >= before && *due <= after + DAY * 7);
+        }
+        // In each of the seven days of the period: 200 draws miss a day with odds 10^-13.
+        for day in 0..7 {
+            let (from, to) = (before + DAY * day, before + DAY * (day + 1));
+            assert!(
+                first.iter().any(|due| *due >= from && *due < to),
+                "no first due time on day {day}"
+            );
+        }
+    }
+}
