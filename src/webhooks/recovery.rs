@@ -335,9 +335,9 @@ impl EventRecovery {
         let due = match outcome {
             // Given back by `finish_recovery_run`, or held by another process now.
             RunOutcome::Completed | RunOutcome::LeaseLost => return outcome,
-            // Off: looked at again after a verification says the key may read Events (it
-            // makes the cursor due then). Gone: its cursor is dropped with the connection;
-            // a revoked one is only looked at by the sweep.
+            // Off: a verification that finds Events: Read again makes it due at once. Gone:
+            // its cursor is dropped with the connection; a revoked one is only looked at by
+            // the sweep.
             RunOutcome::Off | RunOutcome::Gone => {
                 self.settings.next_due(now, WebhookStatus::Enabled)
             }

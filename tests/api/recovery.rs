@@ -34,6 +34,7 @@ backend_tests!(
     the_endpoint_cap_is_a_clear_422,
     idle_healthy_connections_are_not_listed_on_a_timer,
     a_long_stop_makes_every_connection_due,
+    events_read_regained_makes_a_recovery_due,
 );
 
 const TYPES: [&str; 2] = ["invoice.paid", "checkout.session.completed"];
@@ -799,5 +800,28 @@ async fn a_long_stop_makes_every_connection_due(backend: Backend) {
     marked.sort_unstable();
     assert_eq!(marked, [0, 1], "exactly one instance makes the cursors due");
     assert_eq!(worker.run_once().await, 1, "due after the stop");
+    assert_once(&feed(&c).await, &ids);
+}
+
+/// A key that lost Events: Read and got it back: the verification that finds it makes a
+/// recovery due at once, not at the next sweep.
+async fn events_read_regained_makes_a_recovery_due(backend: Backend) {
+    let c = connected(backend).await;
+    c.events.deny_key("Main");
+    let worker = worker(&c, settings());
+    assert_eq!(worker.run_once().await, 1, "listed once, refused: off");
+    assert_eq!(worker.run_once().await, 0);
+    c.events.allow_key("Main");
+    let ids = missed(&c.events, 8);
+    let verified = c
+        .app
+        .tenant_request(reqwest::Method::POST, "ten_1", "/verify")
+        .await;
+    assert_eq!(json(verified).await["webhook"]["event_recovery"], "on");
+    assert_eq!(
+        worker.run_once().await,
+        1,
+        "due at once after Events: Read came back"
+    );
     assert_once(&feed(&c).await, &ids);
 }
