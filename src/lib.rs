@@ -14,6 +14,7 @@ pub mod health;
 pub mod http;
 pub mod notifications;
 pub mod proxy;
+pub mod retention;
 pub mod rotation;
 pub mod server;
 pub mod startup;

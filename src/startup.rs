@@ -22,7 +22,7 @@ use crate::health::HealthMonitor;
 use crate::http::{self, AppState};
 use crate::proxy::AccountSmoothing;
 use crate::server::ServerLimits;
-use crate::store::{self, Store};
+use crate::store::{self, Retained, Store};
 use crate::stripe::{StripeClient, StripeClientConfig};
 use crate::webhooks::recovery::{EventRecovery, RecoverySettings};
 
@@ -102,6 +102,7 @@ async fn connections(
     keyring: &Arc<Keyring>,
     fingerprint_key: SecretString,
     recovery_due: &Arc<tokio::sync::Notify>,
+    smoothing: &Arc<AccountSmoothing>,
 ) -> anyhow::Result<Arc<ConnectionService>> {
     let stripe = StripeClient::new(StripeClientConfig::from_settings(&settings.stripe))
         .context("building the Stripe HTTP client")?;
@@ -115,13 +116,14 @@ async fn connections(
             required: settings.stripe.required_resources.clone(),
             probe_deadline: settings.stripe.probe_deadline,
             schedule: VerifySchedule {
-                interval: settings.reverify.interval,
+                period: settings.reverify.period,
                 jitter: settings.reverify.jitter,
                 retry: settings.reverify.retry,
             },
             connect_attempts_per_minute: settings.limits.connect_attempts_per_minute,
             verify_attempts_per_minute: settings.limits.verify_attempts_per_minute,
             recovery_due: recovery_due.clone(),
+            pace: smoothing.clone(),
         },
     ));
     let marked = store
@@ -200,10 +202,16 @@ fn event_recovery(
         keyring.clone(),
         connections.stripe().clone(),
         smoothing.clone(),
-        RecoverySettings::new(
-            settings.webhooks.recovery_interval,
-            settings.webhooks.enabled_events.clone(),
-        ),
+        RecoverySettings {
+            sweep: settings.webhooks.recovery_sweep,
+            max_stripe_calls_per_second: Some(
+                settings.webhooks.recovery_max_stripe_calls_per_second,
+            ),
+            ..RecoverySettings::new(
+                settings.webhooks.recovery_interval,
+                settings.webhooks.enabled_events.clone(),
+            )
+        },
         due.clone(),
     ))
 }
@@ -255,6 +263,15 @@ async fn workers(
         tracing::info!(owner = reverifier.owner(), "background re-verification on");
         handles.push(reverifier.spawn(stop.clone()));
     }
+    handles.push(crate::retention::spawn(
+        store.clone(),
+        vec![
+            (Retained::Events, settings.webhooks.retention()),
+            (Retained::KeyFetches, settings.accounting.retention()),
+            (Retained::StripeCalls, settings.accounting.retention()),
+        ],
+        stop.clone(),
+    ));
     if settings.webhooks.recovery_enabled {
         tracing::info!(owner = recovery.owner(), "recovery of missed events on");
         handles.push(recovery.clone().spawn(stop));
@@ -346,13 +363,20 @@ impl Application {
         let fingerprint_key = secrets.fingerprint_key.clone();
         // Rung by a repaired endpoint or a requested recovery; the recovery worker listens.
         let recovery_due = Arc::new(tokio::sync::Notify::new());
-        let connections =
-            connections(settings, &store, &keyring, fingerprint_key, &recovery_due).await?;
+        let smoothing = smoothing(settings);
+        let connections = connections(
+            settings,
+            &store,
+            &keyring,
+            fingerprint_key,
+            &recovery_due,
+            &smoothing,
+        )
+        .await?;
         let listener = listener(settings).await?;
         let ops_listener = ops_listener(settings).await?;
         // Background work starts only once nothing else can fail.
         let (stop_background, stop) = watch::channel(false);
-        let smoothing = smoothing(settings);
         let recovery = event_recovery(
             settings,
             &store,

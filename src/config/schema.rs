@@ -196,8 +196,10 @@ pub struct LimitSettings {
 #[serde(deny_unknown_fields)]
 pub struct ReverifySettings {
     pub enabled: bool,
-    #[serde(rename = "interval_secs", deserialize_with = "de::secs")]
-    pub interval: Duration,
+    /// Every connection is re-verified within this period (the first time a new connection
+    /// is looked at falls anywhere in it, so a bulk import is not due all at once).
+    #[serde(rename = "period_secs", deserialize_with = "de::secs")]
+    pub period: Duration,
     #[serde(rename = "jitter_secs", deserialize_with = "de::secs")]
     pub jitter: Duration,
     #[serde(rename = "retry_secs", deserialize_with = "de::secs")]
@@ -208,9 +210,11 @@ pub struct ReverifySettings {
     pub concurrency: u32,
     #[serde(rename = "lease_secs", deserialize_with = "de::secs")]
     pub lease: Duration,
-    /// At least one verification's worth of requests (checked against the resource list).
+    /// Stripe requests per second for re-verification across every instance (a budget kept
+    /// in the database); at least one verification's worth (checked against the resource
+    /// list).
     #[serde(deserialize_with = "de::positive::<_, 10_000>")]
-    pub stripe_requests_per_second: NonZeroU32,
+    pub max_stripe_calls_per_second: NonZeroU32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -224,7 +228,8 @@ pub struct WebhookSettings {
     pub body_limit_bytes: usize,
     /// Whether this process recovers missed events from Stripe's event log.
     pub recovery_enabled: bool,
-    /// Each connection's events are recovered about this often.
+    /// While our endpoint on an account is disabled or missing (deliveries cannot arrive),
+    /// that account's events are recovered about this often.
     #[serde(rename = "recovery_interval_secs", deserialize_with = "de::secs")]
     pub recovery_interval: Duration,
     /// Most deliveries stored in one transaction (group commit).
@@ -232,6 +237,22 @@ pub struct WebhookSettings {
     pub batch_max_events: NonZeroU32,
     /// How long a batch waits for more deliveries after its first, in microseconds.
     pub batch_wait_us: u64,
+    /// The safety sweep: every other connection's events are listed once in this period
+    /// (gaps found otherwise trigger a recovery at once).
+    #[serde(rename = "recovery_sweep_secs", deserialize_with = "de::secs")]
+    pub recovery_sweep: Duration,
+    /// Stripe event-list calls per second across every instance (a budget kept in the
+    /// database).
+    #[serde(deserialize_with = "de::positive::<_, 10_000>")]
+    pub recovery_max_stripe_calls_per_second: NonZeroU32,
+    /// Stored events are deleted this many days after they were received.
+    pub retention_days: u32,
+}
+
+impl WebhookSettings {
+    pub fn retention(&self) -> Duration {
+        days(self.retention_days)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,6 +260,19 @@ pub struct WebhookSettings {
 pub struct AccountingSettings {
     #[serde(rename = "flush_interval_ms", deserialize_with = "de::millis")]
     pub flush_interval: Duration,
+    /// Usage tallies (key fetches, proxied calls) are deleted this many days after their
+    /// minute.
+    pub retention_days: u32,
+}
+
+impl AccountingSettings {
+    pub fn retention(&self) -> Duration {
+        days(self.retention_days)
+    }
+}
+
+fn days(days: u32) -> Duration {
+    Duration::from_secs(u64::from(days) * 86_400)
 }
 
 #[derive(Debug, Deserialize)]

@@ -149,7 +149,7 @@ fn values_their_type_refuses_are_named_with_their_layer() {
     let s = Settings::load(None, &[]).unwrap();
     assert_eq!(s.stripe.required_resources.len(), 5);
     assert_eq!(s.server.shutdown_grace, Duration::from_millis(20_000));
-    assert_eq!(s.reverify.interval, Duration::from_secs(21_600));
+    assert_eq!(s.reverify.period, Duration::from_secs(604_800));
 }
 
 /// default.toml, then $ENV.toml, then --config, then variables; --config does not
@@ -363,7 +363,11 @@ fn every_number_is_checked_and_the_error_names_it() {
         ("reverify.batch", "0"),
         ("reverify.concurrency", "0"),
         ("reverify.lease_secs", "5"),
-        ("reverify.stripe_requests_per_second", "2"),
+        ("reverify.max_stripe_calls_per_second", "6"),
+        ("webhooks.recovery_sweep_secs", "60"),
+        ("webhooks.recovery_sweep_secs", "2592000"),
+        ("webhooks.retention_days", "30"),
+        ("accounting.retention_days", "0"),
         ("webhooks.tolerance_secs", "0"),
         ("webhooks.tolerance_secs", "-5"),
         ("webhooks.body_limit_bytes", "0"),

@@ -49,6 +49,11 @@ impl Settings {
             self.accounting.flush_interval,
             1..=3_600_000,
         );
+        p.range(
+            "accounting.retention_days",
+            self.accounting.retention_days,
+            1..=3650,
+        );
         self.proxy_problems(&mut p);
         for (key, problem) in self.notifications.problems(self.is_production()) {
             p.push(key, problem);
@@ -197,9 +202,9 @@ impl Settings {
 
     fn reverify_problems(&self, p: &mut Problems) {
         let r = &self.reverify;
-        // Zero interval and retry: due at every tick (tests use it).
-        p.secs("reverify.interval_secs", r.interval, 0..=30 * 86_400);
-        p.secs("reverify.jitter_secs", r.jitter, 0..=r.interval.as_secs());
+        // Zero period and retry: due at every tick (tests use it).
+        p.secs("reverify.period_secs", r.period, 0..=30 * 86_400);
+        p.secs("reverify.jitter_secs", r.jitter, 0..=r.period.as_secs());
         p.secs("reverify.retry_secs", r.retry, 0..=86_400);
         p.millis("reverify.tick_ms", r.tick, 1..=3_600_000);
         p.range("reverify.batch", r.batch, 1..=10_000);
@@ -207,11 +212,13 @@ impl Settings {
         // A lease must outlast the probe it covers, or a second process probes again.
         let min_lease = millis(self.stripe.probe_deadline).div_ceil(1000).max(1);
         p.secs("reverify.lease_secs", r.lease, min_lease..=86_400);
-        let one_verification =
-            u32::try_from(self.stripe.required_resources.len().max(1)).unwrap_or(u32::MAX);
+        let one_verification = u32::try_from(crate::connection::calls_per_verification(
+            self.stripe.required_resources.len(),
+        ))
+        .unwrap_or(u32::MAX);
         p.range(
-            "reverify.stripe_requests_per_second",
-            r.stripe_requests_per_second.get(),
+            "reverify.max_stripe_calls_per_second",
+            r.max_stripe_calls_per_second.get(),
             one_verification..=10_000,
         );
     }
@@ -239,6 +246,16 @@ impl Settings {
             w.recovery_interval,
             10..=86_400,
         );
+        // A sweep must come round before Stripe forgets an event (30 days), with room for
+        // a run that Stripe leaves inconclusive for a while.
+        p.secs(
+            "webhooks.recovery_sweep_secs",
+            w.recovery_sweep,
+            w.recovery_interval.as_secs()..=25 * 86_400,
+        );
+        // Deleted events must be older than anything a recovery can list again (Stripe's 30
+        // days), or a recovery would store them a second time as new.
+        p.range("webhooks.retention_days", w.retention_days, 31..=3650);
         p.range(
             "webhooks.body_limit_bytes",
             w.body_limit_bytes,

@@ -114,7 +114,7 @@ impl ConnectionService {
                 permissions: report.clone(),
                 warnings: warnings.clone(),
                 verified_at: crate::clock::now(),
-                next_verify_at: self.schedule.next_due(),
+                next_verify_at: self.schedule.first_due(),
             };
             let saved = self.store.save_connection(&connection, actor).await;
             if saved.is_err() {

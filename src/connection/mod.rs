@@ -20,6 +20,7 @@ pub use webhook_endpoint::StripeCleanup;
 use crate::config::WebhookSettings;
 use crate::crypto::{CryptoError, Fingerprinter, Keyring};
 use crate::domain::{KeyFormatError, Mode, Resource, StripeKey, TenantId};
+use crate::proxy::AccountSmoothing;
 use crate::store::{AttemptQuota, ConnectionRecord, Store, StoreError};
 use crate::stripe::{ProbeError, StripeClient, StripeFailure};
 
@@ -99,6 +100,13 @@ impl From<ProbeError> for ConnectError {
     }
 }
 
+/// The Stripe requests one verification makes: one probe per required resource, the
+/// Events: Read probe and the lookup of our webhook endpoint (repairing the endpoint takes
+/// a call or two more, rarely).
+pub fn calls_per_verification(required_resources: usize) -> usize {
+    required_resources.max(1) + 2
+}
+
 /// What is limited per tenant, each under its own quota.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attempt {
@@ -117,7 +125,7 @@ impl Attempt {
 }
 
 /// What a key must prove and how often, from configuration.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ConnectPolicy {
     pub webhooks: WebhookSettings,
     pub required: Vec<Resource>,
@@ -128,6 +136,9 @@ pub struct ConnectPolicy {
     /// Rung when a repaired endpoint makes a recovery of missed events due now (the
     /// recovery worker listens).
     pub recovery_due: Arc<tokio::sync::Notify>,
+    /// Each account's rate, shared with the proxy: background verifications take turns
+    /// under it.
+    pub pace: Arc<AccountSmoothing>,
 }
 
 /// What the connection flows need, built once at start-up.
@@ -143,6 +154,7 @@ pub struct ConnectionService {
     connect_quota: AttemptQuota,
     verify_quota: AttemptQuota,
     recovery_due: Arc<tokio::sync::Notify>,
+    pace: Arc<AccountSmoothing>,
     /// Verifies in flight, per tenant: a verify arriving meanwhile shares the run's outcome.
     verifying: std::sync::Mutex<HashMap<TenantId, verify::Flight>>,
 }
@@ -167,6 +179,7 @@ impl ConnectionService {
             connect_quota: AttemptQuota::per_minute(policy.connect_attempts_per_minute),
             verify_quota: AttemptQuota::per_minute(policy.verify_attempts_per_minute),
             recovery_due: policy.recovery_due,
+            pace: policy.pace,
             verifying: Default::default(),
         }
     }

@@ -257,8 +257,14 @@ impl ConnectionService {
         let (was_readable, was_status) = stored.map_or((true, WebhookStatus::Enabled), |c| {
             (c.event_recovery, c.webhook_status)
         });
-        let (status, recover_now) = endpoint.unwrap_or((was_status, false));
+        let (status, repaired) = endpoint.unwrap_or((was_status, false));
         let readable = events_readable.unwrap_or(was_readable);
+        // Recovery runs on gaps, not a timer (webhooks/recovery.rs): a repaired endpoint,
+        // Events: Read back after it was off, or an endpoint that just turned disabled or
+        // missing (deliveries stop) makes it due now rather than at the sweep.
+        let recover_now = repaired
+            || (readable && !was_readable)
+            || (status != WebhookStatus::Enabled && was_status == WebhookStatus::Enabled);
         if let Err(e) = (self.store)
             .record_webhook_health(&record.connection_id, readable, status, recover_now)
             .await

@@ -2,6 +2,7 @@
 //! once, and the tenant's feed.
 
 use sqlx::{Encode, Executor, FromRow, IntoArguments, Type};
+use time::OffsetDateTime;
 
 use super::dialect::Dialect;
 use super::model::{EventCursor, NewEvent, StoredEvent, WebhookTarget};
@@ -68,6 +69,7 @@ where
     for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'r> WebhookTargetRow: FromRow<'r, DB::Row>,
     for<'r> StoredEvent: FromRow<'r, DB::Row>,
@@ -111,5 +113,20 @@ where
             .bind(limit)
             .fetch_all(&self.pool)
             .await?)
+    }
+
+    pub(super) async fn delete_old_events(
+        &self,
+        before: OffsetDateTime,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let [head, tail] = queries::DELETE_OLD_EVENTS;
+        let statement = [head, DB::SKIP_LOCKED, tail].concat();
+        let deleted = sqlx::query(&statement)
+            .bind(before)
+            .bind(limit)
+            .execute(&self.pool)
+            .await?;
+        Ok(DB::rows_affected(&deleted))
     }
 }

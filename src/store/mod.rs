@@ -39,6 +39,7 @@ pub use notifications::Outbox;
 pub use postgres::{explain_generic, hot_statements, seq_scans_of_growing_tables, HotStatement};
 pub use recovery::{EventSource, RecoveryClaim, RecoveryCursor, RecoveryRun, WebhookStatus};
 pub use sql_store::SqlStore;
+pub use usage::Retained;
 
 use crate::crypto::{MasterKeyId, Purpose};
 use crate::domain::{ConnectionStatus, Mode, Resource, TenantId};
@@ -247,8 +248,43 @@ pub trait Store: Outbox + Send + Sync + 'static {
         quota: AttemptQuota,
     ) -> Result<Option<std::time::Duration>, StoreError>;
 
+    /// Takes `cost` (a rate's worth of time: calls / calls per second) from the fleet-wide
+    /// budget `name`, a GCRA row every instance shares. `Ok(None)`: taken; `Ok(Some(wait))`:
+    /// the budget is spent, try again after `wait`.
+    async fn take_budget(
+        &self,
+        name: &str,
+        cost: std::time::Duration,
+    ) -> Result<Option<std::time::Duration>, StoreError>;
+
+    /// Deletes up to `limit` rows of `what` older than `before`, oldest first; returns how
+    /// many. Safe on several instances at once (each takes rows the others do not hold).
+    async fn delete_expired(
+        &self,
+        what: Retained,
+        before: OffsetDateTime,
+        limit: i64,
+    ) -> Result<u64, StoreError>;
+
     /// The audit trail, oldest first; all tenants when `tenant` is `None`.
     async fn audit_trail(&self, tenant: Option<&TenantId>) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Moves the fleet's event-recovery heartbeat to `now`. `Some(last beat)` when it was
+    /// older than `gap` and this call is the one (of any instance) that saw it.
+    async fn beat_recovery(
+        &self,
+        now: OffsetDateTime,
+        gap: std::time::Duration,
+    ) -> Result<Option<OffsetDateTime>, StoreError>;
+
+    /// Makes a page of up to `limit` recovery cursors after connection id `after` due at
+    /// `now`; the page's last id and how many it changed, `None` past the last cursor.
+    async fn mark_recoveries_due(
+        &self,
+        after: &str,
+        now: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Option<(String, u64)>, StoreError>;
 
     /// Leases up to `limit` connections due for event recovery to `owner` until
     /// `lease_until`; one leased by another live process is skipped. An index range of the

@@ -123,7 +123,9 @@ pub const SET_VERIFY_REQUIREMENTS: &str = "INSERT INTO verify_requirements \
     ON CONFLICT (singleton) DO UPDATE SET resources = excluded.resources";
 
 /// Leases due connections (`Dialect::claim` puts the parts together): the due ones are a
-/// range of the next_verify_at index, then each is updated by primary key.
+/// range scan of the partial index `stripe_connections_due` (migration 20261208000200;
+/// revoked connections, never probed again, are not in it, so no claim walks past them),
+/// then each is updated by primary key.
 pub const CLAIM_DUE: [&str; 3] = [
     "UPDATE stripe_connections SET lease_owner = $1, lease_until = $2 WHERE tenant_id",
     "SELECT tenant_id FROM stripe_connections \
@@ -281,3 +283,36 @@ pub const MARK_DUE_NOW: &str = "UPDATE stripe_connections SET next_verify_at = $
 
 pub const KEY_FETCHES: &str = "SELECT token_id, tenant_id, window_start, fetch_count, \
     last_fetched_at FROM key_fetches WHERE tenant_id = $1 ORDER BY window_start, token_id";
+
+/// Deletes up to `$2` rows of a usage table whose minute began before `$1`, oldest first (an
+/// index range scan on `window_start`); `Dialect::SKIP_LOCKED` goes between the two halves,
+/// so instances deleting at once take different rows.
+macro_rules! delete_old_tallies {
+    ($table:literal) => {
+        [
+            concat!(
+                "DELETE FROM ",
+                $table,
+                " WHERE (tenant_id, window_start, token_id) IN \
+                 (SELECT tenant_id, window_start, token_id FROM ",
+                $table,
+                " WHERE window_start < $1 ORDER BY window_start LIMIT $2"
+            ),
+            ")",
+        ]
+    };
+}
+
+pub const DELETE_OLD_KEY_FETCHES: [&str; 2] = delete_old_tallies!("key_fetches");
+
+pub const DELETE_OLD_STRIPE_CALLS: [&str; 2] = delete_old_tallies!("stripe_calls");
+
+/// Deletes up to `$2` feed rows received before `$1`, oldest first, split like
+/// `DELETE_OLD_KEY_FETCHES`. Only `received_at` decides: a row newer than the horizon is
+/// never taken, whatever its place in the feed.
+pub const DELETE_OLD_EVENTS: [&str; 2] = [
+    "DELETE FROM webhook_events WHERE (tenant_id, txid, seq) IN \
+     (SELECT tenant_id, txid, seq FROM webhook_events WHERE received_at < $1 \
+     ORDER BY received_at LIMIT $2",
+    ")",
+];

@@ -20,18 +20,42 @@ use crate::domain::{Mode, TenantId};
 
 /// Leases due cursors (`$1` owner, `$2` lease end, `$3` now, `$4` at most);
 /// `Dialect::claim` puts the parts together. The outer lease check is evaluated again on the
-/// locked row, so two claimers never both win one cursor.
+/// locked row, so two claimers never both win one cursor. A range scan of the partial index
+/// `recovery_cursors_due`: the cursor of a revoked connection is claimed too (the run finds
+/// it gone and puts it off to the sweep) rather than filtered here, where it would stay due
+/// and be walked past by every claim.
 pub(super) const CLAIM_DUE_RECOVERIES: [&str; 3] = [
     "UPDATE recovery_cursors SET lease_owner = $1, lease_until = $2 \
      WHERE (lease_until IS NULL OR lease_until < $3) AND connection_id",
     "SELECT r.connection_id FROM recovery_cursors r \
      WHERE r.event_recovery = 'on' AND r.due_at <= $3 \
      AND (r.lease_until IS NULL OR r.lease_until < $3) \
-     AND EXISTS (SELECT 1 FROM stripe_connections c \
-     WHERE c.connection_id = r.connection_id AND c.status <> 'revoked') \
      ORDER BY r.due_at LIMIT $4",
     " RETURNING connection_id, tenant_id",
 ];
+
+/// The fleet's heartbeat: the last time any instance's recovery worker swept.
+const HEARTBEAT: &str = "recovery";
+
+const FIRST_BEAT: &str = "INSERT INTO fleet_heartbeats (name, beat_at) VALUES ($1, $2) \
+    ON CONFLICT (name) DO NOTHING";
+
+const LAST_BEAT: &str = "SELECT name, beat_at FROM fleet_heartbeats WHERE name = $1";
+
+/// Moves the heartbeat to `$2` only while it is older than `$3` (compare-and-swap: of the
+/// instances coming back after a stop, exactly one sees the gap).
+const BEAT_AFTER_GAP: &str =
+    "UPDATE fleet_heartbeats SET beat_at = $2 WHERE name = $1 AND beat_at < $3";
+
+const BEAT: &str = "UPDATE fleet_heartbeats SET beat_at = $2 WHERE name = $1 AND beat_at < $2";
+
+/// A page of cursors in connection-id order, after `$1`, `$2` at most (primary key range).
+const CURSOR_PAGE: &str = "SELECT connection_id FROM recovery_cursors \
+    WHERE connection_id > $1 ORDER BY connection_id LIMIT $2";
+
+/// Makes the cursors in (`$2`, `$3`] due at `$1` unless they already are.
+const MARK_RANGE_DUE: &str = "UPDATE recovery_cursors SET due_at = $1 \
+    WHERE connection_id > $2 AND connection_id <= $3 AND due_at > $1";
 
 pub(super) const FIND_CURSOR: &str = "SELECT r.connection_id, r.tenant_id, r.event_recovery, \
     r.webhook_status, r.recovered_through, r.requested_since, r.run_since, r.run_until, \
@@ -214,8 +238,10 @@ where
     for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
+    for<'r> (String,): FromRow<'r, DB::Row>,
     for<'r> (String, String): FromRow<'r, DB::Row>,
     for<'r> (OffsetDateTime,): FromRow<'r, DB::Row>,
+    for<'r> (String, OffsetDateTime): FromRow<'r, DB::Row>,
     for<'r> RecoveryCursorRow: FromRow<'r, DB::Row>,
 {
     pub(super) async fn claim_due_recoveries(
@@ -422,5 +448,65 @@ where
             oldest.extend(cursor.map(|cursor| (mode, cursor)));
         }
         Ok(oldest)
+    }
+
+    pub(super) async fn beat_recovery(
+        &self,
+        now: OffsetDateTime,
+        gap: std::time::Duration,
+    ) -> Result<Option<OffsetDateTime>, StoreError> {
+        let first = sqlx::query(FIRST_BEAT)
+            .bind(HEARTBEAT)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        if DB::rows_affected(&first) == 1 {
+            // The first start ever: there was no fleet before to have stopped.
+            return Ok(None);
+        }
+        let last: Option<(String, OffsetDateTime)> = sqlx::query_as(LAST_BEAT)
+            .bind(HEARTBEAT)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some((_, last)) = last.filter(|(_, last)| *last < now - gap) {
+            let won = sqlx::query(BEAT_AFTER_GAP)
+                .bind(HEARTBEAT)
+                .bind(now)
+                .bind(now - gap)
+                .execute(&self.pool)
+                .await?;
+            if DB::rows_affected(&won) == 1 {
+                return Ok(Some(last));
+            }
+        }
+        sqlx::query(BEAT)
+            .bind(HEARTBEAT)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(None)
+    }
+
+    pub(super) async fn mark_recoveries_due(
+        &self,
+        after: &str,
+        now: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Option<(String, u64)>, StoreError> {
+        let page: Vec<String> = sqlx::query_scalar(CURSOR_PAGE)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        let Some(last) = page.into_iter().last() else {
+            return Ok(None);
+        };
+        let marked = sqlx::query(MARK_RANGE_DUE)
+            .bind(now)
+            .bind(after)
+            .bind(last.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(Some((last, DB::rows_affected(&marked))))
     }
 }

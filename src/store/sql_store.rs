@@ -22,7 +22,7 @@ use super::rows::{
     ApiKeyRow, AuditRow, ConnectionRow, KeyFetchRow, KeyFetchTallyRow, SealedRowRaw,
     ServiceTokenRow, TenantRow, WebhookTargetRow,
 };
-use super::{queries, AttemptQuota, Backend, EventInsert, NotReady, Store, StoreError};
+use super::{queries, AttemptQuota, Backend, EventInsert, NotReady, Retained, Store, StoreError};
 use crate::crypto::{MasterKeyId, Purpose};
 use crate::domain::{ConnectionStatus, Mode, Resource, TenantId};
 
@@ -307,12 +307,54 @@ where
         self.take_attempt(tenant, kind, quota).await
     }
 
+    async fn take_budget(
+        &self,
+        name: &str,
+        cost: Duration,
+    ) -> Result<Option<Duration>, StoreError> {
+        self.take_budget(name, cost).await
+    }
+
+    async fn delete_expired(
+        &self,
+        what: Retained,
+        before: OffsetDateTime,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        match what {
+            Retained::Announcements => {
+                super::notifications::Outbox::delete_delivered(self, before, limit).await
+            }
+            Retained::Events => self.delete_old_events(before, limit).await,
+            Retained::KeyFetches | Retained::StripeCalls => {
+                self.delete_old_tallies(what, before, limit).await
+            }
+        }
+    }
+
     async fn audit_trail(&self, tenant: Option<&TenantId>) -> Result<Vec<AuditRecord>, StoreError> {
         let rows: Vec<AuditRow> = sqlx::query_as(queries::AUDIT_TRAIL)
             .bind(tenant.map(TenantId::as_str))
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn beat_recovery(
+        &self,
+        now: OffsetDateTime,
+        gap: Duration,
+    ) -> Result<Option<OffsetDateTime>, StoreError> {
+        self.beat_recovery(now, gap).await
+    }
+
+    async fn mark_recoveries_due(
+        &self,
+        after: &str,
+        now: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Option<(String, u64)>, StoreError> {
+        self.mark_recoveries_due(after, now, limit).await
     }
 
     async fn claim_due_recoveries(

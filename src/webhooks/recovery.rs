@@ -1,15 +1,37 @@
-//! Recovery of events Stripe could not deliver: a worker that lists each connection's
-//! events from Stripe's log (`GET /v1/events`) since its cursor and stores the missing ones
-//! with `source: recovered`.
+//! Recovery of events Stripe could not deliver: a worker that lists a connection's events
+//! from Stripe's log (`GET /v1/events`) since its cursor and stores the missing ones with
+//! `source: recovered`.
 //!
-//! Every process claims due connections with a lease (one process per connection at a
-//! time). A run lists the types our endpoint subscribes to, created since the cursor minus
-//! an overlap (events of one second are not ordered, and Stripe's clock is not ours), newest
-//! first, paging with `starting_after` until `has_more` is false. Each page is committed
-//! with the run's progress, so a process killed mid-run leaves a run the next holder
-//! resumes; the cursor moves only when the run ends. Its Stripe calls take turns under the
-//! account's smoothed rate, shared with the proxy.
+//! **When.** Listing every connection on a timer does not scale: at a million connections
+//! every 15 minutes it would be 1,100 Stripe calls a second, nearly all finding nothing,
+//! because Stripe delivers and retries on its own (live mode for up to 3 days). So a
+//! recovery is triggered by a gap, where events can have been missed:
+//! - on demand (`POST …/events/recover`): due now;
+//! - our endpoint repaired by a verification (enabled again, or registered again): due now;
+//! - our endpoint disabled or missing (deliveries cannot arrive): every
+//!   `webhooks.recovery_interval_secs` until it is repaired;
+//! - the fleet stopped for longer than Stripe is sure to retry ([`STOP_GAP`], told by a
+//!   heartbeat row every sweep moves forward): the first instance back makes every cursor
+//!   due, in batches, and the budget spreads the listing;
+//! - a new connection: once, from when it connected.
+//!
+//! Everything else gets a slow safety sweep: each cursor is due once per
+//! `webhooks.recovery_sweep_secs` (7 days: 1.65 runs a second at a million, one call each
+//! when nothing was missed), well inside Stripe's 30-day log. All listing takes turns under
+//! `webhooks.recovery_max_stripe_calls_per_second` (a budget row every instance shares) and
+//! under each account's smoothed rate (shared with the proxy). A per-connection delivery gap
+//! (traffic through the proxy but no delivery) is not a trigger: the proxy's writes do not
+//! all cause subscribed events, so "expected an event" has no sound definition yet, and the
+//! sweep bounds how long such a miss can stay.
+//!
+//! **How.** Every process claims due connections with a lease (one process per connection
+//! at a time). A run lists the types our endpoint subscribes to, created since the cursor
+//! minus an overlap (events of one second are not ordered, and Stripe's clock is not ours),
+//! newest first, paging with `starting_after` until `has_more` is false. Each page is
+//! committed with the run's progress, so a process killed mid-run leaves a run the next
+//! holder resumes; the cursor moves only when the run ends.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,11 +51,28 @@ use crate::store::{
 use crate::stripe::events::{self, EventPage, RETENTION};
 use crate::stripe::{StripeClient, StripeFailure};
 
+/// A fleet stopped longer than this may have lost deliveries: Stripe retries test-mode
+/// deliveries only a few times over some hours (live mode for 3 days), so an hour without
+/// a sweep anywhere is treated as a gap for every connection.
+pub const STOP_GAP: Duration = Duration::from_secs(3600);
+
+/// How often the oldest-gap gauges are read.
+const GAP_REPORT_EVERY: Duration = Duration::from_secs(60);
+
+/// The budget row event listing takes its slices from.
+const BUDGET: &str = "recovery";
+
 /// How the worker runs, from `webhooks.*` settings.
 #[derive(Clone, Debug)]
 pub struct RecoverySettings {
-    /// Each connection is recovered this often (`webhooks.recovery_interval_secs`).
+    /// A connection whose endpoint is disabled or missing is recovered this often
+    /// (`webhooks.recovery_interval_secs`).
     pub interval: Duration,
+    /// Every other connection is recovered once in this period, the safety sweep
+    /// (`webhooks.recovery_sweep_secs`).
+    pub sweep: Duration,
+    /// Event-list calls per second across every instance; `None`: no fleet-wide budget.
+    pub max_stripe_calls_per_second: Option<NonZeroU32>,
     /// How often the worker looks for due connections.
     pub tick: Duration,
     /// How long a claim holds a connection; each committed page extends it.
@@ -56,6 +95,8 @@ impl RecoverySettings {
     pub fn new(interval: Duration, enabled_events: Vec<String>) -> Self {
         Self {
             interval,
+            sweep: Duration::from_secs(7 * 86_400),
+            max_stripe_calls_per_second: None,
             tick: Duration::from_secs(5),
             lease: Duration::from_secs(120),
             batch: 64,
@@ -67,12 +108,17 @@ impl RecoverySettings {
         }
     }
 
-    /// `interval` with up to a tenth either way, so connections recovered together drift
-    /// apart instead of listing in waves.
-    fn next_due(&self, now: OffsetDateTime) -> OffsetDateTime {
-        let spread = self.interval.as_secs_f64() / 10.0;
-        let offset = rand::thread_rng().gen_range(-spread..=spread);
-        now + self.interval + time::Duration::seconds_f64(offset)
+    /// When a connection is next due after a run: at the sweep while its endpoint is
+    /// healthy (deliveries arrive; Stripe retries them), at `interval` while it is disabled
+    /// or missing. Either less up to a tenth, so connections recovered together drift apart
+    /// instead of listing in waves.
+    fn next_due(&self, now: OffsetDateTime, endpoint: WebhookStatus) -> OffsetDateTime {
+        let every = match endpoint {
+            WebhookStatus::Enabled => self.sweep,
+            WebhookStatus::Disabled | WebhookStatus::Missing => self.interval,
+        };
+        let early = rand::thread_rng().gen_range(0.0..=every.as_secs_f64() / 10.0);
+        now + every - time::Duration::seconds_f64(early)
     }
 
     fn retry_due(&self, now: OffsetDateTime) -> OffsetDateTime {
@@ -150,6 +196,8 @@ pub struct EventRecovery {
     /// Rings when a recovery was asked for or an endpoint repaired, so it starts before the
     /// next tick.
     wake: Arc<Notify>,
+    /// When the oldest-gap gauges were last read.
+    gaps_reported: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl EventRecovery {
@@ -169,6 +217,7 @@ impl EventRecovery {
             settings,
             owner: random_id("proc_", 12),
             wake,
+            gaps_reported: Default::default(),
         }
     }
 
@@ -245,8 +294,17 @@ impl EventRecovery {
         count
     }
 
-    /// The age of the oldest cursor per mode: how far back events may still be missing.
+    /// The age of the oldest cursor per mode: how far back events may still be missing. At
+    /// most once a minute: the minimum is read over every cursor.
     async fn report_oldest_gaps(&self) {
+        {
+            let mut last = self.gaps_reported.lock().unwrap_or_else(|e| e.into_inner());
+            let now = tokio::time::Instant::now();
+            if last.is_some_and(|at| now.duration_since(at) < GAP_REPORT_EVERY) {
+                return;
+            }
+            *last = Some(now);
+        }
         let oldest = match self.store.oldest_recovery_cursors().await {
             Ok(oldest) => oldest,
             Err(e) => {
@@ -277,8 +335,12 @@ impl EventRecovery {
         let due = match outcome {
             // Given back by `finish_recovery_run`, or held by another process now.
             RunOutcome::Completed | RunOutcome::LeaseLost => return outcome,
-            // Looked at again after the next verification says the key may read Events.
-            RunOutcome::Off | RunOutcome::Gone => self.settings.next_due(now),
+            // Off: a verification that finds Events: Read again makes it due at once. Gone:
+            // its cursor is dropped with the connection; a revoked one is only looked at by
+            // the sweep.
+            RunOutcome::Off | RunOutcome::Gone => {
+                self.settings.next_due(now, WebhookStatus::Enabled)
+            }
             RunOutcome::RateLimited | RunOutcome::Inconclusive | RunOutcome::Error => {
                 self.settings.retry_due(now)
             }
@@ -348,7 +410,7 @@ impl EventRecovery {
             Ok(recovered) => recovered,
             Err(outcome) => return Ok(outcome),
         };
-        let next_due = self.settings.next_due(crate::clock::now());
+        let next_due = (self.settings).next_due(crate::clock::now(), cursor.webhook_status);
         if !(self.store)
             .finish_recovery_run(&claim.connection_id, &self.owner, run.until, next_due)
             .await?
@@ -516,12 +578,47 @@ impl EventRecovery {
             .collect()
     }
 
-    /// Waits for the account's turn under the rate the proxy also uses; the worker is
-    /// never in a hurry, so a refusal only means waiting longer.
+    /// Waits for a slice of the fleet-wide budget, then for the account's turn under the
+    /// rate the proxy also uses; the worker is never in a hurry, so a refusal only means
+    /// waiting longer.
     async fn take_turn(&self, tenant: &TenantId, mode: Mode) {
+        if let Some(rate) = self.settings.max_stripe_calls_per_second {
+            let cost = Duration::from_secs_f64(1.0 / f64::from(rate.get()));
+            loop {
+                match self.store.take_budget(BUDGET, cost).await {
+                    Ok(None) => break,
+                    Ok(Some(wait)) => tokio::time::sleep(wait).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not take from the event-recovery budget");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
         while let Err(over) = self.smoothing.take_turn(tenant, mode).await {
             tokio::time::sleep(over.retry_after).await;
         }
+    }
+
+    /// Moves the fleet's heartbeat forward. After a stop longer than [`STOP_GAP`] (no
+    /// sweep anywhere meanwhile), the first instance back makes every cursor due now, in
+    /// batches, and returns how many; every other call returns 0.
+    pub async fn beat(&self) -> Result<u64, StoreError> {
+        let now = crate::clock::now();
+        let Some(stopped_since) = self.store.beat_recovery(now, STOP_GAP).await? else {
+            return Ok(0);
+        };
+        tracing::warn!(since = %stopped_since, "no instance recovered events for a long while: every connection is due");
+        let mut after = String::new();
+        let mut marked = 0;
+        while let Some((last, n)) = (self.store)
+            .mark_recoveries_due(&after, now, i64::from(self.settings.batch.max(1)) * 16)
+            .await?
+        {
+            marked += n;
+            after = last;
+        }
+        Ok(marked)
     }
 
     /// Runs until `stop` turns true: a sweep every `tick` (with jitter) or when woken; a full
@@ -529,6 +626,9 @@ impl EventRecovery {
     pub fn spawn(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
         tokio::spawn(async move {
             loop {
+                if let Err(e) = self.beat().await {
+                    tracing::warn!(error = %e, "could not record the event-recovery heartbeat");
+                }
                 while self.run_once().await == self.settings.batch as usize {
                     if *stop.borrow() {
                         return;

@@ -24,7 +24,7 @@ backend_tests!(
 /// Re-verification that considers everything due all the time.
 const EAGER: [(&str, &str); 5] = [
     ("reverify.enabled", "true"),
-    ("reverify.interval_secs", "0"),
+    ("reverify.period_secs", "0"),
     ("reverify.jitter_secs", "0"),
     ("reverify.retry_secs", "0"),
     ("reverify.tick_ms", "30"),

@@ -12,6 +12,7 @@ mod connect;
 mod connect_page;
 mod cors;
 mod docs;
+mod fleet;
 mod flood;
 mod hostile;
 mod keys;

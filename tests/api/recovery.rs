@@ -10,7 +10,7 @@ use atlas_stripe::auth::Scope;
 use atlas_stripe::crypto::Keyring;
 use atlas_stripe::domain::{Mode, TenantId};
 use atlas_stripe::proxy::AccountSmoothing;
-use atlas_stripe::store::{EventCursor, StoredEvent};
+use atlas_stripe::store::{EventCursor, StoredEvent, WebhookStatus};
 use atlas_stripe::stripe::{StripeClient, StripeClientConfig};
 use atlas_stripe::webhooks::recovery::{EventRecovery, RecoverySettings};
 use serde_json::json;
@@ -32,6 +32,9 @@ backend_tests!(
     a_disabled_endpoint_is_enabled_again_then_recovered,
     a_deleted_endpoint_is_registered_again_then_recovered,
     the_endpoint_cap_is_a_clear_422,
+    idle_healthy_connections_are_not_listed_on_a_timer,
+    a_long_stop_makes_every_connection_due,
+    events_read_regained_makes_a_recovery_due,
 );
 
 const TYPES: [&str; 2] = ["invoice.paid", "checkout.session.completed"];
@@ -699,4 +702,126 @@ async fn a_restart_recovers_what_arrived_while_stopped(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_once(&feed(&c).await, &ids);
     restarted.shut_down().await;
+}
+
+/// How many event listings (not the Events: Read probe) Stripe has seen.
+async fn listings(c: &Connected) -> usize {
+    (c.app.stripe_requests().await.iter())
+        .filter(|r| {
+            r.url.path() == "/v1/events" && r.url.query_pairs().any(|(k, _)| k == "created[gte]")
+        })
+        .count()
+}
+
+/// A healthy connection (endpoint enabled: Stripe delivers and retries) is not listed again
+/// at the short interval, only by the sweep; one whose endpoint is disabled is listed at the
+/// interval until it is healthy again.
+async fn idle_healthy_connections_are_not_listed_on_a_timer(backend: Backend) {
+    let c = connected(backend).await;
+    let mut fast = settings();
+    fast.interval = Duration::from_millis(50);
+    let worker = worker(&c, fast);
+    assert_eq!(
+        worker.run_once().await,
+        1,
+        "a new connection is listed once"
+    );
+    let listed = listings(&c).await;
+    assert_eq!(listed, 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(worker.run_once().await, 0, "healthy: left to the sweep");
+    assert_eq!(listings(&c).await, listed, "no listing on a timer");
+    // Stripe disabled our endpoint and it could not be enabled again: deliveries cannot
+    // arrive, so it is listed now and then at the interval.
+    (c.app.store)
+        .record_webhook_health(&c.connection_id, true, WebhookStatus::Disabled, true)
+        .await
+        .unwrap();
+    assert_eq!(worker.run_once().await, 1, "the gap makes it due at once");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        worker.run_once().await,
+        1,
+        "due again at the interval while disabled"
+    );
+    assert_eq!(listings(&c).await, listed + 2);
+    // Healthy again: back to the sweep after its next run.
+    (c.app.store)
+        .record_webhook_health(&c.connection_id, true, WebhookStatus::Enabled, false)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        worker.run_once().await,
+        1,
+        "its last interval was still due"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        worker.run_once().await,
+        0,
+        "healthy: left to the sweep again"
+    );
+}
+
+/// After the whole fleet was stopped longer than Stripe is sure to retry, the first
+/// instance back makes every connection due and its missed events are recovered; another
+/// instance coming back at the same time does not do it again.
+async fn a_long_stop_makes_every_connection_due(backend: Backend) {
+    let c = connected(backend).await;
+    let worker = worker(&c, settings());
+    assert_eq!(
+        worker.beat().await.unwrap(),
+        0,
+        "the first start: no stop before it"
+    );
+    assert_eq!(
+        worker.run_once().await,
+        1,
+        "a new connection is listed once"
+    );
+    assert_eq!(worker.run_once().await, 0, "then left to the sweep");
+    // A beat a minute ago is no gap.
+    assert_eq!(worker.beat().await.unwrap(), 0);
+    // Stopped two days: the heartbeat is that old, and events happened meanwhile.
+    c.app
+        .db
+        .execute(&format!(
+            "UPDATE fleet_heartbeats SET beat_at = '{}'",
+            (time::OffsetDateTime::now_utc() - time::Duration::days(2))
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap()
+        ))
+        .await;
+    let ids = missed(&c.events, 15);
+    let other = self::worker(&c, settings());
+    let (one, two) = tokio::join!(worker.beat(), other.beat());
+    let mut marked = [one.unwrap(), two.unwrap()];
+    marked.sort_unstable();
+    assert_eq!(marked, [0, 1], "exactly one instance makes the cursors due");
+    assert_eq!(worker.run_once().await, 1, "due after the stop");
+    assert_once(&feed(&c).await, &ids);
+}
+
+/// A key that lost Events: Read and got it back: the verification that finds it makes a
+/// recovery due at once, not at the next sweep.
+async fn events_read_regained_makes_a_recovery_due(backend: Backend) {
+    let c = connected(backend).await;
+    c.events.deny_key("Main");
+    let worker = worker(&c, settings());
+    assert_eq!(worker.run_once().await, 1, "listed once, refused: off");
+    assert_eq!(worker.run_once().await, 0);
+    c.events.allow_key("Main");
+    let ids = missed(&c.events, 8);
+    let verified = c
+        .app
+        .tenant_request(reqwest::Method::POST, "ten_1", "/verify")
+        .await;
+    assert_eq!(json(verified).await["webhook"]["event_recovery"], "on");
+    assert_eq!(
+        worker.run_once().await,
+        1,
+        "due at once after Events: Read came back"
+    );
+    assert_once(&feed(&c).await, &ids);
 }

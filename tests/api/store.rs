@@ -23,7 +23,7 @@ backend_tests!(
     usage_story
 );
 
-async fn store(backend: Backend) -> (TestDatabase, std::sync::Arc<dyn Store>) {
+pub(crate) async fn store(backend: Backend) -> (TestDatabase, std::sync::Arc<dyn Store>) {
     let db = TestDatabase::new(backend).await;
     let settings =
         atlas_stripe::config::Settings::load(None, &[("database.url", db.url.as_str())]).unwrap();
@@ -174,7 +174,7 @@ fn report(missing: &[Resource]) -> PermissionReport {
         .collect()
 }
 
-fn new_connection(tenant_id: &str, mode: Mode, secret_id: &str) -> NewConnection {
+pub(crate) fn new_connection(tenant_id: &str, mode: Mode, secret_id: &str) -> NewConnection {
     NewConnection {
         connection_id: format!("con_{tenant_id}"),
         expected: StoredState::Absent,

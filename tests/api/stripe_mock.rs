@@ -832,6 +832,11 @@ impl FakeEvents {
         self.inner.lock().unwrap().denied.push(last4.to_owned());
     }
 
+    /// The key ending in `last4` may read Events again.
+    pub fn allow_key(&self, last4: &str) {
+        self.inner.lock().unwrap().denied.retain(|k| k != last4);
+    }
+
     /// The next `count` listings answer 429 (Stripe's rate limit).
     pub fn rate_limit_next(&self, count: u32) {
         self.inner.lock().unwrap().rate_limited = count;
