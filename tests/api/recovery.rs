@@ -35,6 +35,7 @@ backend_tests!(
     idle_healthy_connections_are_not_listed_on_a_timer,
     a_long_stop_makes_every_connection_due,
     events_read_regained_makes_a_recovery_due,
+    a_revoked_connection_is_put_off_to_the_sweep,
 );
 
 const TYPES: [&str; 2] = ["invoice.paid", "checkout.session.completed"];
@@ -824,4 +825,29 @@ async fn events_read_regained_makes_a_recovery_due(backend: Backend) {
         "due at once after Events: Read came back"
     );
     assert_once(&feed(&c).await, &ids);
+}
+
+/// A revoked connection's due cursor is claimed, found gone without a Stripe call, and put
+/// off to the sweep: it does not stay due at the front of the index for every claim to walk
+/// past.
+async fn a_revoked_connection_is_put_off_to_the_sweep(backend: Backend) {
+    let c = connected(backend).await;
+    let worker = worker(&c, settings());
+    assert_eq!(
+        worker.run_once().await,
+        1,
+        "a new connection is listed once"
+    );
+    let listed = listings(&c).await;
+    c.app
+        .db
+        .execute("UPDATE stripe_connections SET status = 'revoked'")
+        .await;
+    (c.app.store)
+        .request_recovery(&c.connection_id, None)
+        .await
+        .unwrap();
+    assert_eq!(worker.run_once().await, 1, "claimed while due");
+    assert_eq!(listings(&c).await, listed, "no listing for a revoked key");
+    assert_eq!(worker.run_once().await, 0, "put off, no longer due");
 }
