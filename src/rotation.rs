@@ -10,15 +10,16 @@
 //!
 //! Scale: each old master key is read as one range of the (master key, secret id) index, in
 //! batches, while up to `IN_FLIGHT` earlier batches are rewrapped and written (one
-//! statement per batch on PostgreSQL). At most `IN_FLIGHT + 1` batches are held at once, so
-//! memory is flat in the number of secrets.
+//! statement per batch on PostgreSQL, both of a connection's secrets in one row update). At
+//! most `IN_FLIGHT + 2` batches are held at once, so memory is flat in the number of
+//! secrets.
 
 use std::sync::Mutex;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 
 use crate::crypto::{Keyring, MasterKeyId, Purpose};
-use crate::store::{RewrappedRow, SealedRow, Store, StoreError};
+use crate::store::{RewrappedPair, RewrappedRow, SealedPair, SealedRow, Store, StoreError};
 
 /// Batches being rewrapped and written while the next is read.
 const IN_FLIGHT: usize = 3;
@@ -31,8 +32,10 @@ pub struct RewrapReport {
     pub failed: Vec<(String, String)>,
 }
 
-/// Re-wraps up to `max_batches` batches (all when `None`) of `batch` secrets each: API
-/// keys first, then webhook signing secrets, each old master key in turn.
+/// Re-wraps up to `max_batches` batches (all when `None`) of `batch` connections or
+/// secrets each. First each old master key's API keys, each together with its connection's
+/// webhook signing secret (one row update for both); then any webhook secret still under an
+/// old master key (its API key was under the active one already).
 pub async fn rewrap_all(
     store: &dyn Store,
     keyring: &Keyring,
@@ -40,95 +43,158 @@ pub async fn rewrap_all(
     max_batches: Option<u64>,
 ) -> Result<RewrapReport, StoreError> {
     let report = Mutex::new(RewrapReport::default());
-    let counts = store.count_secrets_by_purpose().await?;
+    let job = Job {
+        store,
+        keyring,
+        batch,
+        max_batches,
+        report: &report,
+    };
     for purpose in [Purpose::StripeApiKey, Purpose::WebhookSigningSecret] {
+        // Counted again before each pass: the first pass moves webhook secrets too.
+        let counts = store.count_secrets_by_purpose().await?;
         let old = (counts.iter())
             .filter(|(p, id, _)| *p == purpose && id != keyring.active_id())
             .map(|(_, id, _)| id);
         for under in old {
-            rewrap_under(store, keyring, purpose, under, batch, max_batches, &report).await?;
+            job.rewrap_under(purpose, under).await?;
         }
     }
     Ok(report.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// The secrets of `purpose` under the old master key `under`: one reader walking the index
-/// range, and up to `IN_FLIGHT` batches rewrapped and written behind it.
-async fn rewrap_under(
-    store: &dyn Store,
-    keyring: &Keyring,
-    purpose: Purpose,
-    under: &MasterKeyId,
-    batch: i64,
-    max_batches: Option<u64>,
-    report: &Mutex<RewrapReport>,
-) -> Result<(), StoreError> {
-    let (sender, receiver) = tokio::sync::mpsc::channel::<Vec<SealedRow>>(1);
-    let read = async move {
-        let mut after = String::new();
-        loop {
-            let taken = report.lock().unwrap_or_else(|e| e.into_inner()).batches;
-            if max_batches.is_some_and(|max| taken >= max) {
-                return Ok(());
-            }
-            let rows = store
-                .secrets_to_rewrap(purpose, under.as_str(), &after, batch)
-                .await?;
-            let Some(last) = rows.last() else {
-                return Ok(());
-            };
-            after = last.context.secret_id.clone();
-            // Counted when read, so `max_batches` bounds what is taken, not only what ends.
-            report.lock().unwrap_or_else(|e| e.into_inner()).batches += 1;
-            if sender.send(rows).await.is_err() {
-                return Ok(());
-            }
-        }
-    };
-    let batches = stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|rows| (rows, receiver))
-    });
-    // The first failed write stops the writers; the reader then finds no one listening.
-    let write = batches.map(Ok).try_for_each_concurrent(IN_FLIGHT, |rows| {
-        rewrap_batch(store, keyring, purpose, rows, report)
-    });
-    let (read, write) = tokio::join!(read, write);
-    read.and(write)
+/// What one batch holds: connections (both secrets) or webhook secrets alone.
+enum Batch {
+    Pairs(Vec<SealedPair>),
+    Secrets(Vec<SealedRow>),
 }
 
-/// Rewraps one batch in memory and writes it in one statement.
-async fn rewrap_batch(
-    store: &dyn Store,
-    keyring: &Keyring,
-    purpose: Purpose,
-    rows: Vec<SealedRow>,
-    report: &Mutex<RewrapReport>,
-) -> Result<(), StoreError> {
-    let mut rewrapped = Vec::with_capacity(rows.len());
-    let mut failed = Vec::new();
-    for row in rows {
-        match keyring.rewrap(&row.context, &row.sealed) {
-            Ok(sealed) => rewrapped.push(RewrappedRow {
+struct Job<'a> {
+    store: &'a dyn Store,
+    keyring: &'a Keyring,
+    batch: i64,
+    max_batches: Option<u64>,
+    report: &'a Mutex<RewrapReport>,
+}
+
+impl Job<'_> {
+    fn report(&self) -> std::sync::MutexGuard<'_, RewrapReport> {
+        self.report.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The old master key `under`'s range (API keys with their webhook secrets, or webhook
+    /// secrets alone): one reader walking it, up to `IN_FLIGHT` batches rewrapped and
+    /// written behind it.
+    async fn rewrap_under(&self, purpose: Purpose, under: &MasterKeyId) -> Result<(), StoreError> {
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Batch>(1);
+        let read = async move {
+            let mut after = String::new();
+            loop {
+                if (self.max_batches).is_some_and(|max| self.report().batches >= max) {
+                    return Ok(());
+                }
+                let (batch, last) = match purpose {
+                    Purpose::StripeApiKey => {
+                        let pairs = (self.store)
+                            .connections_to_rewrap(
+                                under.as_str(),
+                                self.keyring.active_id().as_str(),
+                                &after,
+                                self.batch,
+                            )
+                            .await?;
+                        let last = pairs.last().map(|p| p.api_key.context.secret_id.clone());
+                        (Batch::Pairs(pairs), last)
+                    }
+                    Purpose::WebhookSigningSecret => {
+                        let rows = (self.store)
+                            .secrets_to_rewrap(purpose, under.as_str(), &after, self.batch)
+                            .await?;
+                        let last = rows.last().map(|r| r.context.secret_id.clone());
+                        (Batch::Secrets(rows), last)
+                    }
+                };
+                let Some(last) = last else {
+                    return Ok(());
+                };
+                after = last;
+                // Counted when read, so `max_batches` bounds what is taken, not only what
+                // ends.
+                self.report().batches += 1;
+                if sender.send(batch).await.is_err() {
+                    return Ok(());
+                }
+            }
+        };
+        let batches = stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|batch| (batch, receiver))
+        });
+        // The first failed write stops the writers; the reader then finds no one listening.
+        let write = (batches.map(Ok)).try_for_each_concurrent(IN_FLIGHT, |batch| async move {
+            match batch {
+                Batch::Pairs(pairs) => self.write_pairs(pairs).await,
+                Batch::Secrets(rows) => self.write_secrets(rows).await,
+            }
+        });
+        let (read, write) = tokio::join!(read, write);
+        read.and(write)
+    }
+
+    async fn write_pairs(&self, pairs: Vec<SealedPair>) -> Result<(), StoreError> {
+        let mut rewrapped = Vec::with_capacity(pairs.len());
+        let mut failed = Vec::new();
+        for pair in pairs {
+            let Some(api_key) = self.rewrap(pair.api_key, &mut failed) else {
+                continue;
+            };
+            let webhook = pair.webhook.and_then(|w| self.rewrap(w, &mut failed));
+            rewrapped.push(RewrappedPair { api_key, webhook });
+        }
+        let (keys, webhooks) = self.store.replace_wrapped_pairs(&rewrapped).await?;
+        self.record(keys + webhooks, failed);
+        Ok(())
+    }
+
+    async fn write_secrets(&self, rows: Vec<SealedRow>) -> Result<(), StoreError> {
+        let mut failed = Vec::new();
+        let rewrapped: Vec<RewrappedRow> = (rows.into_iter())
+            .filter_map(|row| self.rewrap(row, &mut failed))
+            .collect();
+        let written = (self.store)
+            .replace_wrapped_keys(Purpose::WebhookSigningSecret, &rewrapped)
+            .await?;
+        self.record(written, failed);
+        Ok(())
+    }
+
+    /// The row rewrapped in memory under the active master key, or its failure noted.
+    fn rewrap(&self, row: SealedRow, failed: &mut Vec<(String, String)>) -> Option<RewrappedRow> {
+        match self.keyring.rewrap(&row.context, &row.sealed) {
+            Ok(sealed) => Some(RewrappedRow {
                 secret_id: row.context.secret_id,
                 previous_master_key_id: row.sealed.master_key_id,
                 sealed,
             }),
-            Err(e) => failed.push((row.context.secret_id, e.to_string())),
+            Err(e) => {
+                failed.push((row.context.secret_id, e.to_string()));
+                None
+            }
         }
     }
-    let written = store.replace_wrapped_keys(purpose, &rewrapped).await?;
-    metrics::counter!("atlas_rewrap_secrets_total", "result" => "rewrapped").increment(written);
-    metrics::counter!("atlas_rewrap_secrets_total", "result" => "failed")
-        .increment(failed.len() as u64);
-    let mut report = report.lock().unwrap_or_else(|e| e.into_inner());
-    report.rewrapped += written;
-    report.failed.extend(failed);
-    tracing::info!(
-        rewrapped = report.rewrapped,
-        failed = report.failed.len(),
-        "rewrap progress"
-    );
-    Ok(())
+
+    fn record(&self, written: u64, failed: Vec<(String, String)>) {
+        metrics::counter!("atlas_rewrap_secrets_total", "result" => "rewrapped").increment(written);
+        metrics::counter!("atlas_rewrap_secrets_total", "result" => "failed")
+            .increment(failed.len() as u64);
+        let mut report = self.report();
+        report.rewrapped += written;
+        report.failed.extend(failed);
+        tracing::info!(
+            rewrapped = report.rewrapped,
+            failed = report.failed.len(),
+            "rewrap progress"
+        );
+    }
 }
 
 /// Sealed secrets not under the active master key: what a rewrap has left (the

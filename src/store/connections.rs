@@ -9,11 +9,11 @@ use time::OffsetDateTime;
 use super::dialect::Dialect;
 use super::model::{
     Actor, ConnectionRecord, FetchedKey, KeyFetch, NewConnection, RewrappedRow, SaveOutcome,
-    SealedRow, StoredState, Verification, WebhookChange,
+    SealedPair, SealedRow, StoredState, Verification, WebhookChange,
 };
 use super::rows::{
     self, permissions_to_text, warnings_to_text, ApiKeyRow, ConnectionRow, KeyFetchRow,
-    SealedRowRaw,
+    SealedPairRaw, SealedRowRaw,
 };
 use super::sql_store::{audit, SqlStore};
 use super::{notifications, queries, StoreError};
@@ -39,6 +39,7 @@ where
     for<'r> (String, Option<String>, Vec<u8>): FromRow<'r, DB::Row>,
     for<'r> ConnectionRow: FromRow<'r, DB::Row>,
     for<'r> SealedRowRaw: FromRow<'r, DB::Row>,
+    for<'r> SealedPairRaw: FromRow<'r, DB::Row>,
     for<'r> KeyFetchRow: FromRow<'r, DB::Row>,
     for<'r> ApiKeyRow: FromRow<'r, DB::Row>,
 {
@@ -425,6 +426,22 @@ where
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(|row| row.into_row(purpose)).collect()
+    }
+
+    pub(super) async fn connections_to_rewrap(
+        &self,
+        under: &str,
+        active: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<SealedPair>, StoreError> {
+        let rows: Vec<SealedPairRaw> = sqlx::query_as(queries::CONNECTIONS_TO_REWRAP)
+            .bind(under)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(|row| row.into_pair(active)).collect()
     }
 
     pub(super) async fn replace_wrapped_keys(

@@ -8,7 +8,7 @@ use sqlx::migrate::Migrator;
 use sqlx::{Database, Pool};
 
 use super::events::EventRef;
-use super::model::{KeyFetchTally, RewrappedRow};
+use super::model::{KeyFetchTally, RewrappedPair, RewrappedRow};
 use super::queries::TallyStatements;
 use super::recovery::EventSource;
 use super::{Backend, StoreError};
@@ -59,6 +59,12 @@ pub trait Dialect: Database {
         purpose: Purpose,
         rows: &[RewrappedRow],
     ) -> Result<u64, StoreError>;
+
+    /// Replaces both wrapped keys of each connection of a batch (`Store::replace_wrapped_pairs`).
+    async fn replace_wrapped_pairs(
+        pool: &Pool<Self>,
+        rows: &[RewrappedPair],
+    ) -> Result<(u64, u64), StoreError>;
 
     /// Adds usage tallies, inside the caller's transaction. The writer flushes thousands of
     /// (token, tenant, minute) tallies a second under load, so PostgreSQL takes them as

@@ -31,9 +31,9 @@ pub use error::{NotReady, StoreError};
 pub use events::{EventInsert, EventRef};
 pub use model::{
     Actor, AttemptQuota, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch,
-    KeyFetchTally, NewConnection, NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow,
-    ServiceTokenRecord, StoredEvent, StoredState, StoredWebhook, TenantRecord, TenantWrite,
-    Verification, WebhookChange, WebhookTarget,
+    KeyFetchTally, NewConnection, NewEvent, NewServiceToken, RewrappedPair, RewrappedRow,
+    SaveOutcome, SealedPair, SealedRow, ServiceTokenRecord, StoredEvent, StoredState,
+    StoredWebhook, TenantRecord, TenantWrite, Verification, WebhookChange, WebhookTarget,
 };
 pub use notifications::Outbox;
 pub use postgres::{explain_generic, hot_statements, seq_scans_of_growing_tables, HotStatement};
@@ -163,6 +163,23 @@ pub trait Store: Outbox + Send + Sync + 'static {
         after: &str,
         limit: i64,
     ) -> Result<Vec<SealedRow>, StoreError>;
+
+    /// Up to `limit` connections whose API key is under master key `under`, after `after` in
+    /// API-key secret-id order, each with its webhook signing secret when that is not under
+    /// `active`: the rewrap's main pass, one row update for both secrets.
+    async fn connections_to_rewrap(
+        &self,
+        under: &str,
+        active: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<SealedPair>, StoreError>;
+
+    /// Replaces both wrapped data keys of each connection in one statement per batch; a row
+    /// whose API key's master key changed meanwhile is left alone, and so is a webhook
+    /// secret whose master key changed. Returns (API keys, webhook secrets) rewritten.
+    async fn replace_wrapped_pairs(&self, rows: &[RewrappedPair])
+        -> Result<(u64, u64), StoreError>;
 
     /// Replaces wrapped data keys in one transaction; a row whose master key changed
     /// meanwhile is left alone. Returns how many rows were rewritten.

@@ -247,6 +247,21 @@ pub struct SealedRow {
     pub sealed: SealedSecret,
 }
 
+/// A connection's API key under an old master key, with its webhook signing secret when
+/// that is under an old one too: the rewrap rewrites both in one row update.
+#[derive(Clone, Debug)]
+pub struct SealedPair {
+    pub api_key: SealedRow,
+    pub webhook: Option<SealedRow>,
+}
+
+/// Both rewrapped, as `SealedPair`.
+#[derive(Clone, Debug)]
+pub struct RewrappedPair {
+    pub api_key: RewrappedRow,
+    pub webhook: Option<RewrappedRow>,
+}
+
 /// A rewrapped data key, replacing the one sealed under `previous_master_key_id`.
 #[derive(Clone, Debug)]
 pub struct RewrappedRow {

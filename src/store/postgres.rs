@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::dialect::Dialect;
 use super::events::{first_of_each, EventRef};
-use super::model::{KeyFetchTally, RewrappedRow};
+use super::model::{KeyFetchTally, RewrappedPair, RewrappedRow};
 use super::queries::TallyStatements;
 use super::recovery::EventSource;
 use super::{Backend, StoreError};
@@ -38,6 +38,22 @@ const REWRAP_WEBHOOK_SECRETS_UNNEST: &str = "UPDATE stripe_connections c \
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[]) \
     AS v(secret_id, old_master, new_master, wrapped) \
     WHERE c.webhook_secret_id = v.secret_id AND c.webhook_master_key_id = v.old_master";
+
+/// A batch of connections' two rewrapped keys in one statement: the API key under the
+/// compare-and-swap on its old master key, the webhook secret (`wh_*`, NULL when it stays)
+/// under its own. `SET` reads the row's values before the update. Returns, per row,
+/// whether the webhook secret was rewritten.
+const REWRAP_PAIRS_UNNEST: &str = "UPDATE stripe_connections c \
+    SET master_key_id = v.new_master, wrapped_key = v.wrapped, \
+    webhook_master_key_id = CASE WHEN c.webhook_secret_id = v.wh_secret \
+    AND c.webhook_master_key_id = v.wh_old THEN v.wh_new ELSE c.webhook_master_key_id END, \
+    webhook_wrapped_key = CASE WHEN c.webhook_secret_id = v.wh_secret \
+    AND c.webhook_master_key_id = v.wh_old THEN v.wh_wrapped ELSE c.webhook_wrapped_key END \
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[], \
+    $7::text[], $8::bytea[]) \
+    AS v(secret_id, old_master, new_master, wrapped, wh_secret, wh_old, wh_new, wh_wrapped) \
+    WHERE c.api_key_secret_id = v.secret_id AND c.master_key_id = v.old_master \
+    RETURNING v.wh_new IS NOT NULL AND c.webhook_master_key_id = v.wh_new";
 
 /// A batch of events in one statement (arrays unnested into rows, in the order given).
 /// Each row carries its transaction id; the feed holds back rows of transactions still
@@ -146,6 +162,42 @@ impl Dialect for Postgres {
             .execute(pool)
             .await?;
         Ok(result.rows_affected())
+    }
+
+    /// The whole batch in one statement, both keys of a row in one row update: half the row
+    /// versions and index entries of rewrapping each purpose on its own.
+    async fn replace_wrapped_pairs(
+        pool: &PgPool,
+        rows: &[RewrappedPair],
+    ) -> Result<(u64, u64), StoreError> {
+        let column = |f: fn(&RewrappedPair) -> Option<&str>| -> Vec<Option<&str>> {
+            rows.iter().map(f).collect()
+        };
+        let ids = column(|r| Some(r.api_key.secret_id.as_str()));
+        let old = column(|r| Some(r.api_key.previous_master_key_id.as_str()));
+        let new = column(|r| Some(r.api_key.sealed.master_key_id.as_str()));
+        let wrapped: Vec<&[u8]> = (rows.iter())
+            .map(|r| r.api_key.sealed.wrapped_key.as_slice())
+            .collect();
+        let wh_ids = column(|r| r.webhook.as_ref().map(|w| w.secret_id.as_str()));
+        let wh_old = column(|r| (r.webhook.as_ref()).map(|w| w.previous_master_key_id.as_str()));
+        let wh_new = column(|r| (r.webhook.as_ref()).map(|w| w.sealed.master_key_id.as_str()));
+        let wh_wrapped: Vec<Option<&[u8]>> = (rows.iter())
+            .map(|r| r.webhook.as_ref().map(|w| w.sealed.wrapped_key.as_slice()))
+            .collect();
+        let webhooks: Vec<Option<bool>> = sqlx::query_scalar(REWRAP_PAIRS_UNNEST)
+            .bind(&ids)
+            .bind(&old)
+            .bind(&new)
+            .bind(&wrapped)
+            .bind(&wh_ids)
+            .bind(&wh_old)
+            .bind(&wh_new)
+            .bind(&wh_wrapped)
+            .fetch_all(pool)
+            .await?;
+        let rewritten = webhooks.iter().filter(|w| **w == Some(true)).count();
+        Ok((webhooks.len() as u64, rewritten as u64))
     }
 
     /// No lock: every row carries its transaction id, and the feed orders by it and holds

@@ -161,6 +161,13 @@ pub const API_KEYS_TO_REWRAP: &str = "SELECT tenant_id, mode, api_key_secret_id 
     WHERE master_key_id = $1 AND api_key_secret_id > $2 \
     ORDER BY api_key_secret_id LIMIT $3";
 
+/// The same range with each connection's webhook secret: the rewrap's main pass.
+pub const CONNECTIONS_TO_REWRAP: &str = "SELECT tenant_id, mode, api_key_secret_id, \
+    master_key_id, wrapped_key, ciphertext, webhook_secret_id, webhook_master_key_id, \
+    webhook_wrapped_key, webhook_ciphertext FROM stripe_connections \
+    WHERE master_key_id = $1 AND api_key_secret_id > $2 \
+    ORDER BY api_key_secret_id LIMIT $3";
+
 /// Sealed webhook secrets, aliased like `API_KEYS_TO_REWRAP`.
 pub const WEBHOOK_SECRETS_TO_REWRAP: &str = "SELECT tenant_id, mode, \
     webhook_secret_id AS secret_id, webhook_master_key_id AS master_key_id, \

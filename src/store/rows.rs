@@ -9,7 +9,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use super::model::{
-    AuditRecord, ConnectionRecord, FetchedKey, KeyFetch, KeyFetchTally, SealedRow,
+    AuditRecord, ConnectionRecord, FetchedKey, KeyFetch, KeyFetchTally, SealedPair, SealedRow,
     ServiceTokenRecord, StoredWebhook, TenantRecord, WebhookTarget,
 };
 use super::StoreError;
@@ -72,6 +72,60 @@ impl SealedRowRaw {
                 wrapped_key: self.wrapped_key,
                 ciphertext: self.ciphertext,
             },
+        })
+    }
+}
+
+/// A connection's two sealed secrets (`CONNECTIONS_TO_REWRAP`).
+#[derive(sqlx::FromRow)]
+pub struct SealedPairRaw {
+    tenant_id: String,
+    mode: String,
+    api_key_secret_id: String,
+    master_key_id: String,
+    wrapped_key: Vec<u8>,
+    ciphertext: Vec<u8>,
+    webhook_secret_id: Option<String>,
+    webhook_master_key_id: Option<String>,
+    webhook_wrapped_key: Option<Vec<u8>>,
+    webhook_ciphertext: Option<Vec<u8>>,
+}
+
+impl SealedPairRaw {
+    /// The pair, its webhook secret left out when it is under `active` already.
+    pub(crate) fn into_pair(self, active: &str) -> Result<SealedPair, StoreError> {
+        let tenant = parse_tenant_id(&self.tenant_id)?;
+        let mode = parse_mode(&self.mode)?;
+        let webhook = match (
+            self.webhook_secret_id,
+            self.webhook_master_key_id,
+            self.webhook_wrapped_key,
+            self.webhook_ciphertext,
+        ) {
+            (Some(secret_id), Some(master_key_id), Some(wrapped_key), Some(ciphertext))
+                if master_key_id != active =>
+            {
+                Some(SealedRow {
+                    context: SecretContext::webhook_secret(&secret_id, &tenant, mode),
+                    sealed: SealedSecret {
+                        master_key_id,
+                        wrapped_key,
+                        ciphertext,
+                    },
+                })
+            }
+            _ => None,
+        };
+        Ok(SealedPair {
+            api_key: SealedRow {
+                context: SecretContext::api_key(&self.api_key_secret_id, &tenant, mode),
+                sealed: SealedSecret {
+                    master_key_id: self.master_key_id,
+                    wrapped_key: self.wrapped_key,
+                    ciphertext: self.ciphertext,
+                },
+            },
+            webhook,
         })
     }
 }

@@ -13,13 +13,13 @@ use time::OffsetDateTime;
 use super::dialect::Dialect;
 use super::model::{
     Actor, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch, KeyFetchTally,
-    NewConnection, NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow,
-    ServiceTokenRecord, StoredEvent, StoredWebhook, TenantRecord, TenantWrite, Verification,
-    WebhookTarget,
+    NewConnection, NewEvent, NewServiceToken, RewrappedPair, RewrappedRow, SaveOutcome, SealedPair,
+    SealedRow, ServiceTokenRecord, StoredEvent, StoredWebhook, TenantRecord, TenantWrite,
+    Verification, WebhookTarget,
 };
 use super::recovery::{RecoveryClaim, RecoveryCursor, RecoveryCursorRow, WebhookStatus};
 use super::rows::{
-    ApiKeyRow, AuditRow, ConnectionRow, KeyFetchRow, KeyFetchTallyRow, SealedRowRaw,
+    ApiKeyRow, AuditRow, ConnectionRow, KeyFetchRow, KeyFetchTallyRow, SealedPairRaw, SealedRowRaw,
     ServiceTokenRow, TenantRow, WebhookTargetRow,
 };
 use super::{queries, AttemptQuota, Backend, EventInsert, NotReady, Retained, Store, StoreError};
@@ -76,6 +76,7 @@ where
     for<'r> ServiceTokenRow: FromRow<'r, DB::Row>,
     for<'r> ConnectionRow: FromRow<'r, DB::Row>,
     for<'r> SealedRowRaw: FromRow<'r, DB::Row>,
+    for<'r> SealedPairRaw: FromRow<'r, DB::Row>,
     for<'r> WebhookTargetRow: FromRow<'r, DB::Row>,
     for<'r> StoredEvent: FromRow<'r, DB::Row>,
     for<'r> KeyFetchRow: FromRow<'r, DB::Row>,
@@ -226,6 +227,24 @@ where
         rows: &[RewrappedRow],
     ) -> Result<u64, StoreError> {
         self.replace_wrapped_keys(purpose, rows).await
+    }
+
+    async fn connections_to_rewrap(
+        &self,
+        under: &str,
+        active: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<SealedPair>, StoreError> {
+        self.connections_to_rewrap(under, active, after, limit)
+            .await
+    }
+
+    async fn replace_wrapped_pairs(
+        &self,
+        rows: &[RewrappedPair],
+    ) -> Result<(u64, u64), StoreError> {
+        DB::replace_wrapped_pairs(&self.pool, rows).await
     }
 
     async fn find_webhook_target(

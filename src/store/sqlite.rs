@@ -13,7 +13,7 @@ use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 
 use super::dialect::Dialect;
 use super::events::EventRef;
-use super::model::{KeyFetchTally, RewrappedRow};
+use super::model::{KeyFetchTally, RewrappedPair, RewrappedRow};
 use super::queries::{self, TallyStatements};
 use super::recovery::EventSource;
 use super::{Backend, StoreError};
@@ -29,6 +29,17 @@ const REWRAP_API_KEY: &str = "UPDATE stripe_connections SET master_key_id = $3, 
 const REWRAP_WEBHOOK_SECRET: &str = "UPDATE stripe_connections \
     SET webhook_master_key_id = $3, webhook_wrapped_key = $4 \
     WHERE webhook_secret_id = $1 AND webhook_master_key_id = $2";
+
+/// A connection's two rewrapped keys in one row update (`$1`…`$4` the API key as in
+/// `REWRAP_API_KEY`, `$5`…`$8` the webhook secret, NULL when it stays). `SET` reads the
+/// row's values before the update; returns the webhook secret's master key after it.
+const REWRAP_PAIR: &str = "UPDATE stripe_connections SET master_key_id = $3, \
+    wrapped_key = $4, \
+    webhook_master_key_id = CASE WHEN webhook_secret_id = $5 AND webhook_master_key_id = $6 \
+    THEN $7 ELSE webhook_master_key_id END, \
+    webhook_wrapped_key = CASE WHEN webhook_secret_id = $5 AND webhook_master_key_id = $6 \
+    THEN $8 ELSE webhook_wrapped_key END \
+    WHERE api_key_secret_id = $1 AND master_key_id = $2 RETURNING webhook_master_key_id";
 
 /// A per-tenant sequence number taken in the writing transaction, only for an event not
 /// stored yet (a duplicate takes none). As the transaction's first write it takes SQLite's
@@ -116,6 +127,36 @@ impl Dialect for Sqlite {
         }
         tx.commit().await?;
         Ok(replaced)
+    }
+
+    /// A row at a time in one transaction, like `replace_wrapped_keys`.
+    async fn replace_wrapped_pairs(
+        pool: &SqlitePool,
+        rows: &[RewrappedPair],
+    ) -> Result<(u64, u64), StoreError> {
+        let mut tx = pool.begin().await?;
+        let (mut keys, mut webhooks) = (0, 0);
+        for row in rows {
+            let webhook = row.webhook.as_ref();
+            let after: Option<Option<String>> = sqlx::query_scalar(REWRAP_PAIR)
+                .bind(&row.api_key.secret_id)
+                .bind(&row.api_key.previous_master_key_id)
+                .bind(&row.api_key.sealed.master_key_id)
+                .bind(&row.api_key.sealed.wrapped_key)
+                .bind(webhook.map(|w| w.secret_id.as_str()))
+                .bind(webhook.map(|w| w.previous_master_key_id.as_str()))
+                .bind(webhook.map(|w| w.sealed.master_key_id.as_str()))
+                .bind(webhook.map(|w| w.sealed.wrapped_key.as_slice()))
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(master) = after else { continue };
+            keys += 1;
+            if webhook.is_some_and(|w| master.as_deref() == Some(w.sealed.master_key_id.as_str())) {
+                webhooks += 1;
+            }
+        }
+        tx.commit().await?;
+        Ok((keys, webhooks))
     }
 
     /// A row at a time: the database is in this process, so a statement costs no round trip.

@@ -174,14 +174,15 @@ async fn rewrap_survives_a_crash_and_loses_nothing(backend: Backend) {
         keys.push((tenant, api_key));
     }
     let (both, keyring) = rotated(&app);
-    // "Crash" after two batches of three: committed batches stay, the rest is untouched.
+    // "Crash" after two batches of three connections (each API key with its webhook secret):
+    // committed batches stay, the rest is untouched.
     let partial = atlas_stripe::rotation::rewrap_all(&*app.store, &keyring, 3, Some(2))
         .await
         .unwrap();
-    assert_eq!((partial.rewrapped, partial.batches), (6, 2));
+    assert_eq!((partial.rewrapped, partial.batches), (12, 2));
     assert_eq!(
         secrets_by_master_key(&app).await,
-        [("k2".to_owned(), 6), ("test1".to_owned(), 14)]
+        [("k2".to_owned(), 12), ("test1".to_owned(), 8)]
     );
     // The service keeps serving every key meanwhile, with both master keys configured.
     let serving = app
@@ -196,8 +197,8 @@ async fn rewrap_survives_a_crash_and_loses_nothing(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(
-        rest.rewrapped, 14,
-        "the rest of the API keys and every webhook secret"
+        rest.rewrapped, 8,
+        "the rest of the API keys and their webhook secrets"
     );
     assert!(rest.failed.is_empty());
     assert_eq!(secrets_by_master_key(&app).await, [("k2".to_owned(), 20)]);
