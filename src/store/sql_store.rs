@@ -85,6 +85,7 @@ where
     for<'r> AuditRow: FromRow<'r, DB::Row>,
     Self: super::Outbox,
     for<'r> (OffsetDateTime,): FromRow<'r, DB::Row>,
+    for<'r> (String, OffsetDateTime): FromRow<'r, DB::Row>,
     for<'r> RecoveryCursorRow: FromRow<'r, DB::Row>,
 {
     fn backend(&self) -> Backend {

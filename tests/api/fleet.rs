@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use atlas_stripe::domain::{Mode, TenantId};
-use atlas_stripe::store::{Actor, EventCursor, KeyFetchTally, NewEvent, Retained, Store};
+use atlas_stripe::store::{
+    Actor, EventCursor, EventInsert, KeyFetchTally, NewEvent, Retained, Store,
+};
 
 use crate::backend_tests;
 use crate::helpers::{spawn_app_with, Backend};
@@ -218,6 +220,16 @@ fn event(id: &str) -> NewEvent {
     }
 }
 
+/// Stores one delivered event for `t`; whether it was new.
+async fn insert_one(store: &dyn Store, t: &TenantId, id: &str) -> bool {
+    let batch = [EventInsert {
+        tenant: t.clone(),
+        connection_id: "con_feed".into(),
+        event: event(id),
+    }];
+    store.insert_webhook_events(&batch).await.unwrap()[0]
+}
+
 async fn feed_ids(store: &dyn Store, t: &TenantId) -> Vec<String> {
     (store
         .list_events(t, EventCursor::default(), 1_000)
@@ -238,11 +250,7 @@ async fn retention_deletes_only_old_feed_rows_in_batches(backend: Backend) {
         .await
         .unwrap();
     for i in 0..25 {
-        let stored = store
-            .insert_webhook_event(&t, "con_feed", &event(&format!("evt_old_{i:02}")))
-            .await
-            .unwrap();
-        assert!(stored);
+        assert!(insert_one(&*store, &t, &format!("evt_old_{i:02}")).await);
     }
     tokio::time::sleep(Duration::from_millis(20)).await;
     let horizon = atlas_stripe::clock::now();
@@ -250,10 +258,7 @@ async fn retention_deletes_only_old_feed_rows_in_batches(backend: Backend) {
     let mut newer = Vec::new();
     for i in 0..5 {
         let id = format!("evt_new_{i}");
-        store
-            .insert_webhook_event(&t, "con_feed", &event(&id))
-            .await
-            .unwrap();
+        assert!(insert_one(&*store, &t, &id).await);
         newer.push(id);
     }
     let mut batches = Vec::new();
@@ -276,10 +281,7 @@ async fn retention_deletes_only_old_feed_rows_in_batches(backend: Backend) {
     assert_eq!(feed_ids(store.as_ref(), &t).await, newer);
     // The worker's pass: a retention of 2 s keeps what was received since.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    store
-        .insert_webhook_event(&t, "con_feed", &event("evt_fresh"))
-        .await
-        .unwrap();
+    assert!(insert_one(&*store, &t, "evt_fresh").await);
     let deleted =
         atlas_stripe::retention::purge(store.as_ref(), Retained::Events, Duration::from_secs(2), 2)
             .await
