@@ -239,7 +239,10 @@ async fn counters_equal_a_recount(backend: Backend) {
     let partial = atlas_stripe::rotation::rewrap_all(&*store, &new, 1, Some(1))
         .await
         .unwrap();
-    assert_eq!(partial.rewrapped, 2, "an API key and its webhook secret, in one row");
+    assert_eq!(
+        partial.rewrapped, 2,
+        "an API key and its webhook secret, in one row"
+    );
     assert_counted(&db, &*store, "a partial rewrap").await;
     let rest = atlas_stripe::rotation::rewrap_all(&*store, &new, 2, None)
         .await
