@@ -170,14 +170,37 @@ def explain(args, label):
     return done.returncode == 0
 
 
+def rss_mib(pid):
+    """The resident set of PID now, in MiB (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def rewrap(args, to, secrets):
-    """`keys rewrap` to master key `to`: (seconds, peak RSS MiB), and `keys status`' line."""
+    """`keys rewrap` to master key `to`: (seconds, peak RSS MiB, peak RSS MiB over the
+    job's first quarter), and `keys status`' line. Flat memory is the second no higher than
+    the third: a job that held what it had rewrapped would grow as it went."""
     env = {**os.environ, "ATLAS_STRIPE__CRYPTO__ACTIVE_KEY_ID": to}
     started = time.monotonic()
     child = subprocess.Popen([args.bin, "keys", "rewrap", "--batch", "5000"], env=env,
                              stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
+    samples = []
+    while True:
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            break
+        rss = rss_mib(child.pid)
+        if rss is not None:
+            samples.append((time.monotonic() - started, rss))
+        time.sleep(0.1)
     seconds = time.monotonic() - started
+    early = [rss for at, rss in samples if at <= seconds / 4]
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"keys rewrap exited {os.waitstatus_to_exitcode(status)}")
     status_out = subprocess.run([args.bin, "keys", "status"], env=env, check=True,
@@ -188,7 +211,8 @@ def rewrap(args, to, secrets):
     if not progress.startswith("rewrap: 0 of"):
         raise SystemExit(f"keys status after the rewrap: {progress!r}")
     # ru_maxrss is in KiB on Linux.
-    return seconds, usage.ru_maxrss / 1024
+    peak = usage.ru_maxrss / 1024
+    return seconds, peak, max(early, default=peak)
 
 
 def measure(args, size, token, ops_token, active):
@@ -267,13 +291,15 @@ def main():
                       ("last_page_status", "last page of status=active")):
         target(f"connections list, {what} of 100, under 20 ms at {l}",
                f"{large[key]:.1f} ms (at {s}: {small[key]:.1f} ms)", large[key] < 20)
-    seconds, rss = large["rewrap"]
+    seconds, rss, rss_early = large["rewrap"]
     target(f"rewrap of {l} tenants' API keys and webhook secrets ({2 * args.large:,} "
            "secrets) under 120 s",
            f"{seconds:.1f} s = {2 * args.large / seconds:,.0f} secrets/s", seconds < 120)
-    rss_small = small["rewrap"][1]
-    target(f"rewrap peak RSS flat ({l} within 20% of {s})",
-           f"{rss:.1f} vs {rss_small:.1f} MiB", rss <= 1.2 * rss_small)
+    # At the small size the job ends before its pipeline fills (two batches of 5,000), so
+    # memory is judged within the large job: its peak against its first quarter's.
+    target(f"rewrap peak RSS flat at {l} (whole job within 20% of its first quarter)",
+           f"{rss:.1f} vs {rss_early:.1f} MiB (at {s}: {small['rewrap'][1]:.1f} MiB)",
+           rss <= 1.2 * rss_early)
     target(f"PostgreSQL disk per tenant at {l} within 1.5x of at {s}",
            f"{large['disk'] / 1024:.1f} KiB vs {small['disk'] / 1024:.1f} KiB per tenant",
            large["disk"] <= 1.5 * small["disk"])

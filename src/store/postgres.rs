@@ -399,6 +399,20 @@ pub fn hot_statements() -> Vec<HotStatement> {
                 "ARRAY['\\x00'::bytea, '\\x00'::bytea]",
             ],
         ),
+        hot(
+            "API keys and webhook secrets rewrapped",
+            REWRAP_PAIRS_UNNEST,
+            &[
+                "ARRAY['sec_x']",
+                "ARRAY['k1']",
+                "ARRAY['k2']",
+                "ARRAY['\\x00'::bytea]",
+                "ARRAY['whs_x']",
+                "ARRAY['k1']",
+                "ARRAY['k2']",
+                "ARRAY['\\x00'::bytea]",
+            ],
+        ),
         hot("webhook target", queries::FIND_WEBHOOK_TARGET, &["'con_x'"]),
         HotStatement {
             name: "event feed",
