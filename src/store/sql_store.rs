@@ -22,7 +22,7 @@ use super::rows::{
     ApiKeyRow, AuditRow, ConnectionRow, KeyFetchRow, KeyFetchTallyRow, SealedRowRaw,
     ServiceTokenRow, TenantRow, WebhookTargetRow,
 };
-use super::{queries, AttemptQuota, Backend, EventInsert, NotReady, Store, StoreError};
+use super::{queries, AttemptQuota, Backend, EventInsert, Inserted, NotReady, Store, StoreError};
 use crate::crypto::{MasterKeyId, Purpose};
 use crate::domain::{ConnectionStatus, Mode, Resource, TenantId};
 
@@ -228,7 +228,10 @@ where
         self.find_webhook_target(connection_id).await
     }
 
-    async fn insert_webhook_events(&self, batch: &[EventInsert]) -> Result<Vec<bool>, StoreError> {
+    async fn insert_webhook_events(
+        &self,
+        batch: &[EventInsert],
+    ) -> Result<Vec<Inserted>, StoreError> {
         self.insert_webhook_events(batch).await
     }
 
