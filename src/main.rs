@@ -46,12 +46,23 @@ fn keep_small_pages() {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// The runtime is built here rather than by `#[tokio::main]`, so that the allocator's
+/// options and the THP flag are in place before its worker threads and their stacks exist.
+fn main() -> ExitCode {
     keep_small_pages();
     return_freed_memory_at_once();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("atlas-stripe: could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let cli = atlas_stripe::cli::Cli::parse();
-    match atlas_stripe::cli::run(cli).await {
+    match runtime.block_on(atlas_stripe::cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("atlas-stripe: {e:#}");
