@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::{Database, Pool};
 
-use super::events::EventRef;
+use super::events::{EventRef, Inserted};
 use super::model::{KeyFetchTally, RewrappedPair, RewrappedRow};
 use super::queries::TallyStatements;
 use super::recovery::EventSource;
@@ -76,13 +76,12 @@ pub trait Dialect: Database {
     ) -> Result<(), StoreError>;
 
     /// Inserts events inside the caller's transaction so that feed order follows commit
-    /// order; for each row, whether it was stored (false: that event was already stored,
-    /// before or earlier in `rows`).
+    /// order; for each row, what became of it.
     async fn insert_events(
         conn: &mut Self::Connection,
         rows: &[EventRef<'_>],
         source: EventSource,
-    ) -> Result<Vec<bool>, StoreError>;
+    ) -> Result<Vec<Inserted>, StoreError>;
 
     /// Inside the caller's transaction that wrote the outbox: wakes the deliverers. On
     /// PostgreSQL a notice every instance hears at commit; on SQLite this process's own
@@ -91,10 +90,10 @@ pub trait Dialect: Database {
     async fn outbox_written(conn: &mut Self::Connection) -> Result<(), StoreError>;
 
     /// Inserts a batch of verified deliveries in one transaction, so that feed order
-    /// follows commit order; for each, whether it was stored (false: a redelivery). Either
-    /// all of the batch is committed or none of it.
+    /// follows commit order; for each, what became of it. Either all of the batch is
+    /// committed or none of it.
     async fn insert_events_in_feed_order(
         pool: &Pool<Self>,
         rows: &[EventRef<'_>],
-    ) -> Result<Vec<bool>, StoreError>;
+    ) -> Result<Vec<Inserted>, StoreError>;
 }

@@ -11,11 +11,13 @@ use super::sql_store::SqlStore;
 use super::{queries, StoreError};
 use crate::domain::TenantId;
 
-/// One verified delivery to store: the event, and the tenant and connection it came to.
+/// One verified delivery to store: the event, the tenant and connection it came to, and
+/// the webhook secret its signature was checked with.
 #[derive(Clone, Debug)]
 pub struct EventInsert {
     pub tenant: TenantId,
     pub connection_id: String,
+    pub webhook_secret_id: String,
     pub event: NewEvent,
 }
 
@@ -24,6 +26,7 @@ impl EventInsert {
         EventRef {
             tenant: &self.tenant,
             connection_id: &self.connection_id,
+            webhook_secret_id: Some(&self.webhook_secret_id),
             event: &self.event,
         }
     }
@@ -34,7 +37,21 @@ impl EventInsert {
 pub struct EventRef<'a> {
     pub tenant: &'a TenantId,
     pub connection_id: &'a str,
+    /// Stored only while the connection still has this webhook secret (a delivery checked
+    /// against a cached secret); `None`: no such condition (recovered events).
+    pub webhook_secret_id: Option<&'a str>,
     pub event: &'a NewEvent,
+}
+
+/// What became of one event of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    Stored,
+    /// Stored before, or earlier in the same batch.
+    Duplicate,
+    /// Nothing stored: the connection no longer has the webhook secret the delivery was
+    /// checked with (its endpoint was replaced, or it was disconnected).
+    SecretChanged,
 }
 
 /// Which rows of a batch to insert: the first of each (connection, event id), in key
@@ -88,12 +105,13 @@ where
     pub(super) async fn insert_webhook_events(
         &self,
         batch: &[EventInsert],
-    ) -> Result<Vec<bool>, StoreError> {
+    ) -> Result<Vec<Inserted>, StoreError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        // No read before the write: a redelivery is answered by the same statement (it
-        // inserts nothing), so a batch costs one round trip whatever it holds.
+        // No read before the write: a redelivery, and a secret replaced since the delivery
+        // was checked, are answered by the same statement (it inserts nothing for them), so
+        // a batch costs one round trip whatever it holds.
         let rows: Vec<EventRef<'_>> = batch.iter().map(EventInsert::as_ref).collect();
         DB::insert_events_in_feed_order(&self.pool, &rows).await
     }

@@ -28,7 +28,7 @@ use time::OffsetDateTime;
 
 pub use dialect::Dialect;
 pub use error::{NotReady, StoreError};
-pub use events::{EventInsert, EventRef};
+pub use events::{EventInsert, EventRef, Inserted};
 pub use model::{
     Actor, AttemptQuota, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch,
     KeyFetchTally, NewConnection, NewEvent, NewServiceToken, RewrappedPair, RewrappedRow,
@@ -195,10 +195,13 @@ pub trait Store: Outbox + Send + Sync + 'static {
         connection_id: &str,
     ) -> Result<Option<WebhookTarget>, StoreError>;
 
-    /// Stores a batch of verified events, each once per (connection, Stripe event id), in
-    /// one transaction: all of it is committed or none. For each, false for a redelivery
-    /// (stored before, or earlier in the batch).
-    async fn insert_webhook_events(&self, batch: &[EventInsert]) -> Result<Vec<bool>, StoreError>;
+    /// Stores a batch of verified events, each once per (connection, Stripe event id) and
+    /// only while its connection still has the webhook secret it was checked with, in one
+    /// transaction: all of it is committed or none. For each, what became of it.
+    async fn insert_webhook_events(
+        &self,
+        batch: &[EventInsert],
+    ) -> Result<Vec<Inserted>, StoreError>;
 
     /// The tenant's events after `after` in feed order.
     async fn list_events(

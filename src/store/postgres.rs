@@ -1,6 +1,6 @@
 //! PostgreSQL, the production backend: stateless service instances share one cluster.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::dialect::Dialect;
-use super::events::{first_of_each, EventRef};
+use super::events::{first_of_each, EventRef, Inserted};
 use super::model::{KeyFetchTally, RewrappedPair, RewrappedRow};
 use super::queries::TallyStatements;
 use super::recovery::EventSource;
@@ -57,16 +57,24 @@ const REWRAP_PAIRS_UNNEST: &str = "UPDATE stripe_connections c \
 
 /// A batch of events in one statement (arrays unnested into rows, in the order given).
 /// Each row carries its transaction id; the feed holds back rows of transactions still
-/// running (`Dialect::FEED_HORIZON`). Returns the rows stored (a redelivery conflicts and
-/// is not returned).
-const INSERT_EVENTS_UNNEST: &str = "INSERT INTO webhook_events (tenant_id, txid, seq, \
-    connection_id, event_id, event_type, created, livemode, received_at, payload, source) \
-    SELECT v.tenant_id, pg_current_xact_id()::text::bigint, nextval('webhook_event_seq'), \
-    v.connection_id, v.event_id, v.event_type, v.created, v.livemode, $8, v.payload, $9 \
-    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::bool[], \
-    $7::text[]) AS v(tenant_id, connection_id, event_id, event_type, created, livemode, \
-    payload) \
-    ON CONFLICT (connection_id, event_id) DO NOTHING RETURNING connection_id, event_id";
+/// running (`Dialect::FEED_HORIZON`). A row with a webhook secret id (`$10`) is stored only
+/// while its connection still has that secret. Returns each row that may be stored, with
+/// whether it was (a redelivery conflicts and is not); a row not returned was not stored
+/// because its secret changed.
+const INSERT_EVENTS_UNNEST: &str = "WITH v AS (SELECT * FROM UNNEST($1::text[], $2::text[], \
+    $3::text[], $4::text[], $5::int8[], $6::bool[], $7::text[], $10::text[]) \
+    AS v(tenant_id, connection_id, event_id, event_type, created, livemode, payload, \
+    secret_id)), \
+    live AS (SELECT * FROM v WHERE v.secret_id IS NULL OR EXISTS (SELECT 1 \
+    FROM stripe_connections c WHERE c.connection_id = v.connection_id \
+    AND c.webhook_secret_id = v.secret_id)), \
+    ins AS (INSERT INTO webhook_events (tenant_id, txid, seq, connection_id, event_id, \
+    event_type, created, livemode, received_at, payload, source) \
+    SELECT tenant_id, pg_current_xact_id()::text::bigint, nextval('webhook_event_seq'), \
+    connection_id, event_id, event_type, created, livemode, $8, payload, $9 FROM live \
+    ON CONFLICT (connection_id, event_id) DO NOTHING RETURNING connection_id, event_id) \
+    SELECT live.connection_id, live.event_id, EXISTS (SELECT 1 FROM ins \
+    WHERE ins.connection_id = live.connection_id AND ins.event_id = live.event_id) FROM live";
 
 #[async_trait]
 impl Dialect for Postgres {
@@ -208,7 +216,7 @@ impl Dialect for Postgres {
         conn: &mut PgConnection,
         rows: &[EventRef<'_>],
         source: EventSource,
-    ) -> Result<Vec<bool>, StoreError> {
+    ) -> Result<Vec<Inserted>, StoreError> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -220,7 +228,8 @@ impl Dialect for Postgres {
         let created: Vec<i64> = unique.iter().map(|r| r.event.created).collect();
         let livemode: Vec<bool> = unique.iter().map(|r| r.event.livemode).collect();
         let payloads: Vec<&str> = unique.iter().map(|r| r.event.payload.as_str()).collect();
-        let inserted: Vec<(String, String)> = sqlx::query_as(INSERT_EVENTS_UNNEST)
+        let secrets: Vec<Option<&str>> = unique.iter().map(|r| r.webhook_secret_id).collect();
+        let live: Vec<(String, String, bool)> = sqlx::query_as(INSERT_EVENTS_UNNEST)
             .bind(&tenants)
             .bind(&connections)
             .bind(&ids)
@@ -230,18 +239,25 @@ impl Dialect for Postgres {
             .bind(&payloads)
             .bind(crate::clock::now())
             .bind(source.as_str())
+            .bind(&secrets)
             .fetch_all(conn)
             .await?;
-        let inserted: HashSet<(&str, &str)> = (inserted.iter())
-            .map(|(c, e)| (c.as_str(), e.as_str()))
+        let live: HashMap<(&str, &str), bool> = (live.iter())
+            .map(|(c, e, stored)| ((c.as_str(), e.as_str()), *stored))
             .collect();
-        Ok(slot
-            .iter()
-            .map(|s| {
-                s.is_some_and(|u| {
-                    let r = unique[u];
-                    inserted.contains(&(r.connection_id, r.event.event_id.as_str()))
-                })
+        let outcome =
+            |r: &EventRef<'_>| match live.get(&(r.connection_id, r.event.event_id.as_str())) {
+                Some(true) => Inserted::Stored,
+                Some(false) => Inserted::Duplicate,
+                None => Inserted::SecretChanged,
+            };
+        // A repeat within the batch fares as its first: not stored because of a changed
+        // secret, or else a duplicate.
+        Ok((slot.iter().zip(rows))
+            .map(|(s, r)| match (s, outcome(r)) {
+                (Some(_), outcome) => outcome,
+                (None, Inserted::SecretChanged) => Inserted::SecretChanged,
+                (None, _) => Inserted::Duplicate,
             })
             .collect())
     }
@@ -250,7 +266,7 @@ impl Dialect for Postgres {
     async fn insert_events_in_feed_order(
         pool: &PgPool,
         rows: &[EventRef<'_>],
-    ) -> Result<Vec<bool>, StoreError> {
+    ) -> Result<Vec<Inserted>, StoreError> {
         let mut conn = pool.acquire().await?;
         Self::insert_events(&mut conn, rows, EventSource::Webhook).await
     }

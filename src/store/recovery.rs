@@ -11,7 +11,7 @@ use sqlx::{Encode, Executor, FromRow, IntoArguments, Type};
 use time::OffsetDateTime;
 
 use super::dialect::Dialect;
-use super::events::EventRef;
+use super::events::{EventRef, Inserted};
 use super::model::{NewEvent, StoredWebhook};
 use super::rows::parse_tenant_id;
 use super::sql_store::SqlStore;
@@ -326,12 +326,14 @@ where
             .map(|event| EventRef {
                 tenant,
                 connection_id,
+                // Listed from Stripe with the API key: no webhook secret to hold it to.
+                webhook_secret_id: None,
                 event,
             })
             .collect();
         let stored = (DB::insert_events(&mut tx, &rows, EventSource::Recovered).await?)
             .into_iter()
-            .filter(|&stored| stored)
+            .filter(|&inserted| inserted == Inserted::Stored)
             .count() as u64;
         tx.commit().await?;
         Ok(Some(stored))

@@ -22,7 +22,9 @@ use super::rows::{
     ApiKeyRow, AuditRow, ConnectionRow, KeyFetchRow, KeyFetchTallyRow, SealedPairRaw, SealedRowRaw,
     ServiceTokenRow, TenantRow, WebhookTargetRow,
 };
-use super::{queries, AttemptQuota, Backend, EventInsert, NotReady, Retained, Store, StoreError};
+use super::{
+    queries, AttemptQuota, Backend, EventInsert, Inserted, NotReady, Retained, Store, StoreError,
+};
 use crate::crypto::{MasterKeyId, Purpose};
 use crate::domain::{ConnectionStatus, Mode, Resource, TenantId};
 
@@ -255,7 +257,10 @@ where
         self.find_webhook_target(connection_id).await
     }
 
-    async fn insert_webhook_events(&self, batch: &[EventInsert]) -> Result<Vec<bool>, StoreError> {
+    async fn insert_webhook_events(
+        &self,
+        batch: &[EventInsert],
+    ) -> Result<Vec<Inserted>, StoreError> {
         self.insert_webhook_events(batch).await
     }
 

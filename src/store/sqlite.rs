@@ -12,7 +12,7 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 
 use super::dialect::Dialect;
-use super::events::EventRef;
+use super::events::{EventRef, Inserted};
 use super::model::{KeyFetchTally, RewrappedPair, RewrappedRow};
 use super::queries::{self, TallyStatements};
 use super::recovery::EventSource;
@@ -42,11 +42,18 @@ const REWRAP_PAIR: &str = "UPDATE stripe_connections SET master_key_id = $3, \
     WHERE api_key_secret_id = $1 AND master_key_id = $2 RETURNING webhook_master_key_id";
 
 /// A per-tenant sequence number taken in the writing transaction, only for an event not
-/// stored yet (a duplicate takes none). As the transaction's first write it takes SQLite's
-/// write lock up front.
+/// stored yet (a duplicate takes none) whose connection still has the webhook secret `$4`
+/// it was checked with (`$4` NULL: no such condition). As the transaction's first write it
+/// takes SQLite's write lock up front.
 const NEXT_EVENT_SEQ_IF_NEW: &str = "UPDATE tenants SET event_seq = event_seq + 1 \
     WHERE tenant_id = $1 AND NOT EXISTS (SELECT 1 FROM webhook_events \
-    WHERE connection_id = $2 AND event_id = $3) RETURNING event_seq";
+    WHERE connection_id = $2 AND event_id = $3) \
+    AND ($4 IS NULL OR EXISTS (SELECT 1 FROM stripe_connections \
+    WHERE connection_id = $2 AND webhook_secret_id = $4)) RETURNING event_seq";
+
+/// Whether the connection has the webhook secret.
+const HAS_WEBHOOK_SECRET: &str = "SELECT COUNT(*) FROM stripe_connections \
+    WHERE connection_id = $1 AND webhook_secret_id = $2";
 
 const INSERT_EVENT_WITH_SEQ: &str = "INSERT INTO webhook_events (tenant_id, txid, seq, \
     connection_id, event_id, event_type, created, livemode, received_at, payload, source) \
@@ -185,7 +192,7 @@ impl Dialect for Sqlite {
         conn: &mut SqliteConnection,
         rows: &[EventRef<'_>],
         source: EventSource,
-    ) -> Result<Vec<bool>, StoreError> {
+    ) -> Result<Vec<Inserted>, StoreError> {
         let received_at = crate::clock::now();
         let mut stored = Vec::with_capacity(rows.len());
         for row in rows {
@@ -193,19 +200,13 @@ impl Dialect for Sqlite {
                 .bind(row.tenant.as_str())
                 .bind(row.connection_id)
                 .bind(row.event.event_id.as_str())
+                .bind(row.webhook_secret_id)
                 .fetch_optional(&mut *conn)
                 .await?;
             let Some(seq) = seq else {
-                // Already stored (before, or earlier in this batch), or no such tenant.
-                let seen: i64 = sqlx::query_scalar(queries::EVENT_SEEN)
-                    .bind(row.connection_id)
-                    .bind(row.event.event_id.as_str())
-                    .fetch_one(&mut *conn)
-                    .await?;
-                if seen == 0 {
-                    return Err(StoreError::TenantMissing);
-                }
-                stored.push(false);
+                // Already stored (before, or earlier in this batch), the secret changed, or
+                // no such tenant.
+                stored.push(not_inserted(conn, row).await?);
                 continue;
             };
             let inserted = sqlx::query(INSERT_EVENT_WITH_SEQ)
@@ -222,7 +223,11 @@ impl Dialect for Sqlite {
                 .execute(&mut *conn)
                 .await?
                 .rows_affected();
-            stored.push(inserted == 1);
+            stored.push(if inserted == 1 {
+                Inserted::Stored
+            } else {
+                Inserted::Duplicate
+            });
         }
         Ok(stored)
     }
@@ -231,12 +236,38 @@ impl Dialect for Sqlite {
     async fn insert_events_in_feed_order(
         pool: &SqlitePool,
         rows: &[EventRef<'_>],
-    ) -> Result<Vec<bool>, StoreError> {
+    ) -> Result<Vec<Inserted>, StoreError> {
         let mut tx = pool.begin().await?;
         let stored = Self::insert_events(&mut tx, rows, EventSource::Webhook).await?;
         tx.commit().await?;
         Ok(stored)
     }
+}
+
+/// Why an event took no sequence number.
+async fn not_inserted(
+    conn: &mut SqliteConnection,
+    row: &EventRef<'_>,
+) -> Result<Inserted, StoreError> {
+    let seen: i64 = sqlx::query_scalar(queries::EVENT_SEEN)
+        .bind(row.connection_id)
+        .bind(row.event.event_id.as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+    if seen > 0 {
+        return Ok(Inserted::Duplicate);
+    }
+    if let Some(secret_id) = row.webhook_secret_id {
+        let has: i64 = sqlx::query_scalar(HAS_WEBHOOK_SECRET)
+            .bind(row.connection_id)
+            .bind(secret_id)
+            .fetch_one(&mut *conn)
+            .await?;
+        if has == 0 {
+            return Ok(Inserted::SecretChanged);
+        }
+    }
+    Err(StoreError::TenantMissing)
 }
 
 /// Creates `dir` (and its missing parents) mode 0700; an existing directory is left as is.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::store::{EventInsert, Store, StoreError};
+use crate::store::{EventInsert, Inserted, Store, StoreError};
 
 /// Batches committing at once. More than one, so one batch's WAL flush overlaps the next
 /// batch's statement; few, so that under load deliveries gather into large batches rather
@@ -32,7 +32,7 @@ pub struct BatchSettings {
 /// A delivery waiting for its batch's commit.
 struct Pending {
     row: EventInsert,
-    answer: oneshot::Sender<Result<bool, StoreError>>,
+    answer: oneshot::Sender<Result<Inserted, StoreError>>,
 }
 
 /// Hands verified events to the batch collector, which runs until the committer is
@@ -51,9 +51,8 @@ impl GroupCommitter {
         Self { queue }
     }
 
-    /// Stores the event in the next batch; true when it was new, false for a redelivery
-    /// (stored before, or earlier in the same batch). Returns once the batch has committed.
-    pub async fn store(&self, row: EventInsert) -> Result<bool, StoreError> {
+    /// Stores the event in the next batch; what became of it once the batch has committed.
+    pub async fn store(&self, row: EventInsert) -> Result<Inserted, StoreError> {
         let (answer, answered) = oneshot::channel();
         (self.queue.send(Pending { row, answer })).map_err(|_| stopped())?;
         // Dropped unanswered: the collector stopped or the commit task died; nothing tells

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use atlas_stripe::domain::{Mode, TenantId};
 use atlas_stripe::store::{
-    Actor, EventCursor, EventInsert, KeyFetchTally, NewEvent, Retained, Store,
+    Actor, EventCursor, EventInsert, Inserted, KeyFetchTally, NewEvent, Retained, Store,
+    StoredWebhook, WebhookChange,
 };
 
 use crate::backend_tests;
@@ -220,14 +221,31 @@ fn event(id: &str) -> NewEvent {
     }
 }
 
+/// Saves `t`'s connection `con_feed` with the webhook secret `whs_feed` deliveries are
+/// checked with (a delivery is stored only while its connection has that secret).
+async fn connect_feed(store: &dyn Store, t: &TenantId) {
+    let mut connection = new_connection(t.as_str(), Mode::Test, "sec_feed");
+    connection.connection_id = "con_feed".into();
+    connection.webhook = WebhookChange::Set(StoredWebhook {
+        endpoint_id: "we_feed".into(),
+        secret_id: "whs_feed".into(),
+        sealed: connection.sealed.clone(),
+    });
+    store
+        .save_connection(&connection, &Actor::Cli)
+        .await
+        .unwrap();
+}
+
 /// Stores one delivered event for `t`; whether it was new.
 async fn insert_one(store: &dyn Store, t: &TenantId, id: &str) -> bool {
     let batch = [EventInsert {
         tenant: t.clone(),
         connection_id: "con_feed".into(),
+        webhook_secret_id: "whs_feed".into(),
         event: event(id),
     }];
-    store.insert_webhook_events(&batch).await.unwrap()[0]
+    store.insert_webhook_events(&batch).await.unwrap()[0] == Inserted::Stored
 }
 
 async fn feed_ids(store: &dyn Store, t: &TenantId) -> Vec<String> {
@@ -249,6 +267,7 @@ async fn retention_deletes_only_old_feed_rows_in_batches(backend: Backend) {
         .upsert_tenant(&t, Mode::Test, &Actor::Cli)
         .await
         .unwrap();
+    connect_feed(&*store, &t).await;
     for i in 0..25 {
         assert!(insert_one(&*store, &t, &format!("evt_old_{i:02}")).await);
     }

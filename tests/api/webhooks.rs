@@ -24,6 +24,7 @@ backend_tests!(
     duplicates_are_flagged_exactly_in_and_across_batches,
     the_feed_keeps_its_order_under_concurrent_batches,
     a_lone_delivery_waits_at_most_the_batch_wait,
+    a_replaced_or_removed_secret_is_not_taken_from_the_cache,
 );
 
 async fn connected(backend: Backend, mode: Mode) -> (TestApp, FakeEndpoints, String) {
@@ -888,4 +889,71 @@ async fn a_lone_delivery_waits_at_most_the_batch_wait(backend: Backend) {
             "a lone delivery took {took:?}, more than the batch wait ({wait:?}) and a margin"
         );
     }
+}
+
+async fn a_replaced_or_removed_secret_is_not_taken_from_the_cache(backend: Backend) {
+    let (app, endpoints, connection_id) = connected(backend, Mode::Test).await;
+    let old_secret = endpoints.secret_for(&connection_id);
+    let send = |id: &str, secret: &str| {
+        let body = event(id, false);
+        let signature = signed(secret, &body, 0);
+        let (app, connection_id) = (&app, &connection_id);
+        async move { deliver(app, connection_id, &body, Some(signature)).await }
+    };
+    // The first delivery puts the connection's target in the receiver's cache.
+    assert_eq!(send("evt_1", &old_secret).await.status(), 200);
+    // The endpoint is registered again with a new secret (as after it was deleted on
+    // Stripe), behind the cache's back.
+    let tenant = TenantId::parse("ten_1").unwrap();
+    let record = app.store.find_connection(&tenant).await.unwrap().unwrap();
+    let old = record.webhook.clone().unwrap();
+    let new_secret = atlas_stripe::domain::random_id("whsec_", 32);
+    let new_secret_id = atlas_stripe::domain::random_id("whs_", 20);
+    let sealed = app
+        .keyring()
+        .seal(
+            &atlas_stripe::crypto::SecretContext::webhook_secret(
+                &new_secret_id,
+                &tenant,
+                Mode::Test,
+            ),
+            new_secret.as_bytes(),
+        )
+        .unwrap();
+    let replaced = app
+        .store
+        .replace_webhook(
+            &tenant,
+            &record.secret_id,
+            &old.endpoint_id,
+            &atlas_stripe::store::StoredWebhook {
+                endpoint_id: "we_again".into(),
+                secret_id: new_secret_id,
+                sealed,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(replaced);
+    // Signed with the old secret: refused, though the cache still holds it.
+    assert_error(send("evt_2", &old_secret).await, 400, "webhook_rejected").await;
+    // Signed with the new one: stored.
+    assert_eq!(
+        json(send("evt_3", &new_secret).await).await,
+        json!({"received": true, "duplicate": false})
+    );
+    assert_eq!(
+        app.db
+            .scalar("SELECT COUNT(*) FROM webhook_events WHERE event_id IN ('evt_2', 'evt_3')")
+            .await,
+        1
+    );
+    // Disconnected: the connection is unknown, whatever the cache held.
+    assert_eq!(
+        app.tenant_request(Method::DELETE, "ten_1", "")
+            .await
+            .status(),
+        204
+    );
+    assert_error(send("evt_4", &new_secret).await, 404, "unknown_connection").await;
 }
