@@ -22,6 +22,7 @@ import random
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import string
 import subprocess
@@ -93,10 +94,16 @@ class StripeStandin(ThreadingHTTPServer):
         self.instance_bases = instance_bases  # callable: the live instances' base URLs
         self.rng = rng
         self.counts = collections.Counter()
+        self.created_at = {}  # we_… -> monotonic time of its creation (diagnostics)
         self.deliveries = []  # heap-less list of (due, event, attempt); guarded by lock
         self.delivering = threading.Event()
         self.turn = 0
         threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def handle_error(self, request, client_address):
+        # A caller killed mid-request (an instance under kill -9) resets its connection.
+        with self.lock:
+            self.counts["connections reset by a caller"] += 1
 
     def stop(self):
         self.delivering.clear()
@@ -280,6 +287,7 @@ class StandinHandler(BaseHTTPRequestHandler):
                     "secret": "whsec_" + "".join(secrets.choice(ALNUM) for _ in range(32)),
                 }
                 account.endpoints[endpoint["id"]] = endpoint
+                s.created_at[endpoint["id"]] = time.monotonic()
                 s.counts["endpoints created"] += 1
                 replay = (200, dict(endpoint))
                 if idempotency:
@@ -346,6 +354,10 @@ class Receiver(ThreadingHTTPServer):
         self.refused = 0
         self.rng = rng
         threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def handle_error(self, request, client_address):
+        # A deliverer killed mid-request resets its connection: its retry is what counts.
+        pass
 
     def stop(self):
         self.shutdown()
@@ -480,6 +492,8 @@ class Chaos:
         self.old_key_id, self.new_key_id = "chaos1", "chaos2"
         self.rewrap_proc = None
         self.harness_errors = []
+        self.fault_times = []
+        self.load_started = time.monotonic()
         self.finished = threading.Event()
 
     # --- set-up
@@ -696,6 +710,7 @@ class Chaos:
             if not self.running.is_set():
                 return
             self.faults[fault] += 1
+            self.fault_times.append((time.monotonic(), fault))
             try:
                 self.inject(fault, arg)
             except Exception as e:  # noqa: BLE001 -- a fault that could not be injected fails the run
@@ -750,11 +765,11 @@ class Chaos:
         with open(os.path.join(self.args.artifacts, "rewrap.log"), "a") as out:
             for attempt in range(1, 30):
                 self.rewrap_runs = attempt
-                proc = subprocess.Popen([self.args.bin, "keys", "rewrap", "--batch", "10"],
+                proc = subprocess.Popen([self.args.bin, "keys", "rewrap", "--batch", "2"],
                                         env=self.env(), stdout=out, stderr=subprocess.STDOUT)
                 self.rewrap_proc = proc
                 if attempt == 1:
-                    time.sleep(0.3)
+                    time.sleep(0.15)
                     if proc.poll() is None:
                         proc.kill()
                         self.faults["kill -9 of the rewrap"] += 1
@@ -779,7 +794,7 @@ class Chaos:
         self.seed_tenants()
         log("load and faults")
         self.running.set()
-        started = time.monotonic()
+        started = self.load_started = time.monotonic()
         threads = [threading.Thread(target=self.worker, args=(random.Random(self.seed * 100 + i),))
                    for i in range(6)]
         threads.append(threading.Thread(target=self.event_source,
@@ -822,7 +837,8 @@ class Chaos:
     # --- the database
 
     def sql(self, query):
-        out = subprocess.run([os.path.join(self.args.pg_bin, "psql"), "-X", "-q", "-A", "-t",
+        psql = shutil.which("psql") or os.path.join(self.args.pg_bin, "psql")
+        out = subprocess.run([psql, "-X", "-q", "-A", "-t",
                               "-F", "\t", "-v", "ON_ERROR_STOP=1", self.args.database_url,
                               "-c", query], check=True, stdout=subprocess.PIPE, text=True).stdout
         return [line.split("\t") for line in out.splitlines() if line]
@@ -897,6 +913,16 @@ class Chaos:
                     wrong.append(tenant)
             elif endpoints:
                 orphaned.append(tenant)
+        for tenant in (wrong + orphaned)[:5]:
+            stored = connected.get(tenant)
+            found = "; ".join(
+                f"{e} for {u.rsplit('/', 1)[1]} created at "
+                f"{self.stripe.created_at.get(e, 0) - self.load_started:.1f} s"
+                for e, u in ours.get(tenant, []))
+            print(f"        {tenant}: stored {stored}; on Stripe: {found or 'none'}")
+        kills = ", ".join(f"{at - self.load_started:.1f}" for at, _ in self.fault_times)
+        if wrong or orphaned:
+            print(f"        faults at (s): {kills}")
         line(not orphaned and not wrong,
              f"endpoints: {len(connected)} connected tenants, "
              f"{len(connected) - len(wrong)} with exactly their own endpoint; "
