@@ -246,6 +246,11 @@ async fn workers(
         store.clone(),
         stop.clone(),
     )?);
+    // Endpoints a disconnect could not delete from Stripe: always swept (cheap when none).
+    handles.push(crate::connection::spawn_endpoint_cleanup(
+        connections.clone(),
+        stop.clone(),
+    ));
     if settings.reverify.enabled {
         let reverifier = Reverifier::new(
             store.clone(),

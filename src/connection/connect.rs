@@ -166,10 +166,22 @@ impl ConnectionService {
                 .ok_or(ConnectError::NotConnected)?;
             let cleanup = self.delete_endpoint_of(&record).await;
             let endpoint_id = record.webhook.as_ref().map(|w| w.endpoint_id.as_str());
-            if (self.store)
-                .delete_connection(tenant, endpoint_id, actor)
-                .await?
-            {
+            let deleted = match (cleanup, endpoint_id) {
+                // Stripe gave no conclusive answer: the key is kept with the endpoint so
+                // that a later try deletes it, or it would outlive the connection on an
+                // account we no longer hold.
+                (StripeCleanup::Failed, Some(endpoint_id)) => {
+                    (self.store)
+                        .delete_connection_leaving_endpoint(tenant, endpoint_id, actor)
+                        .await?
+                }
+                _ => {
+                    (self.store)
+                        .delete_connection(tenant, endpoint_id, actor)
+                        .await?
+                }
+            };
+            if deleted {
                 return Ok(cleanup);
             }
         }

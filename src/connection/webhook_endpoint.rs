@@ -35,6 +35,35 @@ impl StripeCleanup {
     }
 }
 
+/// How soon an endpoint left on Stripe is tried again after Stripe gave no conclusive answer.
+const CLEANUP_RETRY: time::Duration = time::Duration::seconds(60);
+/// Endpoints tried per sweep.
+const CLEANUP_BATCH: i64 = 50;
+/// How often each process sweeps.
+const CLEANUP_TICK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The sweep of endpoints left on Stripe, every [`CLEANUP_TICK`] (spread), until `stop`.
+pub fn spawn_endpoint_cleanup(
+    connections: std::sync::Arc<ConnectionService>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let pause =
+                CLEANUP_TICK.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5));
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.wait_for(|stopped| *stopped) => return,
+            }
+            while connections.clean_up_left_endpoints().await == CLEANUP_BATCH as usize {
+                if *stop.borrow() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
 impl ConnectionService {
     fn our_webhook_url(&self, connection_id: &str) -> String {
         format!(
@@ -298,14 +327,25 @@ impl ConnectionService {
                 return StripeCleanup::Failed;
             }
         };
-        let ours = self.our_webhook_url(&record.connection_id);
+        self.delete_if_ours(&key, &webhook.endpoint_id, &record.connection_id)
+            .await
+    }
+
+    /// Deletes `endpoint_id` if its URL is still ours for `connection_id`.
+    async fn delete_if_ours(
+        &self,
+        key: &StripeKey,
+        endpoint_id: &str,
+        connection_id: &str,
+    ) -> StripeCleanup {
+        let ours = self.our_webhook_url(connection_id);
         match (self.stripe)
-            .send(&key, &webhooks::retrieve_request(&webhook.endpoint_id))
+            .send(key, &webhooks::retrieve_request(endpoint_id))
             .await
         {
             Ok(reply) if reply.status == 404 => StripeCleanup::AlreadyGone,
             Ok(reply) if reply.status == 200 && webhooks::endpoint_url(&reply) == Some(&ours) => {
-                if self.delete_endpoint(&key, &webhook.endpoint_id).await {
+                if self.delete_endpoint(key, endpoint_id).await {
                     StripeCleanup::Deleted
                 } else {
                     StripeCleanup::Failed
@@ -314,6 +354,48 @@ impl ConnectionService {
             Ok(reply) if reply.status == 200 => StripeCleanup::NotOurs,
             _ => StripeCleanup::Failed,
         }
+    }
+
+    /// Tries again to delete the endpoints that disconnects left on Stripe (it gave no
+    /// conclusive answer then). Returns how many were settled; the others are tried again
+    /// after [`CLEANUP_RETRY`].
+    pub async fn clean_up_left_endpoints(&self) -> usize {
+        let now = crate::clock::now();
+        let claimed = match (self.store)
+            .claim_endpoint_cleanups(now, now + CLEANUP_RETRY, CLEANUP_BATCH)
+            .await
+        {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not claim endpoints left on Stripe");
+                return 0;
+            }
+        };
+        let mut settled = 0;
+        for left in claimed {
+            let outcome = match (self.keyring).open_stripe_key(&left.key.context, &left.key.sealed)
+            {
+                Ok(key) => {
+                    (self.delete_if_ours(&key, &left.endpoint_id, &left.connection_id)).await
+                }
+                Err(e) => {
+                    // Nothing will ever open it: dropped, loudly.
+                    tracing::warn!(endpoint_id = %left.endpoint_id, error = %e,
+                        "could not open the key kept to delete a webhook endpoint; giving up");
+                    StripeCleanup::NotOurs
+                }
+            };
+            metrics::counter!("atlas_endpoint_cleanups_total", "result" => outcome.as_str())
+                .increment(1);
+            if outcome == StripeCleanup::Failed {
+                continue;
+            }
+            match self.store.finish_endpoint_cleanup(&left.endpoint_id).await {
+                Ok(()) => settled += 1,
+                Err(e) => tracing::warn!(error = %e, "could not record an endpoint cleanup"),
+            }
+        }
+        settled
     }
 
     /// Deletes one of our endpoints, best effort; true when it is gone.

@@ -7,6 +7,7 @@
 
 mod connections;
 mod dialect;
+mod endpoint_cleanups;
 mod error;
 mod events;
 mod model;
@@ -27,6 +28,7 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 pub use dialect::Dialect;
+pub use endpoint_cleanups::EndpointCleanup;
 pub use error::{NotReady, StoreError};
 pub use model::{
     Actor, AttemptQuota, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch,
@@ -192,6 +194,28 @@ pub trait Store: Outbox + Send + Sync + 'static {
         endpoint_id: Option<&str>,
         actor: &Actor,
     ) -> Result<bool, StoreError>;
+
+    /// As `delete_connection`, for a connection whose endpoint could not be deleted from
+    /// Stripe: in the same transaction its sealed API key is kept beside `endpoint_id`, so
+    /// that a later try (`claim_endpoint_cleanups`) can still delete the endpoint.
+    async fn delete_connection_leaving_endpoint(
+        &self,
+        tenant: &TenantId,
+        endpoint_id: &str,
+        actor: &Actor,
+    ) -> Result<bool, StoreError>;
+
+    /// Up to `limit` endpoints left by a disconnect that are due for a try at `now`; each is
+    /// next due at `next_try` unless `finish_endpoint_cleanup` drops it first.
+    async fn claim_endpoint_cleanups(
+        &self,
+        now: OffsetDateTime,
+        next_try: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<EndpointCleanup>, StoreError>;
+
+    /// The endpoint is gone from Stripe (or not ours): forgets it and its sealed key.
+    async fn finish_endpoint_cleanup(&self, endpoint_id: &str) -> Result<(), StoreError>;
 
     /// Up to `limit` connections (of `status`, or all) whose connection id sorts after
     /// `after` (`""` for the first page), in connection-id order.

@@ -120,13 +120,18 @@ pub const COUNT_CONNECTIONS_BY_STATUS: &str =
 pub const COUNT_SECRETS_BY_MASTER_KEY: &str = "SELECT id, COUNT(*) FROM \
     (SELECT master_key_id AS id FROM stripe_connections \
     UNION ALL SELECT webhook_master_key_id FROM stripe_connections \
-    WHERE webhook_master_key_id IS NOT NULL) sealed GROUP BY id ORDER BY id";
+    WHERE webhook_master_key_id IS NOT NULL \
+    UNION ALL SELECT master_key_id FROM endpoint_cleanups) sealed GROUP BY id ORDER BY id";
 
-/// Sealed API keys not under master key `$1`, after secret id `$2`, `$3` at most.
-pub const API_KEYS_TO_REWRAP: &str = "SELECT tenant_id, mode, api_key_secret_id AS secret_id, \
+/// Sealed API keys not under master key `$1`, after secret id `$2`, `$3` at most: the
+/// connections' and those kept for an endpoint cleanup (`endpoint_cleanups`).
+pub const API_KEYS_TO_REWRAP: &str = "SELECT tenant_id, mode, secret_id, master_key_id, \
+    wrapped_key, ciphertext FROM (SELECT tenant_id, mode, api_key_secret_id AS secret_id, \
     master_key_id, wrapped_key, ciphertext FROM stripe_connections \
     WHERE master_key_id <> $1 AND api_key_secret_id > $2 \
-    ORDER BY api_key_secret_id LIMIT $3";
+    UNION ALL SELECT tenant_id, mode, api_key_secret_id, master_key_id, wrapped_key, \
+    ciphertext FROM endpoint_cleanups WHERE master_key_id <> $1 AND api_key_secret_id > $2) \
+    sealed ORDER BY secret_id LIMIT $3";
 
 /// Sealed webhook secrets, aliased like `API_KEYS_TO_REWRAP`.
 pub const WEBHOOK_SECRETS_TO_REWRAP: &str = "SELECT tenant_id, mode, \
