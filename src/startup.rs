@@ -36,6 +36,7 @@ pub struct Application {
     background: Vec<JoinHandle<()>>,
     stop_background: watch::Sender<bool>,
     service_token_cache: Arc<ServiceTokenCache>,
+    connections: Arc<ConnectionService>,
 }
 
 /// Opens the configured store and applies its migrations.
@@ -377,7 +378,7 @@ impl Application {
             &secrets,
             store,
             keyring,
-            connections,
+            connections.clone(),
             smoothing,
             &workers,
         );
@@ -395,7 +396,13 @@ impl Application {
             background: workers.handles,
             stop_background,
             service_token_cache: workers.service_tokens,
+            connections,
         })
+    }
+
+    /// The connection service, whose background sweeps a test runs by hand.
+    pub fn connections(&self) -> Arc<ConnectionService> {
+        self.connections.clone()
     }
 
     /// The service-token cache, whose own counts a test reads (the metric is per process).

@@ -1,9 +1,14 @@
 //! Our webhook endpoint on the tenant's account, and Stripe's deliveries to it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use atlas_stripe::auth::Scope;
 use atlas_stripe::domain::{Mode, TenantId};
 use reqwest::Method;
 use serde_json::json;
+use wiremock::matchers::path_regex;
+use wiremock::{Mock, ResponseTemplate};
 
 use crate::backend_tests;
 use crate::helpers::{assert_error, eventually, json, spawn_app, Backend, TestApp};
@@ -17,6 +22,7 @@ backend_tests!(
     same_account_replacement_keeps_the_endpoint,
     another_account_registers_anew_and_deletes_the_old,
     disconnect_deletes_only_our_endpoint,
+    an_endpoint_stripe_would_not_delete_is_deleted_later,
     signatures_are_checked,
     deliveries_are_stored_once,
     the_feed_pages_with_a_stable_cursor,
@@ -278,6 +284,64 @@ async fn disconnect_deletes_only_our_endpoint(backend: Backend) {
         .map(|r| r.url.path().to_owned())
         .collect();
     assert_eq!(deletes.len(), 1, "{deletes:?}");
+}
+
+/// Found by scripts/chaos: a disconnect while Stripe answered 500 deleted the connection and
+/// its key, and our endpoint stayed on an account we no longer held. Stripe is held down
+/// for the disconnect and for one sweep, then let up; the next sweep deletes it.
+async fn an_endpoint_stripe_would_not_delete_is_deleted_later(backend: Backend) {
+    let (app, endpoints, _) = connected(backend, Mode::Test).await;
+    let ours = endpoints.endpoints()[0].id.clone();
+    let down = StripeDown::default();
+    Mock::given(path_regex("^/v1/webhook_endpoints/we_"))
+        .and(down.clone())
+        .respond_with(ResponseTemplate::new(500).set_body_json(
+            json!({"error": {"type": "api_error", "message": "An unknown error occurred"}}),
+        ))
+        .with_priority(1)
+        .mount(&app.stripe)
+        .await;
+    down.set(true);
+    let response = app.tenant_request(Method::DELETE, "ten_1", "").await;
+    assert_eq!(response.status(), 204);
+    assert_eq!(response.headers()["atlas-stripe-cleanup"], "failed");
+    let kept = "SELECT COUNT(*) FROM endpoint_cleanups";
+    assert_eq!(
+        app.db.scalar(kept).await,
+        1,
+        "the key is kept for a later try"
+    );
+    app.connections.clean_up_left_endpoints().await;
+    assert_eq!(endpoints.endpoints()[0].id, ours, "Stripe still down: kept");
+    assert_eq!(app.db.scalar(kept).await, 1);
+
+    down.set(false);
+    // Due again now rather than after the retry wait (which the try above started).
+    app.db
+        .execute("UPDATE endpoint_cleanups SET due_at = '2000-01-01T00:00:00Z'")
+        .await;
+    app.connections.clean_up_left_endpoints().await;
+    assert!(
+        endpoints.endpoints().is_empty(),
+        "deleted once Stripe answered"
+    );
+    assert_eq!(app.db.scalar(kept).await, 0, "and its key with it");
+}
+
+/// Matches while set: Stripe unavailable, held and let up by the test.
+#[derive(Clone, Default)]
+struct StripeDown(Arc<AtomicBool>);
+
+impl StripeDown {
+    fn set(&self, down: bool) {
+        self.0.store(down, Ordering::SeqCst);
+    }
+}
+
+impl wiremock::Match for StripeDown {
+    fn matches(&self, _: &wiremock::Request) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 fn event(id: &str, livemode: bool) -> String {
