@@ -832,7 +832,9 @@ class Chaos:
                 time.sleep(0.2)
         while time.monotonic() < deadline:
             try:
-                if not self.missing_events() and not self.undelivered_announcements():
+                _, _, wrong, orphaned = self.endpoint_mismatches()
+                if not (self.missing_events() or self.undelivered_announcements() or wrong
+                        or orphaned):
                     break
             except subprocess.CalledProcessError:
                 pass
@@ -870,6 +872,27 @@ class Chaos:
         [[total]] = self.sql("SELECT count(*) FROM notifications")
         return int(count) + max(0, int(total) - len(received))
 
+    def endpoint_mismatches(self):
+        """(connections, our endpoints per tenant, connected tenants whose endpoints on
+        Stripe are not exactly theirs, disconnected tenants with one of ours left)."""
+        rows = self.sql("SELECT tenant_id, connection_id, coalesce(webhook_endpoint_id, '') "
+                        "FROM stripe_connections")
+        connected = {t: (c, w) for t, c, w in rows}
+        with self.stripe.lock:
+            ours = {t: [(e["id"], e["url"]) for e in a.endpoints.values()
+                        if e["url"].startswith(OUR_PREFIX)]
+                    for t, a in self.stripe.accounts.items()}
+        orphaned, wrong = [], []
+        for tenant in self.tenants:
+            endpoints = ours.get(tenant, [])
+            if tenant in connected:
+                connection_id, endpoint_id = connected[tenant]
+                if endpoints != [(endpoint_id, OUR_PREFIX + connection_id)]:
+                    wrong.append(tenant)
+            elif endpoints:
+                orphaned.append(tenant)
+        return connected, ours, wrong, orphaned
+
     # --- the invariants
 
     def check(self):
@@ -902,22 +925,7 @@ class Chaos:
              f"{missing} missing, {doubled} stored twice, {foreign} not sent to that tenant")
 
         # Endpoints: exactly the connected tenants' endpoints carry our URL.
-        rows = self.sql("SELECT tenant_id, connection_id, coalesce(webhook_endpoint_id, '') "
-                        "FROM stripe_connections")
-        connected = {t: (c, w) for t, c, w in rows}
-        with self.stripe.lock:
-            ours = {t: [(e["id"], e["url"]) for e in a.endpoints.values()
-                        if e["url"].startswith(OUR_PREFIX)]
-                    for t, a in self.stripe.accounts.items()}
-        orphaned, wrong = [], []
-        for tenant in self.tenants:
-            endpoints = ours.get(tenant, [])
-            if tenant in connected:
-                connection_id, endpoint_id = connected[tenant]
-                if endpoints != [(endpoint_id, OUR_PREFIX + connection_id)]:
-                    wrong.append(tenant)
-            elif endpoints:
-                orphaned.append(tenant)
+        connected, ours, wrong, orphaned = self.endpoint_mismatches()
         for tenant in (wrong + orphaned)[:5]:
             stored = connected.get(tenant)
             found = "; ".join(
