@@ -1,10 +1,14 @@
--- Our webhook endpoints that a disconnect could not delete from Stripe (Stripe gave no
--- conclusive answer at that moment). Written in the transaction that deletes the
--- connection, with the connection's sealed API key (same secret id, same associated data),
--- so that a later try can still delete the endpoint; the row goes once it is gone.
--- Without it, the endpoint outlives the connection on an account we no longer hold.
+-- Webhook endpoints of ours on Stripe that may outlive their connection, with the sealed API
+-- key that can still delete them (the same sealing as the connection's: no plaintext):
+--   * written before a connect registers an endpoint, and dropped once the connection that
+--     holds it is committed (or the endpoint deleted again): a process killed, or a save that
+--     failed while Stripe would not take the deletion, leaves the row, not a silent orphan;
+--   * written in the transaction that deletes a connection whose endpoint Stripe would not
+--     delete then.
+-- A sweep lists the account's endpoints, deletes every one whose URL names `connection_id`
+-- except the one a stored connection holds, and then drops the row.
 CREATE TABLE endpoint_cleanups (
-    endpoint_id        TEXT PRIMARY KEY,
+    cleanup_id         TEXT PRIMARY KEY,
     tenant_id          TEXT NOT NULL,
     connection_id      TEXT NOT NULL,
     mode               TEXT NOT NULL,
@@ -12,7 +16,8 @@ CREATE TABLE endpoint_cleanups (
     master_key_id      TEXT NOT NULL,
     wrapped_key        BLOB NOT NULL,
     ciphertext         BLOB NOT NULL,
-    -- The next try; a process taking a row moves it forward first (its lease).
+    -- The next try; a process taking a row moves it forward first (its lease). A connect's
+    -- row is due only once the connect has surely ended.
     due_at             TEXT NOT NULL
 );
 CREATE INDEX endpoint_cleanups_due_at ON endpoint_cleanups (due_at);

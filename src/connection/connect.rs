@@ -81,7 +81,7 @@ impl ConnectionService {
                 .as_ref()
                 .map(|c| c.connection_id.clone())
                 .unwrap_or_else(|| random_id("con_", 20));
-            let webhook = self
+            let (webhook, intent) = self
                 .webhook_for(&key, tenant, &connection_id, existing.as_ref())
                 .await?;
             let registered = match &webhook {
@@ -118,13 +118,17 @@ impl ConnectionService {
             };
             let saved = self.store.save_connection(&connection, actor).await;
             if saved.is_err() {
-                // Nothing half-stored here means no orphan there.
+                // Nothing half-stored here means no orphan there; when Stripe will not take
+                // the deletion, the intent stays for the sweep.
                 if let Some(endpoint_id) = &registered {
-                    self.delete_endpoint(&key, endpoint_id).await;
+                    if self.delete_endpoint(&key, endpoint_id).await {
+                        self.drop_intent(intent.clone()).await;
+                    }
                 }
             }
             match saved {
                 Ok(outcome) => {
+                    self.drop_intent(intent).await;
                     if let (Some(old), Some(new_id)) = (&existing, &registered) {
                         self.delete_replaced_endpoint(old, new_id).await;
                     }

@@ -216,7 +216,8 @@ where
         sqlx::query(endpoint_cleanups::KEEP)
             .bind(tenant.as_str())
             .bind(endpoint_id)
-            .bind(crate::clock::now())
+            .bind(crate::domain::random_id("epc_", 20))
+            .bind(now())
             .execute(&mut *tx)
             .await?;
         // Rolled back with the copy when the connection moved on meanwhile.

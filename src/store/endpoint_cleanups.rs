@@ -1,6 +1,7 @@
-//! Webhook endpoints of ours left on Stripe by a disconnect that could not delete them
-//! (Stripe gave no conclusive answer then): the connection's sealed API key is kept, in the
-//! transaction that deletes the connection, until a later try deletes the endpoint.
+//! Webhook endpoints of ours that may outlive their connection on Stripe, each kept with a
+//! sealed API key that can still delete it: written before a connect registers one (dropped
+//! once the connection holding it commits), or with the deletion of a connection whose
+//! endpoint Stripe would not delete then. A sweep settles them (`connection/webhook_endpoint.rs`).
 
 use sqlx::{Encode, Executor, FromRow, IntoArguments, Type};
 use time::OffsetDateTime;
@@ -10,40 +11,57 @@ use super::model::SealedRow;
 use super::rows::SealedRowRaw;
 use super::sql_store::SqlStore;
 use super::StoreError;
-use crate::crypto::Purpose;
+use crate::crypto::{Purpose, SealedSecret};
+use crate::domain::{Mode, TenantId};
 
-/// Copies the connection's sealed key beside its endpoint, under the same compare-and-swap
-/// as the deletion that follows in the same transaction (`$3`: the first try).
-pub(super) const KEEP: &str =
-    "INSERT INTO endpoint_cleanups (endpoint_id, tenant_id, connection_id, \
-    mode, api_key_secret_id, master_key_id, wrapped_key, ciphertext, due_at) \
-    SELECT webhook_endpoint_id, tenant_id, connection_id, mode, api_key_secret_id, \
-    master_key_id, wrapped_key, ciphertext, $3 FROM stripe_connections \
+/// Copies a connection's sealed key for its endpoint, under the same compare-and-swap as
+/// the deletion that follows in the same transaction (`$3`: the row's id, `$4`: due).
+pub(super) const KEEP: &str = "INSERT INTO endpoint_cleanups (cleanup_id, tenant_id, \
+    connection_id, mode, api_key_secret_id, master_key_id, wrapped_key, ciphertext, due_at) \
+    SELECT $3, tenant_id, connection_id, mode, api_key_secret_id, master_key_id, \
+    wrapped_key, ciphertext, $4 FROM stripe_connections \
     WHERE tenant_id = $1 AND webhook_endpoint_id = $2 ON CONFLICT DO NOTHING";
+
+const INSERT: &str = "INSERT INTO endpoint_cleanups (cleanup_id, tenant_id, connection_id, \
+    mode, api_key_secret_id, master_key_id, wrapped_key, ciphertext, due_at) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
 /// Takes due rows by moving their next try to `$2` (the lease: a process that dies holding
 /// one leaves it due again then); `Dialect::SKIP_LOCKED` goes between the two halves.
 const CLAIM: [&str; 2] = [
-    "UPDATE endpoint_cleanups SET due_at = $2 WHERE due_at <= $1 AND endpoint_id IN \
-     (SELECT endpoint_id FROM endpoint_cleanups WHERE due_at <= $1 ORDER BY due_at LIMIT $3",
-    ") RETURNING endpoint_id, connection_id, tenant_id, mode, api_key_secret_id AS secret_id, \
+    "UPDATE endpoint_cleanups SET due_at = $2 WHERE due_at <= $1 AND cleanup_id IN \
+     (SELECT cleanup_id FROM endpoint_cleanups WHERE due_at <= $1 ORDER BY due_at LIMIT $3",
+    ") RETURNING cleanup_id, connection_id, tenant_id, mode, api_key_secret_id AS secret_id, \
      master_key_id, wrapped_key, ciphertext",
 ];
 
-const FINISH: &str = "DELETE FROM endpoint_cleanups WHERE endpoint_id = $1";
+const FINISH: &str = "DELETE FROM endpoint_cleanups WHERE cleanup_id = $1";
 
-/// An endpoint to delete from Stripe, with the key that may delete it.
+/// A connect about to register an endpoint for `connection_id`, with the key sealed for it.
+#[derive(Debug)]
+pub struct EndpointIntent {
+    pub cleanup_id: String,
+    pub tenant_id: TenantId,
+    pub connection_id: String,
+    pub mode: Mode,
+    pub secret_id: String,
+    pub sealed: SealedSecret,
+    /// When the connect has surely ended: only then may a sweep take it.
+    pub due_at: OffsetDateTime,
+}
+
+/// Endpoints for a connection that may have outlived it, with the key that can delete them.
 #[derive(Debug)]
 pub struct EndpointCleanup {
-    pub endpoint_id: String,
-    /// The deleted connection the endpoint served (its URL names it).
+    pub cleanup_id: String,
+    /// The endpoints' URL names it.
     pub connection_id: String,
     pub key: SealedRow,
 }
 
 #[derive(FromRow)]
 pub struct EndpointCleanupRow {
-    endpoint_id: String,
+    cleanup_id: String,
     connection_id: String,
     #[sqlx(flatten)]
     key: SealedRowRaw,
@@ -54,10 +72,30 @@ where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
     for<'r> EndpointCleanupRow: FromRow<'r, DB::Row>,
 {
+    pub(super) async fn record_endpoint_intent(
+        &self,
+        intent: &EndpointIntent,
+    ) -> Result<(), StoreError> {
+        sqlx::query(INSERT)
+            .bind(intent.cleanup_id.as_str())
+            .bind(intent.tenant_id.as_str())
+            .bind(intent.connection_id.as_str())
+            .bind(intent.mode.as_str())
+            .bind(intent.secret_id.as_str())
+            .bind(intent.sealed.master_key_id.as_str())
+            .bind(intent.sealed.wrapped_key.as_slice())
+            .bind(intent.sealed.ciphertext.as_slice())
+            .bind(intent.due_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub(super) async fn claim_endpoint_cleanups(
         &self,
         now: OffsetDateTime,
@@ -75,7 +113,7 @@ where
         rows.into_iter()
             .map(|row| {
                 Ok(EndpointCleanup {
-                    endpoint_id: row.endpoint_id,
+                    cleanup_id: row.cleanup_id,
                     connection_id: row.connection_id,
                     key: row.key.into_row(Purpose::StripeApiKey)?,
                 })
@@ -83,12 +121,9 @@ where
             .collect()
     }
 
-    pub(super) async fn finish_endpoint_cleanup(
-        &self,
-        endpoint_id: &str,
-    ) -> Result<(), StoreError> {
+    pub(super) async fn finish_endpoint_cleanup(&self, cleanup_id: &str) -> Result<(), StoreError> {
         sqlx::query(FINISH)
-            .bind(endpoint_id)
+            .bind(cleanup_id)
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 pub use dialect::Dialect;
-pub use endpoint_cleanups::EndpointCleanup;
+pub use endpoint_cleanups::{EndpointCleanup, EndpointIntent};
 pub use error::{NotReady, StoreError};
 pub use model::{
     Actor, AttemptQuota, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch,
@@ -205,8 +205,12 @@ pub trait Store: Outbox + Send + Sync + 'static {
         actor: &Actor,
     ) -> Result<bool, StoreError>;
 
-    /// Up to `limit` endpoints left by a disconnect that are due for a try at `now`; each is
-    /// next due at `next_try` unless `finish_endpoint_cleanup` drops it first.
+    /// Before a connect registers an endpoint: the key that can delete it again, in case the
+    /// connection holding it never commits.
+    async fn record_endpoint_intent(&self, intent: &EndpointIntent) -> Result<(), StoreError>;
+
+    /// Up to `limit` rows of `endpoint_cleanups` due at `now`; each is next due at
+    /// `next_try` unless `finish_endpoint_cleanup` drops it first.
     async fn claim_endpoint_cleanups(
         &self,
         now: OffsetDateTime,
@@ -214,8 +218,9 @@ pub trait Store: Outbox + Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<EndpointCleanup>, StoreError>;
 
-    /// The endpoint is gone from Stripe (or not ours): forgets it and its sealed key.
-    async fn finish_endpoint_cleanup(&self, endpoint_id: &str) -> Result<(), StoreError>;
+    /// Every endpoint the row stands for is settled (gone, or held by its connection):
+    /// forgets it and its sealed key.
+    async fn finish_endpoint_cleanup(&self, cleanup_id: &str) -> Result<(), StoreError>;
 
     /// Up to `limit` connections (of `status`, or all) whose connection id sorts after
     /// `after` (`""` for the first page), in connection-id order.

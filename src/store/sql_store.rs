@@ -11,7 +11,7 @@ use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
 use time::OffsetDateTime;
 
 use super::dialect::Dialect;
-use super::endpoint_cleanups::{EndpointCleanup, EndpointCleanupRow};
+use super::endpoint_cleanups::{EndpointCleanup, EndpointCleanupRow, EndpointIntent};
 use super::model::{
     Actor, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch, KeyFetchTally,
     NewConnection, NewEvent, NewServiceToken, RewrappedRow, SaveOutcome, SealedRow,
@@ -268,6 +268,10 @@ where
             .await
     }
 
+    async fn record_endpoint_intent(&self, intent: &EndpointIntent) -> Result<(), StoreError> {
+        self.record_endpoint_intent(intent).await
+    }
+
     async fn claim_endpoint_cleanups(
         &self,
         now: OffsetDateTime,
@@ -277,8 +281,8 @@ where
         self.claim_endpoint_cleanups(now, next_try, limit).await
     }
 
-    async fn finish_endpoint_cleanup(&self, endpoint_id: &str) -> Result<(), StoreError> {
-        self.finish_endpoint_cleanup(endpoint_id).await
+    async fn finish_endpoint_cleanup(&self, cleanup_id: &str) -> Result<(), StoreError> {
+        self.finish_endpoint_cleanup(cleanup_id).await
     }
 
     async fn list_connections(
