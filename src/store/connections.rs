@@ -86,7 +86,7 @@ where
             Some(_) => queries::UPDATE_CONNECTION,
             None => queries::INSERT_CONNECTION,
         };
-        sqlx::query(statement)
+        let written = sqlx::query(statement)
             .bind(tenant)
             .bind(new.connection_id.as_str())
             .bind(new.secret_id.as_str())
@@ -105,6 +105,12 @@ where
             .bind(new.next_verify_at)
             .execute(&mut *tx)
             .await?;
+        // A disconnect takes no tenant lock: one that committed since the read above leaves
+        // the update nothing to update, and this save is the loser (it was a 500 "vanished
+        // in its own transaction"; found by scripts/chaos).
+        if DB::rows_affected(&written) != 1 {
+            return Err(StoreError::Conflict);
+        }
         let new_endpoint = match &new.webhook {
             WebhookChange::Set(webhook) => {
                 sqlx::query(queries::SET_WEBHOOK)
