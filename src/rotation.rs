@@ -57,16 +57,28 @@ pub async fn rewrap_all(
             .filter(|(p, id, _)| *p == purpose && id != keyring.active_id())
             .map(|(_, id, _)| id);
         for under in old {
-            job.rewrap_under(purpose, under).await?;
+            if purpose == Purpose::StripeApiKey {
+                job.rewrap_under(Source::Connections, under).await?;
+            }
+            // API keys: those outside connections, kept for an endpoint cleanup.
+            job.rewrap_under(Source::Secrets(purpose), under).await?;
         }
     }
     Ok(report.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// What one batch holds: connections (both secrets) or webhook secrets alone.
+/// What a pass reads: connections (each API key with its webhook secret), or secrets of one
+/// purpose alone (webhook secrets; API keys kept for an endpoint cleanup).
+#[derive(Clone, Copy)]
+enum Source {
+    Connections,
+    Secrets(Purpose),
+}
+
+/// What one batch holds.
 enum Batch {
     Pairs(Vec<SealedPair>),
-    Secrets(Vec<SealedRow>),
+    Secrets(Purpose, Vec<SealedRow>),
 }
 
 struct Job<'a> {
@@ -85,7 +97,7 @@ impl Job<'_> {
     /// The old master key `under`'s range (API keys with their webhook secrets, or webhook
     /// secrets alone): one reader walking it, up to `IN_FLIGHT` batches rewrapped and
     /// written behind it.
-    async fn rewrap_under(&self, purpose: Purpose, under: &MasterKeyId) -> Result<(), StoreError> {
+    async fn rewrap_under(&self, source: Source, under: &MasterKeyId) -> Result<(), StoreError> {
         let (sender, receiver) = tokio::sync::mpsc::channel::<Batch>(1);
         let read = async move {
             let mut after = String::new();
@@ -93,8 +105,8 @@ impl Job<'_> {
                 if (self.max_batches).is_some_and(|max| self.report().batches >= max) {
                     return Ok(());
                 }
-                let (batch, last) = match purpose {
-                    Purpose::StripeApiKey => {
+                let (batch, last) = match source {
+                    Source::Connections => {
                         let pairs = (self.store)
                             .connections_to_rewrap(
                                 under.as_str(),
@@ -106,12 +118,12 @@ impl Job<'_> {
                         let last = pairs.last().map(|p| p.api_key.context.secret_id.clone());
                         (Batch::Pairs(pairs), last)
                     }
-                    Purpose::WebhookSigningSecret => {
+                    Source::Secrets(purpose) => {
                         let rows = (self.store)
                             .secrets_to_rewrap(purpose, under.as_str(), &after, self.batch)
                             .await?;
                         let last = rows.last().map(|r| r.context.secret_id.clone());
-                        (Batch::Secrets(rows), last)
+                        (Batch::Secrets(purpose, rows), last)
                     }
                 };
                 let Some(last) = last else {
@@ -133,7 +145,7 @@ impl Job<'_> {
         let write = (batches.map(Ok)).try_for_each_concurrent(IN_FLIGHT, |batch| async move {
             match batch {
                 Batch::Pairs(pairs) => self.write_pairs(pairs).await,
-                Batch::Secrets(rows) => self.write_secrets(rows).await,
+                Batch::Secrets(purpose, rows) => self.write_secrets(purpose, rows).await,
             }
         });
         let (read, write) = tokio::join!(read, write);
@@ -155,13 +167,17 @@ impl Job<'_> {
         Ok(())
     }
 
-    async fn write_secrets(&self, rows: Vec<SealedRow>) -> Result<(), StoreError> {
+    async fn write_secrets(
+        &self,
+        purpose: Purpose,
+        rows: Vec<SealedRow>,
+    ) -> Result<(), StoreError> {
         let mut failed = Vec::new();
         let rewrapped: Vec<RewrappedRow> = (rows.into_iter())
             .filter_map(|row| self.rewrap(row, &mut failed))
             .collect();
         let written = (self.store)
-            .replace_wrapped_keys(Purpose::WebhookSigningSecret, &rewrapped)
+            .replace_wrapped_keys(purpose, &rewrapped)
             .await?;
         self.record(written, failed);
         Ok(())

@@ -36,6 +36,7 @@ pub struct Application {
     background: Vec<JoinHandle<()>>,
     stop_background: watch::Sender<bool>,
     service_token_cache: Arc<ServiceTokenCache>,
+    connections: Arc<ConnectionService>,
 }
 
 /// Opens the configured store and applies its migrations.
@@ -254,6 +255,11 @@ async fn workers(
         store.clone(),
         stop.clone(),
     )?);
+    // Endpoints a disconnect could not delete from Stripe: always swept (cheap when none).
+    handles.push(crate::connection::spawn_endpoint_cleanup(
+        connections.clone(),
+        stop.clone(),
+    ));
     if settings.reverify.enabled {
         let reverifier = Reverifier::new(
             store.clone(),
@@ -400,7 +406,7 @@ impl Application {
             &secrets,
             store,
             keyring,
-            connections,
+            connections.clone(),
             smoothing,
             &workers,
         );
@@ -418,7 +424,13 @@ impl Application {
             background: workers.handles,
             stop_background,
             service_token_cache: workers.service_tokens,
+            connections,
         })
+    }
+
+    /// The connection service, whose background sweeps a test runs by hand.
+    pub fn connections(&self) -> Arc<ConnectionService> {
+        self.connections.clone()
     }
 
     /// The service-token cache, whose own counts a test reads (the metric is per process).

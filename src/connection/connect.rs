@@ -81,7 +81,7 @@ impl ConnectionService {
                 .as_ref()
                 .map(|c| c.connection_id.clone())
                 .unwrap_or_else(|| random_id("con_", 20));
-            let webhook = self
+            let (webhook, intent) = self
                 .webhook_for(&key, tenant, &connection_id, existing.as_ref())
                 .await?;
             let registered = match &webhook {
@@ -118,13 +118,17 @@ impl ConnectionService {
             };
             let saved = self.store.save_connection(&connection, actor).await;
             if saved.is_err() {
-                // Nothing half-stored here means no orphan there.
+                // Nothing half-stored here means no orphan there; when Stripe will not take
+                // the deletion, the intent stays for the sweep.
                 if let Some(endpoint_id) = &registered {
-                    self.delete_endpoint(&key, endpoint_id).await;
+                    if self.delete_endpoint(&key, endpoint_id).await {
+                        self.drop_intent(intent.clone()).await;
+                    }
                 }
             }
             match saved {
                 Ok(outcome) => {
+                    self.drop_intent(intent).await;
                     if let (Some(old), Some(new_id)) = (&existing, &registered) {
                         self.delete_replaced_endpoint(old, new_id).await;
                     }
@@ -166,10 +170,22 @@ impl ConnectionService {
                 .ok_or(ConnectError::NotConnected)?;
             let cleanup = self.delete_endpoint_of(&record).await;
             let endpoint_id = record.webhook.as_ref().map(|w| w.endpoint_id.as_str());
-            if (self.store)
-                .delete_connection(tenant, endpoint_id, actor)
-                .await?
-            {
+            let deleted = match (cleanup, endpoint_id) {
+                // Stripe gave no conclusive answer: the key is kept with the endpoint so
+                // that a later try deletes it, or it would outlive the connection on an
+                // account we no longer hold.
+                (StripeCleanup::Failed, Some(endpoint_id)) => {
+                    (self.store)
+                        .delete_connection_leaving_endpoint(tenant, endpoint_id, actor)
+                        .await?
+                }
+                _ => {
+                    (self.store)
+                        .delete_connection(tenant, endpoint_id, actor)
+                        .await?
+                }
+            };
+            if deleted {
                 return Ok(cleanup);
             }
         }

@@ -15,7 +15,7 @@ use std::time::Duration;
 pub use connect::fix_url;
 pub use key::{KeyAccess, KeyError, OpenedKey};
 pub use verify::{Reverifier, VerifySchedule};
-pub use webhook_endpoint::StripeCleanup;
+pub use webhook_endpoint::{spawn_endpoint_cleanup, StripeCleanup};
 
 use crate::config::WebhookSettings;
 use crate::crypto::{CryptoError, Fingerprinter, Keyring};

@@ -8,7 +8,7 @@ use secrecy::ExposeSecret;
 use super::{ConnectError, ConnectionService, Inconclusive};
 use crate::crypto::SecretContext;
 use crate::domain::{random_id, StripeKey, TenantId};
-use crate::store::{ConnectionRecord, StoredWebhook, WebhookChange, WebhookStatus};
+use crate::store::{ConnectionRecord, EndpointIntent, StoredWebhook, WebhookChange, WebhookStatus};
 use crate::stripe::{events, webhooks};
 use crate::webhooks::announcements::{self, Repair};
 
@@ -35,6 +35,38 @@ impl StripeCleanup {
     }
 }
 
+/// How long after recording an intent its connect has surely ended (probes done, one
+/// registration, a save, a deletion on failure: each Stripe call bounded by its timeout).
+const INTENT_GRACE: time::Duration = time::Duration::seconds(60);
+/// How soon an endpoint left on Stripe is tried again after Stripe gave no conclusive answer.
+const CLEANUP_RETRY: time::Duration = time::Duration::seconds(60);
+/// Endpoints tried per sweep.
+const CLEANUP_BATCH: i64 = 50;
+/// How often each process sweeps.
+const CLEANUP_TICK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The sweep of endpoints left on Stripe, every [`CLEANUP_TICK`] (spread), until `stop`.
+pub fn spawn_endpoint_cleanup(
+    connections: std::sync::Arc<ConnectionService>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let pause =
+                CLEANUP_TICK.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5));
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.wait_for(|stopped| *stopped) => return,
+            }
+            while connections.clean_up_left_endpoints().await == CLEANUP_BATCH as usize {
+                if *stop.borrow() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
 impl ConnectionService {
     fn our_webhook_url(&self, connection_id: &str) -> String {
         format!(
@@ -51,7 +83,7 @@ impl ConnectionService {
         tenant: &TenantId,
         connection_id: &str,
         existing: Option<&ConnectionRecord>,
-    ) -> Result<WebhookChange, ConnectError> {
+    ) -> Result<(WebhookChange, Option<String>), ConnectError> {
         if let Some(stored) = existing.and_then(|c| c.webhook.as_ref()) {
             const STEP: &str = "webhook endpoint lookup";
             let reply = self
@@ -66,13 +98,16 @@ impl ConnectionService {
                 200 if webhooks::endpoint_url(&reply)
                     == Some(self.our_webhook_url(connection_id).as_str()) =>
                 {
-                    return Ok(WebhookChange::Keep)
+                    return Ok((WebhookChange::Keep, None))
                 }
                 // Another account (or the endpoint was deleted): register ours there.
                 200 | 404 => {}
                 status => return Err(Inconclusive::Status { step: STEP, status }.into()),
             }
         }
+        // Before the registration: should this process die, or the save fail while Stripe
+        // will not take the deletion, the sweep can still delete the endpoint.
+        let intent = self.record_intent(key, tenant, connection_id).await?;
         let request = webhooks::register_request(
             &self.our_webhook_url(connection_id),
             &self.webhooks.enabled_events,
@@ -103,11 +138,49 @@ impl ConnectionService {
                 return Err(e.into());
             }
         };
-        Ok(WebhookChange::Set(StoredWebhook {
-            endpoint_id: registered.id,
+        Ok((
+            WebhookChange::Set(StoredWebhook {
+                endpoint_id: registered.id,
+                secret_id,
+                sealed,
+            }),
+            Some(intent),
+        ))
+    }
+
+    /// Records that an endpoint for `connection_id` is about to be registered, with the key
+    /// sealed anew for it; returns the row's id.
+    async fn record_intent(
+        &self,
+        key: &StripeKey,
+        tenant: &TenantId,
+        connection_id: &str,
+    ) -> Result<String, ConnectError> {
+        let secret_id = random_id("sec_", 20);
+        let context = SecretContext::api_key(&secret_id, tenant, key.mode());
+        let sealed = (self.keyring).seal(&context, key.expose_secret().as_bytes())?;
+        let intent = EndpointIntent {
+            cleanup_id: random_id("epc_", 20),
+            tenant_id: tenant.clone(),
+            connection_id: connection_id.to_owned(),
+            mode: key.mode(),
             secret_id,
             sealed,
-        }))
+            due_at: crate::clock::now() + INTENT_GRACE,
+        };
+        self.store.record_endpoint_intent(&intent).await?;
+        Ok(intent.cleanup_id)
+    }
+
+    /// The connect that recorded `intent` ended with its endpoint held or deleted: the row
+    /// is not needed (if this fails, the sweep finds the same and drops it).
+    pub(super) async fn drop_intent(&self, intent: Option<String>) {
+        let Some(cleanup_id) = intent else {
+            return;
+        };
+        if let Err(e) = self.store.finish_endpoint_cleanup(&cleanup_id).await {
+            tracing::warn!(error = %e, "could not drop a settled endpoint intent; the sweep will");
+        }
     }
 
     /// Stripe refuses a registration at its cap of endpoints with a 400 that has no `code`:
@@ -209,12 +282,12 @@ impl ConnectionService {
         let Some(old) = &record.webhook else {
             return false;
         };
-        let change = match self
+        let (change, intent) = match self
             .webhook_for(key, &record.tenant_id, &record.connection_id, Some(record))
             .await
         {
-            Ok(WebhookChange::Set(new)) => new,
-            Ok(WebhookChange::Keep) => return true,
+            Ok((WebhookChange::Set(new), intent)) => (new, intent),
+            Ok((WebhookChange::Keep, _)) => return true,
             Err(e) => {
                 tracing::warn!(tenant_id = %record.tenant_id, error = %e, "could not register the webhook endpoint again");
                 return false;
@@ -229,12 +302,17 @@ impl ConnectionService {
             )
             .await
         {
-            Ok(true) => true,
+            Ok(true) => {
+                self.drop_intent(intent).await;
+                true
+            }
             outcome => {
                 if let Err(e) = outcome {
                     tracing::warn!(tenant_id = %record.tenant_id, error = %e, "could not store the registered webhook endpoint");
                 }
-                self.delete_endpoint(key, &change.endpoint_id).await;
+                if self.delete_endpoint(key, &change.endpoint_id).await {
+                    self.drop_intent(intent).await;
+                }
                 false
             }
         }
@@ -304,14 +382,25 @@ impl ConnectionService {
                 return StripeCleanup::Failed;
             }
         };
-        let ours = self.our_webhook_url(&record.connection_id);
+        self.delete_if_ours(&key, &webhook.endpoint_id, &record.connection_id)
+            .await
+    }
+
+    /// Deletes `endpoint_id` if its URL is still ours for `connection_id`.
+    async fn delete_if_ours(
+        &self,
+        key: &StripeKey,
+        endpoint_id: &str,
+        connection_id: &str,
+    ) -> StripeCleanup {
+        let ours = self.our_webhook_url(connection_id);
         match (self.stripe)
-            .send(&key, &webhooks::retrieve_request(&webhook.endpoint_id))
+            .send(key, &webhooks::retrieve_request(endpoint_id))
             .await
         {
             Ok(reply) if reply.status == 404 => StripeCleanup::AlreadyGone,
             Ok(reply) if reply.status == 200 && webhooks::endpoint_url(&reply) == Some(&ours) => {
-                if self.delete_endpoint(&key, &webhook.endpoint_id).await {
+                if self.delete_endpoint(key, endpoint_id).await {
                     StripeCleanup::Deleted
                 } else {
                     StripeCleanup::Failed
@@ -320,6 +409,88 @@ impl ConnectionService {
             Ok(reply) if reply.status == 200 => StripeCleanup::NotOurs,
             _ => StripeCleanup::Failed,
         }
+    }
+
+    /// Settles what `endpoint_cleanups` holds: on the account, every endpoint whose URL
+    /// names the row's connection, except the one a stored connection holds, is deleted;
+    /// then the row goes. Returns how many rows were settled; the others (Stripe gave no
+    /// conclusive answer) are tried again after [`CLEANUP_RETRY`].
+    pub async fn clean_up_left_endpoints(&self) -> usize {
+        let now = crate::clock::now();
+        let claimed = match (self.store)
+            .claim_endpoint_cleanups(now, now + CLEANUP_RETRY, CLEANUP_BATCH)
+            .await
+        {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not claim endpoints left on Stripe");
+                return 0;
+            }
+        };
+        let mut settled = 0;
+        for left in claimed {
+            let done = match (self.keyring).open_stripe_key(&left.key.context, &left.key.sealed) {
+                Ok(key) => {
+                    let tenant = &left.key.context.tenant_id;
+                    let outcome = self.delete_left(&key, tenant, &left.connection_id).await;
+                    metrics::counter!("atlas_endpoint_cleanups_total", "result" => outcome.as_str())
+                        .increment(1);
+                    outcome != StripeCleanup::Failed
+                }
+                Err(e) => {
+                    // Nothing will ever open it: dropped, loudly.
+                    tracing::warn!(connection_id = %left.connection_id, error = %e,
+                        "could not open the key kept to delete webhook endpoints; giving up");
+                    true
+                }
+            };
+            if !done {
+                continue;
+            }
+            match self.store.finish_endpoint_cleanup(&left.cleanup_id).await {
+                Ok(()) => settled += 1,
+                Err(e) => tracing::warn!(error = %e, "could not record an endpoint cleanup"),
+            }
+        }
+        settled
+    }
+
+    /// Deletes the account's endpoints whose URL names `connection_id`, but the one the
+    /// tenant's stored connection holds (if it is that connection).
+    async fn delete_left(
+        &self,
+        key: &StripeKey,
+        tenant: &TenantId,
+        connection_id: &str,
+    ) -> StripeCleanup {
+        let listed = match self.stripe.send(key, &webhooks::list_request()).await {
+            Ok(reply) if reply.status == 200 => webhooks::listed_endpoints(&reply),
+            // The key was revoked or lost the permission: nothing can delete them now.
+            Ok(reply) if matches!(reply.status, 401 | 403) => return StripeCleanup::NotOurs,
+            _ => None,
+        };
+        let Some(listed) = listed else {
+            return StripeCleanup::Failed;
+        };
+        let held = match self.store.find_connection(tenant).await {
+            Ok(record) => record
+                .filter(|c| c.connection_id == connection_id)
+                .and_then(|c| c.webhook)
+                .map(|w| w.endpoint_id),
+            Err(_) => return StripeCleanup::Failed,
+        };
+        let ours = self.our_webhook_url(connection_id);
+        let mut outcome = StripeCleanup::NotNeeded;
+        for (id, url) in listed {
+            if url != ours || held.as_deref() == Some(id.as_str()) {
+                continue;
+            }
+            if !self.delete_endpoint(key, &id).await {
+                return StripeCleanup::Failed;
+            }
+            outcome = StripeCleanup::Deleted;
+        }
+        outcome
     }
 
     /// Deletes one of our endpoints, best effort; true when it is gone.

@@ -16,7 +16,7 @@ use super::rows::{
     SealedPairRaw, SealedRowRaw,
 };
 use super::sql_store::{audit, SqlStore};
-use super::{notifications, queries, StoreError};
+use super::{endpoint_cleanups, notifications, queries, StoreError};
 use crate::clock::now;
 use crate::crypto::{MasterKeyId, Purpose};
 use crate::domain::{ConnectionStatus, Resource, TenantId};
@@ -88,7 +88,7 @@ where
             Some(_) => queries::UPDATE_CONNECTION,
             None => queries::INSERT_CONNECTION,
         };
-        sqlx::query(statement)
+        let written = sqlx::query(statement)
             .bind(tenant)
             .bind(new.connection_id.as_str())
             .bind(new.secret_id.as_str())
@@ -107,6 +107,12 @@ where
             .bind(new.next_verify_at)
             .execute(&mut *tx)
             .await?;
+        // A disconnect takes no tenant lock: one that committed since the read above leaves
+        // the update nothing to update, and this save is the loser (it was a 500 "vanished
+        // in its own transaction"; found by scripts/chaos).
+        if DB::rows_affected(&written) != 1 {
+            return Err(StoreError::Conflict);
+        }
         let new_endpoint = match &new.webhook {
             WebhookChange::Set(webhook) => {
                 sqlx::query(queries::SET_WEBHOOK)
@@ -207,33 +213,70 @@ where
         endpoint_id: Option<&str>,
         actor: &Actor,
     ) -> Result<bool, StoreError> {
-        let now = now();
         let mut tx = self.pool.begin().await?;
+        if !(self.delete_connection_in(&mut tx, tenant, endpoint_id, actor)).await? {
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Deletes the connection like `delete_connection`, keeping its sealed key for a later
+    /// deletion of `endpoint_id` in the same transaction.
+    pub(super) async fn delete_connection_leaving_endpoint(
+        &self,
+        tenant: &TenantId,
+        endpoint_id: &str,
+        actor: &Actor,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(endpoint_cleanups::KEEP)
+            .bind(tenant.as_str())
+            .bind(endpoint_id)
+            .bind(crate::domain::random_id("epc_", 20))
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
+        // Rolled back with the copy when the connection moved on meanwhile.
+        if !(self.delete_connection_in(&mut tx, tenant, Some(endpoint_id), actor)).await? {
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The deletion, its audit line and its announcement, in the caller's transaction.
+    async fn delete_connection_in(
+        &self,
+        tx: &mut sqlx::Transaction<'_, DB>,
+        tenant: &TenantId,
+        endpoint_id: Option<&str>,
+        actor: &Actor,
+    ) -> Result<bool, StoreError> {
         let deleted: Option<(String, String)> = sqlx::query_as(queries::DELETE_CONNECTION)
             .bind(tenant.as_str())
             .bind(endpoint_id)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await?;
         let Some((connection_id, key_last4)) = deleted else {
             return Ok(false);
         };
         sqlx::query(queries::DELETE_RECOVERY_CURSOR)
             .bind(connection_id.as_str())
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         let detail = json!({"connection_id": connection_id, "key_last4": key_last4});
         audit(
-            &mut *tx,
-            now,
+            &mut **tx,
+            now(),
             actor,
             "connection.deleted",
             Some(tenant),
             detail,
         )
         .await?;
-        notifications::announce_disconnected::<DB>(&mut tx, tenant, &connection_id, &key_last4)
+        notifications::announce_disconnected::<DB>(&mut **tx, tenant, &connection_id, &key_last4)
             .await?;
-        tx.commit().await?;
         Ok(true)
     }
 

@@ -7,6 +7,7 @@
 
 mod connections;
 mod dialect;
+mod endpoint_cleanups;
 mod error;
 mod events;
 mod model;
@@ -27,6 +28,7 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 pub use dialect::Dialect;
+pub use endpoint_cleanups::{EndpointCleanup, EndpointIntent};
 pub use error::{NotReady, StoreError};
 pub use events::{EventInsert, EventRef, Inserted};
 pub use model::{
@@ -220,6 +222,33 @@ pub trait Store: Outbox + Send + Sync + 'static {
         endpoint_id: Option<&str>,
         actor: &Actor,
     ) -> Result<bool, StoreError>;
+
+    /// As `delete_connection`, for a connection whose endpoint could not be deleted from
+    /// Stripe: in the same transaction its sealed API key is kept beside `endpoint_id`, so
+    /// that a later try (`claim_endpoint_cleanups`) can still delete the endpoint.
+    async fn delete_connection_leaving_endpoint(
+        &self,
+        tenant: &TenantId,
+        endpoint_id: &str,
+        actor: &Actor,
+    ) -> Result<bool, StoreError>;
+
+    /// Before a connect registers an endpoint: the key that can delete it again, in case the
+    /// connection holding it never commits.
+    async fn record_endpoint_intent(&self, intent: &EndpointIntent) -> Result<(), StoreError>;
+
+    /// Up to `limit` rows of `endpoint_cleanups` due at `now`; each is next due at
+    /// `next_try` unless `finish_endpoint_cleanup` drops it first.
+    async fn claim_endpoint_cleanups(
+        &self,
+        now: OffsetDateTime,
+        next_try: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<EndpointCleanup>, StoreError>;
+
+    /// Every endpoint the row stands for is settled (gone, or held by its connection):
+    /// forgets it and its sealed key.
+    async fn finish_endpoint_cleanup(&self, cleanup_id: &str) -> Result<(), StoreError>;
 
     /// Up to `limit` connections (of `status`, or all) whose connection id sorts after
     /// `after` (`""` for the first page), in connection-id order.

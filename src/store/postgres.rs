@@ -33,6 +33,14 @@ const REWRAP_API_KEYS_UNNEST: &str = "UPDATE stripe_connections c \
     AS v(secret_id, old_master, new_master, wrapped) \
     WHERE c.api_key_secret_id = v.secret_id AND c.master_key_id = v.old_master";
 
+/// The API keys kept for an endpoint cleanup, in the same batch (each row is its own
+/// compare-and-swap on its old master key, so the two statements need no common transaction).
+const REWRAP_KEPT_API_KEYS_UNNEST: &str = "UPDATE endpoint_cleanups k \
+    SET master_key_id = v.new_master, wrapped_key = v.wrapped \
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[]) \
+    AS v(secret_id, old_master, new_master, wrapped) \
+    WHERE k.api_key_secret_id = v.secret_id AND k.master_key_id = v.old_master";
+
 const REWRAP_WEBHOOK_SECRETS_UNNEST: &str = "UPDATE stripe_connections c \
     SET webhook_master_key_id = v.new_master, webhook_wrapped_key = v.wrapped \
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[]) \
@@ -148,9 +156,9 @@ impl Dialect for Postgres {
         purpose: Purpose,
         rows: &[RewrappedRow],
     ) -> Result<u64, StoreError> {
-        let statement = match purpose {
-            Purpose::StripeApiKey => REWRAP_API_KEYS_UNNEST,
-            Purpose::WebhookSigningSecret => REWRAP_WEBHOOK_SECRETS_UNNEST,
+        let statements: &[&str] = match purpose {
+            Purpose::StripeApiKey => &[REWRAP_API_KEYS_UNNEST, REWRAP_KEPT_API_KEYS_UNNEST],
+            Purpose::WebhookSigningSecret => &[REWRAP_WEBHOOK_SECRETS_UNNEST],
         };
         let ids: Vec<&str> = rows.iter().map(|r| r.secret_id.as_str()).collect();
         let old: Vec<&str> = (rows.iter())
@@ -162,14 +170,18 @@ impl Dialect for Postgres {
         let wrapped: Vec<&[u8]> = (rows.iter())
             .map(|r| r.sealed.wrapped_key.as_slice())
             .collect();
-        let result = sqlx::query(statement)
-            .bind(&ids)
-            .bind(&old)
-            .bind(&new)
-            .bind(&wrapped)
-            .execute(pool)
-            .await?;
-        Ok(result.rows_affected())
+        let mut replaced = 0;
+        for statement in statements {
+            replaced += sqlx::query(statement)
+                .bind(&ids)
+                .bind(&old)
+                .bind(&new)
+                .bind(&wrapped)
+                .execute(pool)
+                .await?
+                .rows_affected();
+        }
+        Ok(replaced)
     }
 
     /// The whole batch in one statement, both keys of a row in one row update: half the row

@@ -149,15 +149,19 @@ pub const COUNT_CONNECTIONS_BY_STATUS: &str = "SELECT status, CAST(SUM(n) AS BIG
     FROM connection_counts WHERE purpose = 'stripe_api_key' GROUP BY status \
     HAVING SUM(n) > 0 ORDER BY status";
 
-/// Sealed secrets per purpose and master key, from the counters.
+/// Sealed secrets per purpose and master key: the connections' from the counters, and the
+/// API keys kept for an endpoint cleanup (`endpoint_cleanups`: rows of disconnects Stripe
+/// would not take and of connects in flight, a handful whatever the number of tenants).
 pub const COUNT_SECRETS_BY_PURPOSE: &str = "SELECT purpose, master_key_id, \
-    CAST(SUM(n) AS BIGINT) FROM connection_counts GROUP BY purpose, master_key_id \
-    HAVING SUM(n) > 0 ORDER BY purpose, master_key_id";
+    CAST(SUM(n) AS BIGINT) FROM (SELECT purpose, master_key_id, n FROM connection_counts \
+    UNION ALL SELECT 'stripe_api_key', master_key_id, 1 FROM endpoint_cleanups) counted \
+    GROUP BY purpose, master_key_id HAVING SUM(n) > 0 ORDER BY purpose, master_key_id";
 
-/// Sealed API keys under master key `$1`, after secret id `$2`, `$3` at most: a range of the
-/// (master_key_id, api_key_secret_id) index holding only what is left to rewrap.
+/// The API keys outside connections, kept for an endpoint cleanup, under master key `$1`,
+/// after secret id `$2`, `$3` at most (a connection's API key moves with its webhook secret:
+/// `CONNECTIONS_TO_REWRAP`).
 pub const API_KEYS_TO_REWRAP: &str = "SELECT tenant_id, mode, api_key_secret_id AS secret_id, \
-    master_key_id, wrapped_key, ciphertext FROM stripe_connections \
+    master_key_id, wrapped_key, ciphertext FROM endpoint_cleanups \
     WHERE master_key_id = $1 AND api_key_secret_id > $2 \
     ORDER BY api_key_secret_id LIMIT $3";
 

@@ -11,6 +11,7 @@ use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
 use time::OffsetDateTime;
 
 use super::dialect::Dialect;
+use super::endpoint_cleanups::{EndpointCleanup, EndpointCleanupRow, EndpointIntent};
 use super::model::{
     Actor, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch, KeyFetchTally,
     NewConnection, NewEvent, NewServiceToken, RewrappedPair, RewrappedRow, SaveOutcome, SealedPair,
@@ -79,6 +80,7 @@ where
     for<'r> ConnectionRow: FromRow<'r, DB::Row>,
     for<'r> SealedRowRaw: FromRow<'r, DB::Row>,
     for<'r> SealedPairRaw: FromRow<'r, DB::Row>,
+    for<'r> EndpointCleanupRow: FromRow<'r, DB::Row>,
     for<'r> WebhookTargetRow: FromRow<'r, DB::Row>,
     for<'r> StoredEvent: FromRow<'r, DB::Row>,
     for<'r> KeyFetchRow: FromRow<'r, DB::Row>,
@@ -280,6 +282,33 @@ where
         actor: &Actor,
     ) -> Result<bool, StoreError> {
         self.delete_connection(tenant, endpoint_id, actor).await
+    }
+
+    async fn delete_connection_leaving_endpoint(
+        &self,
+        tenant: &TenantId,
+        endpoint_id: &str,
+        actor: &Actor,
+    ) -> Result<bool, StoreError> {
+        self.delete_connection_leaving_endpoint(tenant, endpoint_id, actor)
+            .await
+    }
+
+    async fn record_endpoint_intent(&self, intent: &EndpointIntent) -> Result<(), StoreError> {
+        self.record_endpoint_intent(intent).await
+    }
+
+    async fn claim_endpoint_cleanups(
+        &self,
+        now: OffsetDateTime,
+        next_try: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<EndpointCleanup>, StoreError> {
+        self.claim_endpoint_cleanups(now, next_try, limit).await
+    }
+
+    async fn finish_endpoint_cleanup(&self, cleanup_id: &str) -> Result<(), StoreError> {
+        self.finish_endpoint_cleanup(cleanup_id).await
     }
 
     async fn list_connections(

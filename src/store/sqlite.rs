@@ -26,6 +26,10 @@ static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 const REWRAP_API_KEY: &str = "UPDATE stripe_connections SET master_key_id = $3, \
     wrapped_key = $4 WHERE api_key_secret_id = $1 AND master_key_id = $2";
 
+/// The API keys kept for an endpoint cleanup (`endpoint_cleanups`).
+const REWRAP_KEPT_API_KEY: &str = "UPDATE endpoint_cleanups SET master_key_id = $3, \
+    wrapped_key = $4 WHERE api_key_secret_id = $1 AND master_key_id = $2";
+
 const REWRAP_WEBHOOK_SECRET: &str = "UPDATE stripe_connections \
     SET webhook_master_key_id = $3, webhook_wrapped_key = $4 \
     WHERE webhook_secret_id = $1 AND webhook_master_key_id = $2";
@@ -116,21 +120,23 @@ impl Dialect for Sqlite {
         purpose: Purpose,
         rows: &[RewrappedRow],
     ) -> Result<u64, StoreError> {
-        let statement = match purpose {
-            Purpose::StripeApiKey => REWRAP_API_KEY,
-            Purpose::WebhookSigningSecret => REWRAP_WEBHOOK_SECRET,
+        let statements: &[&str] = match purpose {
+            Purpose::StripeApiKey => &[REWRAP_API_KEY, REWRAP_KEPT_API_KEY],
+            Purpose::WebhookSigningSecret => &[REWRAP_WEBHOOK_SECRET],
         };
         let mut tx = pool.begin().await?;
         let mut replaced = 0;
         for row in rows {
-            replaced += sqlx::query(statement)
-                .bind(&row.secret_id)
-                .bind(&row.previous_master_key_id)
-                .bind(&row.sealed.master_key_id)
-                .bind(&row.sealed.wrapped_key)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+            for statement in statements {
+                replaced += sqlx::query(statement)
+                    .bind(&row.secret_id)
+                    .bind(&row.previous_master_key_id)
+                    .bind(&row.sealed.master_key_id)
+                    .bind(&row.sealed.wrapped_key)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
         }
         tx.commit().await?;
         Ok(replaced)

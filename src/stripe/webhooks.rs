@@ -69,6 +69,19 @@ pub fn endpoint_count(reply: &StripeReply) -> Option<usize> {
         .map(Vec::len)
 }
 
+/// The (id, URL) of each endpoint a list answer holds; `None` when it is not a list.
+pub fn listed_endpoints(reply: &StripeReply) -> Option<Vec<(String, String)>> {
+    let data = reply.body.get("data")?.as_array()?;
+    Some(
+        data.iter()
+            .filter_map(|e| {
+                let id = e.get("id")?.as_str().filter(|id| valid_endpoint_id(id))?;
+                Some((id.to_owned(), e.get("url")?.as_str()?.to_owned()))
+            })
+            .collect(),
+    )
+}
+
 pub fn retrieve_request(endpoint_id: &str) -> StripeRequest {
     StripeRequest {
         method: StripeMethod::Get,

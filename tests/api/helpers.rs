@@ -166,6 +166,8 @@ pub struct TestApp {
     pub secrets: Arc<TestSecrets>,
     /// This app's own service-token cache (its counts are this app's alone).
     pub token_cache: Arc<atlas_stripe::auth::ServiceTokenCache>,
+    /// The app's connection service, whose background sweeps a test runs by hand.
+    pub connections: Arc<atlas_stripe::connection::ConnectionService>,
     tenant_tokens: TenantTokens,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -240,6 +242,7 @@ async fn start(
     let port = app.port();
     let ops_port = app.ops_port();
     let token_cache = app.service_token_cache();
+    let connections = app.connections();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async move {
         let _ = rx.await;
@@ -261,6 +264,7 @@ async fn start(
         db,
         secrets,
         token_cache,
+        connections,
         tenant_tokens,
         shutdown: Some(tx),
         server: Some(server),

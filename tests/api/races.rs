@@ -129,3 +129,49 @@ async fn a_replacement_during_a_disconnect_is_cleaned_up_too(backend: Backend) {
         endpoints.endpoints()
     );
 }
+
+/// Found by scripts/chaos (a 500 "connection vanished in its own transaction"): a disconnect
+/// that commits after a replacement's save has read the stored connection and before it
+/// updates it. The replacement's update is held on a row lock the test takes; the row is
+/// deleted (as the disconnect does) and the lock let go. The replacement starts over and
+/// connects anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_inside_a_replacements_save_makes_it_start_over() {
+    let (app, _, _) = connected(Backend::Postgres).await;
+    let mut disconnect = <sqlx::PgConnection as sqlx::Connection>::connect(&app.db.url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut disconnect).await.unwrap();
+    sqlx::query("SELECT 1 FROM stripe_connections WHERE tenant_id = 'ten_1' FOR UPDATE")
+        .execute(&mut disconnect)
+        .await
+        .unwrap();
+    let replacing = {
+        let app = app.clone();
+        tokio::spawn(async move { app.connect("ten_1", &key("rk_test_", "Next")).await })
+    };
+    // The save has read the connection and waits to update it.
+    let waiting = "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                   AND query LIKE 'UPDATE stripe_connections SET api_key_secret_id%'";
+    crate::helpers::eventually("the save waits on the row", || async {
+        app.db.scalar(waiting).await == 1
+    })
+    .await;
+    sqlx::query("DELETE FROM stripe_connections WHERE tenant_id = 'ten_1'")
+        .execute(&mut disconnect)
+        .await
+        .unwrap();
+    sqlx::query("COMMIT")
+        .execute(&mut disconnect)
+        .await
+        .unwrap();
+    let response = replacing.await.unwrap();
+    assert_eq!(response.status(), 201, "connected anew, not a 500");
+    let stored = app
+        .store
+        .find_connection(&TenantId::parse("ten_1").unwrap())
+        .await
+        .unwrap()
+        .expect("connected");
+    assert_eq!(stored.key_last4, "Next");
+}

@@ -1,9 +1,16 @@
 //! Our webhook endpoint on the tenant's account, and Stripe's deliveries to it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use atlas_stripe::auth::Scope;
 use atlas_stripe::domain::{Mode, TenantId};
+use atlas_stripe::store::Actor;
 use reqwest::Method;
+use secrecy::SecretString;
 use serde_json::json;
+use wiremock::matchers::path_regex;
+use wiremock::{Mock, ResponseTemplate};
 
 use crate::backend_tests;
 use crate::helpers::{assert_error, eventually, json, spawn_app, spawn_app_with, Backend, TestApp};
@@ -17,6 +24,8 @@ backend_tests!(
     same_account_replacement_keeps_the_endpoint,
     another_account_registers_anew_and_deletes_the_old,
     disconnect_deletes_only_our_endpoint,
+    an_endpoint_stripe_would_not_delete_is_deleted_later,
+    a_connect_cut_off_after_registering_leaves_no_endpoint,
     signatures_are_checked,
     deliveries_are_stored_once,
     the_feed_pages_with_a_stable_cursor,
@@ -292,6 +301,116 @@ async fn disconnect_deletes_only_our_endpoint(backend: Backend) {
         .map(|r| r.url.path().to_owned())
         .collect();
     assert_eq!(deletes.len(), 1, "{deletes:?}");
+}
+
+/// Found by scripts/chaos: a disconnect while Stripe answered 500 deleted the connection and
+/// its key, and our endpoint stayed on an account we no longer held. Stripe is held down
+/// for the disconnect and for one sweep, then let up; the next sweep deletes it.
+async fn an_endpoint_stripe_would_not_delete_is_deleted_later(backend: Backend) {
+    let (app, endpoints, _) = connected(backend, Mode::Test).await;
+    let kept = "SELECT COUNT(*) FROM endpoint_cleanups";
+    assert_eq!(
+        app.db.scalar(kept).await,
+        0,
+        "a connect that commits keeps nothing"
+    );
+    let ours = endpoints.endpoints()[0].id.clone();
+    let down = StripeDown::default();
+    Mock::given(path_regex("^/v1/webhook_endpoints/we_"))
+        .and(down.clone())
+        .respond_with(ResponseTemplate::new(500).set_body_json(
+            json!({"error": {"type": "api_error", "message": "An unknown error occurred"}}),
+        ))
+        .with_priority(1)
+        .mount(&app.stripe)
+        .await;
+    down.set(true);
+    let response = app.tenant_request(Method::DELETE, "ten_1", "").await;
+    assert_eq!(response.status(), 204);
+    assert_eq!(response.headers()["atlas-stripe-cleanup"], "failed");
+    assert_eq!(
+        app.db.scalar(kept).await,
+        1,
+        "the key is kept for a later try"
+    );
+    app.connections.clean_up_left_endpoints().await;
+    assert_eq!(endpoints.endpoints()[0].id, ours, "Stripe still down: kept");
+    assert_eq!(app.db.scalar(kept).await, 1);
+
+    down.set(false);
+    // Due again now rather than after the retry wait (which the try above started).
+    app.db
+        .execute("UPDATE endpoint_cleanups SET due_at = '2000-01-01T00:00:00Z'")
+        .await;
+    app.connections.clean_up_left_endpoints().await;
+    assert!(
+        endpoints.endpoints().is_empty(),
+        "deleted once Stripe answered"
+    );
+    assert_eq!(app.db.scalar(kept).await, 0, "and its key with it");
+}
+
+/// Found by scripts/chaos: an instance killed -9 after Stripe created our endpoint and
+/// before the connection committed left the endpoint behind, for a connection that never
+/// existed. The connect is cut off right there (its task aborted while Stripe's answer to
+/// the registration is held, as a kill would), then the sweep deletes the endpoint.
+async fn a_connect_cut_off_after_registering_leaves_no_endpoint(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.create_tenant("ten_1", Mode::Test).await;
+    let endpoints = answer_all(&app.stripe, Answer::Granted).await;
+    let mut gate = endpoints.gate_registration();
+    let connections = app.connections.clone();
+    let connecting = tokio::spawn(async move {
+        let pasted = SecretString::from(key("rk_test_", "Kill"));
+        let tenant = TenantId::parse("ten_1").unwrap();
+        connections.connect(&tenant, &pasted, &Actor::Cli).await
+    });
+    gate.arrived().await;
+    connecting.abort();
+    assert!(connecting.await.is_err(), "cut off before it ended");
+    gate.release();
+    assert_eq!(
+        endpoints.endpoints().len(),
+        1,
+        "the endpoint exists on Stripe"
+    );
+    let tenant = TenantId::parse("ten_1").unwrap();
+    assert!(app.store.find_connection(&tenant).await.unwrap().is_none());
+
+    // Due once the connect has surely ended (a minute): now, here.
+    app.db
+        .execute("UPDATE endpoint_cleanups SET due_at = '2000-01-01T00:00:00Z'")
+        .await;
+    app.connections.clean_up_left_endpoints().await;
+    assert!(endpoints.endpoints().is_empty(), "deleted by the sweep");
+    let kept = "SELECT COUNT(*) FROM endpoint_cleanups";
+    assert_eq!(app.db.scalar(kept).await, 0);
+
+    // A connect that commits keeps its endpoint through a sweep.
+    assert_eq!(
+        app.connect("ten_1", &key("rk_test_", "Main"))
+            .await
+            .status(),
+        201
+    );
+    app.connections.clean_up_left_endpoints().await;
+    assert_eq!(endpoints.endpoints().len(), 1);
+}
+
+/// Matches while set: Stripe unavailable, held and let up by the test.
+#[derive(Clone, Default)]
+struct StripeDown(Arc<AtomicBool>);
+
+impl StripeDown {
+    fn set(&self, down: bool) {
+        self.0.store(down, Ordering::SeqCst);
+    }
+}
+
+impl wiremock::Match for StripeDown {
+    fn matches(&self, _: &wiremock::Request) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 fn event(id: &str, livemode: bool) -> String {
