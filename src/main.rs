@@ -46,23 +46,12 @@ fn keep_small_pages() {
     }
 }
 
-/// The runtime is built here rather than by `#[tokio::main]`, so that the allocator's
-/// options and the THP flag are in place before its worker threads and their stacks exist.
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     keep_small_pages();
     return_freed_memory_at_once();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("atlas-stripe: could not start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let cli = atlas_stripe::cli::Cli::parse();
-    match runtime.block_on(atlas_stripe::cli::run(cli)) {
+    match atlas_stripe::cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("atlas-stripe: {e:#}");
