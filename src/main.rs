@@ -26,7 +26,8 @@ fn return_freed_memory_at_once() {
 /// 18.9 MB with `MIMALLOC_ARENA_EAGER_COMMIT=0`, 19.5 MB with `MIMALLOC_ALLOW_THP=0`.
 /// Those are read before `main`; here the process turns THP off for the pages it faults
 /// from now on (the flag mimalloc's `allow_thp=0` sets), and later arenas are committed on
-/// demand.
+/// demand: 22.5–23.0 MB (the pages faulted before `main` stay huge; with THP off from the
+/// start, by a wrapper's prctl before exec, 19.0 MB).
 fn keep_small_pages() {
     // `mi_option_arena_eager_commit` in mimalloc.h (v3).
     const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
