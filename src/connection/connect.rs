@@ -117,9 +117,19 @@ impl ConnectionService {
                 next_verify_at: self.schedule.first_due(),
             };
             let saved = self.store.save_connection(&connection, actor).await;
-            if saved.is_err() {
-                // Nothing half-stored here means no orphan there; when Stripe will not take
-                // the deletion, the intent stays for the sweep.
+            // A refusal (a lost compare-and-swap, the tenant's mode changed) committed
+            // nothing: the endpoint registered for it goes now, and when Stripe will not
+            // take the deletion, the intent stays for the sweep. Any other failure may have
+            // come after the commit reached the database (its answer lost with the
+            // connection, as when PostgreSQL restarts): deleting then would leave the
+            // stored connection naming an endpoint gone from Stripe (found by
+            // scripts/chaos). Its intent stays instead, and the sweep deletes the endpoint
+            // once due unless a stored connection holds it.
+            let refused = matches!(
+                saved,
+                Err(StoreError::Conflict | StoreError::ModeChanged(_))
+            );
+            if refused {
                 if let Some(endpoint_id) = &registered {
                     if self.delete_endpoint(&key, endpoint_id).await {
                         self.drop_intent(intent.clone()).await;

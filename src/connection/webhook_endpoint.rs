@@ -306,13 +306,16 @@ impl ConnectionService {
                 self.drop_intent(intent).await;
                 true
             }
-            outcome => {
-                if let Err(e) = outcome {
-                    tracing::warn!(tenant_id = %record.tenant_id, error = %e, "could not store the registered webhook endpoint");
-                }
+            Ok(false) => {
                 if self.delete_endpoint(key, &change.endpoint_id).await {
                     self.drop_intent(intent).await;
                 }
+                false
+            }
+            // The swap may have committed with its answer lost: the intent stays, and the
+            // sweep deletes the endpoint unless the stored connection holds it.
+            Err(e) => {
+                tracing::warn!(tenant_id = %record.tenant_id, error = %e, "could not store the registered webhook endpoint");
                 false
             }
         }

@@ -26,6 +26,7 @@ backend_tests!(
     disconnect_deletes_only_our_endpoint,
     an_endpoint_stripe_would_not_delete_is_deleted_later,
     a_connect_cut_off_after_registering_leaves_no_endpoint,
+    a_save_whose_outcome_is_unknown_leaves_its_endpoint_to_the_sweep,
     signatures_are_checked,
     deliveries_are_stored_once,
     the_feed_pages_with_a_stable_cursor,
@@ -395,6 +396,68 @@ async fn a_connect_cut_off_after_registering_leaves_no_endpoint(backend: Backend
     );
     app.connections.clean_up_left_endpoints().await;
     assert_eq!(endpoints.endpoints().len(), 1);
+}
+
+/// Found by scripts/chaos (seed 1505545593): a save that failed with the database, not with
+/// a refusal, may have committed (PostgreSQL restarted with the answer in flight); the connect
+/// deleted the endpoint it had registered, and the stored connection named an endpoint gone
+/// from Stripe. Such a failure now leaves the endpoint to the sweep, which deletes it only
+/// when no stored connection holds it. Here the save fails for certain (a trigger refuses
+/// it): the endpoint stays until the sweep, and the sweep deletes it.
+async fn a_save_whose_outcome_is_unknown_leaves_its_endpoint_to_the_sweep(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.create_tenant("ten_1", Mode::Test).await;
+    let endpoints = answer_all(&app.stripe, Answer::Granted).await;
+    match backend {
+        Backend::Sqlite => {
+            app.db
+                .execute(
+                    "CREATE TRIGGER refuse_save BEFORE INSERT ON stripe_connections \
+                     BEGIN SELECT RAISE(ABORT, 'refused'); END",
+                )
+                .await
+        }
+        Backend::Postgres => {
+            app.db
+                .execute(
+                    "CREATE FUNCTION refuse_save() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                     BEGIN RAISE EXCEPTION 'refused'; END $$",
+                )
+                .await;
+            app.db
+                .execute(
+                    "CREATE TRIGGER refuse_save BEFORE INSERT ON stripe_connections \
+                     FOR EACH ROW EXECUTE FUNCTION refuse_save()",
+                )
+                .await
+        }
+    }
+    let response = app.connect("ten_1", &key("rk_test_", "Lost")).await;
+    assert!(response.status().is_server_error(), "{}", response.status());
+    let tenant = TenantId::parse("ten_1").unwrap();
+    assert!(app.store.find_connection(&tenant).await.unwrap().is_none());
+    assert_eq!(
+        endpoints.endpoints().len(),
+        1,
+        "left for the sweep, not deleted by the connect"
+    );
+    let deletes = (app.stripe_requests().await.iter())
+        .filter(|r| r.method.as_str() == "DELETE")
+        .count();
+    assert_eq!(deletes, 0);
+
+    // Once due, the sweep finds no stored connection holding it: deleted, and the row goes.
+    app.db
+        .execute("UPDATE endpoint_cleanups SET due_at = '2000-01-01T00:00:00Z'")
+        .await;
+    app.connections.clean_up_left_endpoints().await;
+    assert!(endpoints.endpoints().is_empty(), "deleted by the sweep");
+    assert_eq!(
+        app.db
+            .scalar("SELECT COUNT(*) FROM endpoint_cleanups")
+            .await,
+        0
+    );
 }
 
 /// Matches while set: Stripe unavailable, held and let up by the test.
