@@ -13,6 +13,8 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# mimalloc's compiled-in defaults (idle memory): see .cargo/config.toml.
+COPY .cargo .cargo
 COPY src src
 COPY migrations migrations
 COPY config config
