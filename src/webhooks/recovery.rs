@@ -38,10 +38,11 @@ use std::time::Duration;
 use futures_util::stream::{self, StreamExt};
 use rand::Rng;
 use time::OffsetDateTime;
-use tokio::sync::{watch, Notify};
-use tokio::task::JoinHandle;
+use tokio::sync::Notify;
 
 use super::announcements;
+
+mod fleet;
 use crate::crypto::Keyring;
 use crate::domain::{random_id, ConnectionStatus, Mode, StripeKey, TenantId};
 use crate::proxy::AccountSmoothing;
@@ -576,75 +577,6 @@ impl EventRecovery {
                 payload: event.payload,
             })
             .collect()
-    }
-
-    /// Waits for a slice of the fleet-wide budget, then for the account's turn under the
-    /// rate the proxy also uses; the worker is never in a hurry, so a refusal only means
-    /// waiting longer.
-    async fn take_turn(&self, tenant: &TenantId, mode: Mode) {
-        if let Some(rate) = self.settings.max_stripe_calls_per_second {
-            let cost = Duration::from_secs_f64(1.0 / f64::from(rate.get()));
-            loop {
-                match self.store.take_budget(BUDGET, cost).await {
-                    Ok(None) => break,
-                    Ok(Some(wait)) => tokio::time::sleep(wait).await,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not take from the event-recovery budget");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        }
-        while let Err(over) = self.smoothing.take_turn(tenant, mode).await {
-            tokio::time::sleep(over.retry_after).await;
-        }
-    }
-
-    /// Moves the fleet's heartbeat forward. After a stop longer than [`STOP_GAP`] (no
-    /// sweep anywhere meanwhile), the first instance back makes every cursor due now, in
-    /// batches, and returns how many; every other call returns 0.
-    pub async fn beat(&self) -> Result<u64, StoreError> {
-        let now = crate::clock::now();
-        let Some(stopped_since) = self.store.beat_recovery(now, STOP_GAP).await? else {
-            return Ok(0);
-        };
-        tracing::warn!(since = %stopped_since, "no instance recovered events for a long while: every connection is due");
-        let mut after = String::new();
-        let mut marked = 0;
-        while let Some((last, n)) = (self.store)
-            .mark_recoveries_due(&after, now, i64::from(self.settings.batch.max(1)) * 16)
-            .await?
-        {
-            marked += n;
-            after = last;
-        }
-        Ok(marked)
-    }
-
-    /// Runs until `stop` turns true: a sweep every `tick` (with jitter) or when woken; a full
-    /// batch is followed at once by the next. A sweep in progress finishes its pages first.
-    pub fn spawn(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
-        tokio::spawn(async move {
-            loop {
-                if let Err(e) = self.beat().await {
-                    tracing::warn!(error = %e, "could not record the event-recovery heartbeat");
-                }
-                while self.run_once().await == self.settings.batch as usize {
-                    if *stop.borrow() {
-                        return;
-                    }
-                }
-                let pause = self
-                    .settings
-                    .tick
-                    .mul_f64(rand::thread_rng().gen_range(0.5..1.5));
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = self.wake.notified() => {}
-                    _ = stop.wait_for(|stopped| *stopped) => return,
-                }
-            }
-        })
     }
 }
 
