@@ -893,6 +893,32 @@ class Chaos:
                 orphaned.append(tenant)
         return connected, ours, wrong, orphaned
 
+    def explain_missing(self, sent, stored):
+        """For a failed events line: each missing event's age and the state of its tenant's
+        recovery cursor (who holds it, until when, what it has passed)."""
+        cursors = {row[0]: row[1:] for row in self.sql(
+            "SELECT s.tenant_id, r.connection_id, r.event_recovery, r.webhook_status, "
+            "extract(epoch FROM r.recovered_through)::bigint, "
+            "extract(epoch FROM r.due_at)::bigint, "
+            "coalesce(extract(epoch FROM r.run_since)::bigint::text, '-'), "
+            "coalesce(r.lease_owner, '-'), "
+            "coalesce(extract(epoch FROM r.lease_until)::bigint::text, '-'), "
+            "coalesce(extract(epoch FROM r.last_run_at)::bigint::text, '-') "
+            "FROM stripe_connections s LEFT JOIN recovery_cursors r "
+            "ON r.connection_id = s.connection_id")}
+        now = int(time.time())
+        print(f"        now {now}, load started {int(time.time() - (time.monotonic() - self.load_started))}")
+        with self.stripe.lock:
+            created = {e["id"]: e["created"] for t in sent
+                       for e in self.stripe.accounts[t].events}
+        for tenant, ids in sorted(sent.items()):
+            lost = sorted(ids - stored[tenant], key=lambda e: created[e])
+            if lost:
+                print(f"        {tenant}: {len(lost)} missing, created "
+                      + ", ".join(str(created[e]) for e in lost[:6])
+                      + f"; cursor (connection, recovery, endpoint, through, due, run since, "
+                        f"lease owner, lease until, last run): {cursors.get(tenant, 'none')}")
+
     # --- the invariants
 
     def check(self):
@@ -920,6 +946,8 @@ class Chaos:
         total = sum(len(ids) for ids in sent.values())
         missing = sum(len(ids - stored[t]) for t, ids in sent.items())
         never = self.stripe.counts["events never delivered"]
+        if missing:
+            self.explain_missing(sent, stored)
         line(missing == 0 and doubled == 0 and foreign == 0,
              f"events: {total} sent ({never} never delivered), {total - missing} stored, "
              f"{missing} missing, {doubled} stored twice, {foreign} not sent to that tenant")

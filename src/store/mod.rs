@@ -387,6 +387,15 @@ pub trait Store: Outbox + Send + Sync + 'static {
         next_due: OffsetDateTime,
     ) -> Result<bool, StoreError>;
 
+    /// Extends the recovery leases `owner` still holds among `connection_ids` to
+    /// `lease_until` (a lease another process took since is left alone).
+    async fn extend_recovery_leases(
+        &self,
+        owner: &str,
+        connection_ids: &[String],
+        lease_until: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
     /// Gives a recovery lease back, with the connection due again at `due_at`; the run's
     /// progress stays for the next holder to resume.
     async fn release_recovery(

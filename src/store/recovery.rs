@@ -80,6 +80,10 @@ const FINISH_RUN: &str = "UPDATE recovery_cursors SET recovered_through = CASE \
     due_at = CASE WHEN requested_since IS NULL THEN $4 ELSE $5 END, \
     lease_owner = NULL, lease_until = NULL WHERE connection_id = $1 AND lease_owner = $2";
 
+/// Extends a lease `$2` still holds to `$3`.
+const EXTEND_LEASE: &str = "UPDATE recovery_cursors SET lease_until = $3 \
+    WHERE connection_id = $1 AND lease_owner = $2";
+
 const RELEASE_RECOVERY: &str = "UPDATE recovery_cursors SET lease_owner = NULL, \
     lease_until = NULL, due_at = $3 WHERE connection_id = $1 AND lease_owner = $2";
 
@@ -355,6 +359,24 @@ where
             .execute(&self.pool)
             .await?;
         Ok(DB::rows_affected(&result) == 1)
+    }
+
+    pub(super) async fn extend_recovery_leases(
+        &self,
+        owner: &str,
+        connection_ids: &[String],
+        lease_until: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        // At most a batch of primary-key updates every third of a lease.
+        for connection_id in connection_ids {
+            sqlx::query(EXTEND_LEASE)
+                .bind(connection_id.as_str())
+                .bind(owner)
+                .bind(lease_until)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
     }
 
     pub(super) async fn release_recovery(

@@ -464,6 +464,16 @@ where
             .await
     }
 
+    async fn extend_recovery_leases(
+        &self,
+        owner: &str,
+        connection_ids: &[String],
+        lease_until: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.extend_recovery_leases(owner, connection_ids, lease_until)
+            .await
+    }
+
     async fn release_recovery(
         &self,
         connection_id: &str,

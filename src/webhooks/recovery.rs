@@ -76,7 +76,8 @@ pub struct RecoverySettings {
     pub max_stripe_calls_per_second: Option<NonZeroU32>,
     /// How often the worker looks for due connections.
     pub tick: Duration,
-    /// How long a claim holds a connection; each committed page extends it.
+    /// How long a claim holds a connection unless its holder renews it (every third of
+    /// it, while the run lasts): how long a killed process keeps others from its claims.
     pub lease: Duration,
     /// Connections claimed at once, and recovered concurrently.
     pub batch: u32,
@@ -99,7 +100,7 @@ impl RecoverySettings {
             sweep: Duration::from_secs(7 * 86_400),
             max_stripe_calls_per_second: None,
             tick: Duration::from_secs(5),
-            lease: Duration::from_secs(120),
+            lease: Duration::from_secs(30),
             batch: 64,
             concurrency: 16,
             overlap: Duration::from_secs(300),
@@ -284,13 +285,27 @@ impl EventRecovery {
             }
         };
         let count = claimed.len();
-        stream::iter(claimed)
-            .for_each_concurrent(self.settings.concurrency, |claim| async move {
+        let held = std::sync::Mutex::new(
+            (claimed.iter())
+                .map(|claim| claim.connection_id.clone())
+                .collect::<Vec<_>>(),
+        );
+        let work = stream::iter(claimed).for_each_concurrent(self.settings.concurrency, |claim| {
+            let held = &held;
+            async move {
                 let outcome = self.recover_leased(&claim).await;
                 metrics::counter!("atlas_event_recovery_runs_total", "outcome" => outcome.as_str())
                     .increment(1);
-            })
-            .await;
+                (held.lock().unwrap_or_else(|e| e.into_inner()))
+                    .retain(|id| *id != claim.connection_id);
+            }
+        });
+        // The claims waiting their turn and the runs in progress keep their leases while
+        // this process lives; a killed one's lapse within `lease`.
+        tokio::select! {
+            () = work => {}
+            () = self.keep_leases(&held) => {}
+        }
         self.report_oldest_gaps().await;
         count
     }

@@ -23,6 +23,7 @@ backend_tests!(
     events_missed_while_stopped_are_stored_once,
     delivered_and_recovered_overlap_without_duplicates,
     a_run_killed_between_pages_resumes,
+    a_run_longer_than_its_lease_keeps_it,
     two_instances_recover_one_connection_once,
     a_rate_limited_listing_is_tried_again,
     a_key_without_events_read_recovers_nothing,
@@ -337,6 +338,33 @@ async fn a_run_killed_between_pages_resumes(backend: Backend) {
         third.url.query_pairs().any(|(k, _)| k == "starting_after"),
         "the resumed run starts after the committed page"
     );
+}
+
+async fn a_run_longer_than_its_lease_keeps_it(backend: Backend) {
+    let c = connected(backend).await;
+    let ids = missed(&c.events, 150);
+    let mut short = settings();
+    short.lease = Duration::from_secs(1);
+    let one = worker(&c, short.clone());
+    let two = worker(&c, short);
+    let mut gate = c.events.gate_listing(1);
+    let running = tokio::spawn({
+        let one = one.clone();
+        async move { one.run_once().await }
+    });
+    gate.arrived().await;
+    // Stripe holds the first page past three leases: the live holder renews its lease
+    // (a killed one's lapses, above), so no other process takes the connection meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        two.run_once().await,
+        0,
+        "still leased to the process whose run is in progress"
+    );
+    gate.release();
+    assert_eq!(running.await.unwrap(), 1);
+    assert_once(&feed(&c).await, &ids);
+    assert_eq!(c.events.pages(), 2, "no page listed twice");
 }
 
 async fn two_instances_recover_one_connection_once(backend: Backend) {

@@ -36,6 +36,22 @@ impl EventRecovery {
         }
     }
 
+    /// Renews the leases of `held` every third of a lease; runs until dropped.
+    pub(super) async fn keep_leases(&self, held: &std::sync::Mutex<Vec<String>>) {
+        loop {
+            tokio::time::sleep(self.settings.lease / 3).await;
+            let ids = held.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let until = crate::clock::now() + self.settings.lease;
+            if let Err(e) = (self.store)
+                .extend_recovery_leases(&self.owner, &ids, until)
+                .await
+            {
+                // The leases lapse; another process resumes the runs from their last page.
+                tracing::warn!(error = %e, "could not renew event-recovery leases");
+            }
+        }
+    }
+
     /// Moves the fleet's heartbeat forward. After a stop longer than [`STOP_GAP`] (no
     /// sweep anywhere meanwhile), the first instance back makes every cursor due now, in
     /// batches, and returns how many; every other call returns 0.
