@@ -757,16 +757,20 @@ class Chaos:
         log(f"PostgreSQL restarted (down {time.monotonic() - down:.1f} s)")
 
     def rewrap(self):
-        """A new master key, made active, the instances restarted one by one with the new
-        configuration (a deployment); then `keys rewrap`, killed -9 once in its first
-        moments and run again until it completes."""
+        """A new master key rolled out as the README says, in two deployments (the
+        instances restarted one by one): first known beside the old one, then made active;
+        then `keys rewrap`, killed -9 once in its first moments and run again until it
+        completes."""
         entry = self.cli("keys", "generate", "--id", self.new_key_id)
         with self.config_lock:
             self.config["ATLAS_STRIPE__CRYPTO__MASTER_KEYS"] = f"{self.old_entry},{entry}"
+        for instance in self.instances:
+            instance.restart(kill=False)
+        with self.config_lock:
             self.config["ATLAS_STRIPE__CRYPTO__ACTIVE_KEY_ID"] = self.new_key_id
         for instance in self.instances:
             instance.restart(kill=False)
-        log("rewrap: every instance restarted with the new active key; keys rewrap")
+        log("rewrap: every instance restarted with the new key, then with it active; keys rewrap")
         with open(os.path.join(self.args.artifacts, "rewrap.log"), "a") as out:
             for attempt in range(1, 30):
                 self.rewrap_runs = attempt

@@ -91,6 +91,8 @@ pub enum ApiError {
     ServiceUnavailable,
     #[error("The master key this needs is held by AWS KMS and not decrypted yet (KMS did not answer at start-up; the service keeps asking). Try again shortly.")]
     MasterKeyUnavailable,
+    #[error("This instance is not configured with the master key the secret is sealed under (a master-key rollout still under way); nothing was changed. Try again shortly.")]
+    MasterKeyNotConfigured,
     #[error("The service is reading as many request bodies as it holds at once (server.inflight_body_bytes); nothing was done. Try again shortly.")]
     Overloaded,
     #[error("The webhook delivery was rejected.")]
@@ -177,9 +179,9 @@ impl ApiError {
             Self::ConnectionNotActive(_) => (S::CONFLICT, "connection_not_active"),
             Self::ConcurrentChange => (S::CONFLICT, "concurrent_change"),
             Self::StripeUnavailable => (S::BAD_GATEWAY, "stripe_unavailable"),
-            Self::ServiceUnavailable | Self::MasterKeyUnavailable => {
-                (S::SERVICE_UNAVAILABLE, "service_unavailable")
-            }
+            Self::ServiceUnavailable
+            | Self::MasterKeyUnavailable
+            | Self::MasterKeyNotConfigured => (S::SERVICE_UNAVAILABLE, "service_unavailable"),
             Self::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal_error"),
         }
@@ -320,7 +322,9 @@ impl ApiError {
                 detail.key_mode = Some(key);
             }
             Self::StripeUnavailable | Self::ConcurrentChange => detail.retryable = Some(true),
-            Self::ServiceUnavailable | Self::MasterKeyUnavailable => {
+            Self::ServiceUnavailable
+            | Self::MasterKeyUnavailable
+            | Self::MasterKeyNotConfigured => {
                 detail.retryable = Some(true);
                 retry_after_header = Some(DATABASE_RETRY_AFTER_SECS);
             }
@@ -386,6 +390,13 @@ impl From<CryptoError> for ApiError {
             CryptoError::MasterKeyUnavailable(id) => {
                 tracing::warn!(master_key_id = %id, "master key held by AWS KMS not decrypted yet");
                 Self::MasterKeyUnavailable
+            }
+            // Instances configured apart: the master key was made active on some before
+            // all of them knew it (README: add it everywhere, then make it active). Another
+            // instance, or this one once redeployed, opens it; `/readyz` names the id.
+            CryptoError::UnknownMasterKey(id) => {
+                tracing::error!(master_key_id = %id, "a stored secret is sealed under a master key this instance is not configured with");
+                Self::MasterKeyNotConfigured
             }
             e => Self::Internal(e.into()),
         }

@@ -250,7 +250,7 @@ pub struct KeyBody<'a> {
         (status = 403, description = "insufficient_scope", body = ErrorBody),
         (status = 404, description = "not_connected (no connection, or no such tenant); not_found (the path is not UTF-8 once decoded)", body = ErrorBody),
         (status = 409, description = "connection_not_active: the connection is revoked", body = ErrorBody),
-        (status = 503, description = "service_unavailable: the database cannot be reached (retryable)", body = ErrorBody,
+        (status = 503, description = "service_unavailable: the database cannot be reached, or this instance lacks the master key the key is sealed under (retryable)", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn fetch_key(

@@ -259,6 +259,19 @@ async fn readiness_names_a_missing_master_key(backend: Backend) {
     let keyring_check = body["error"]["checks"]["keyring"].as_str().unwrap();
     assert!(keyring_check.contains("test1"), "{keyring_check}");
     assert_eq!(body["error"]["checks"]["database"], "ok");
+    // An instance that lacks the master key (one rolled out of step) cannot open the key:
+    // a retryable 503 (another instance can), not a 500, and nothing of the key in it.
+    let token = misconfigured.service_token(&[Scope::KeysRead]).await;
+    let response = (misconfigured.http)
+        .get(misconfigured.url("/internal/v1/tenants/ten_1/stripe/key"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().contains_key("retry-after"));
+    let body = assert_error(response, 503, "service_unavailable").await;
+    assert_eq!(body["error"]["retryable"], true);
+    assert!(!body.to_string().contains("Mkey"), "{body}");
 }
 
 /// The value of one series in Prometheus text (0 when absent).
