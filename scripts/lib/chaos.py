@@ -95,6 +95,7 @@ class StripeStandin(ThreadingHTTPServer):
         self.rng = rng
         self.counts = collections.Counter()
         self.created_at = {}  # we_… -> monotonic time of its creation (diagnostics)
+        self.deleted_at = {}  # we_… -> monotonic time of its deletion (diagnostics)
         self.deliveries = []  # heap-less list of (due, event, attempt); guarded by lock
         self.delivering = threading.Event()
         self.turn = 0
@@ -300,6 +301,7 @@ class StandinHandler(BaseHTTPRequestHandler):
             stored = s.accounts[tenant].endpoints.get(endpoint_id)
             if stored is not None and self.command == "DELETE":
                 del s.accounts[tenant].endpoints[endpoint_id]
+                s.deleted_at[endpoint_id] = time.monotonic()
                 s.counts["endpoints deleted"] += 1
         if stored is None:
             return self.send(404, stripe_error(
@@ -483,6 +485,7 @@ class Chaos:
         self.issued = collections.defaultdict(set)  # tenant -> keys sent to connect
         self.statuses = []  # (monotonic, operation, status, code)
         self.status_lock = threading.Lock()
+        self.unanswered = collections.defaultdict(list)  # tenant -> (monotonic, op, method)
         self.ops = collections.Counter()
         self.faults = collections.Counter()
         self.pg_down = []  # (from, to) monotonic
@@ -611,6 +614,10 @@ class Chaos:
         with self.status_lock:
             self.statuses.append((time.monotonic(), operation, status, code))
             self.ops[operation] += 1
+            if status == 0:
+                tenant = re.search(r"/tenants/([^/]+)/", path)
+                self.unanswered[tenant.group(1) if tenant else "-"].append(
+                    (time.monotonic(), operation, method))
         return status, parsed
 
     def connect(self, tenant, base=None):
@@ -965,6 +972,14 @@ class Chaos:
                 f"{self.stripe.created_at.get(e, 0) - self.load_started:.1f} s"
                 for e, u in ours.get(tenant, []))
             print(f"        {tenant}: stored {stored}; on Stripe: {found or 'none'}")
+            if stored:
+                at = lambda times: (f"{times[stored[1]] - self.load_started:.1f} s"
+                                    if stored[1] in times else "-")
+                print(f"          stored endpoint created at {at(self.stripe.created_at)}, "
+                      f"deleted at {at(self.stripe.deleted_at)}")
+            lost = ", ".join(f"{op} {method} at {t - self.load_started:.1f} s"
+                             for t, op, method in self.unanswered.get(tenant, []))
+            print(f"          requests with no answer: {lost or 'none'}")
         kills = ", ".join(f"{at - self.load_started:.1f}" for at, _ in self.fault_times)
         if wrong or orphaned:
             print(f"        faults at (s): {kills}")

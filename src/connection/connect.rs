@@ -3,6 +3,7 @@
 
 use secrecy::{ExposeSecret, SecretString};
 
+use super::webhook_endpoint::CLEANUP_RETRY;
 use super::{Attempt, ConnectError, ConnectionService, StripeCleanup};
 use crate::crypto::SecretContext;
 use crate::domain::{
@@ -163,41 +164,50 @@ impl ConnectionService {
         Err(ConnectError::ConcurrentChange)
     }
 
-    /// Disconnects: deletes our endpoint on Stripe (only when its URL is ours), then the
-    /// connection and its sealed secrets.
+    /// Disconnects: the connection and its sealed secrets go first, and in the same
+    /// transaction its API key is kept beside its endpoint (`endpoint_cleanups`); then our
+    /// endpoint is deleted on Stripe (only when its URL is ours) and the kept key dropped. A
+    /// process killed between the two, or Stripe giving no conclusive answer, leaves the row
+    /// to the sweep. (Deleting on Stripe first, a kill between the two left a stored
+    /// connection naming an endpoint gone from Stripe: found by scripts/chaos.)
     pub async fn disconnect(
         &self,
         tenant: &TenantId,
         actor: &Actor,
     ) -> Result<StripeCleanup, ConnectError> {
-        // A compare-and-swap on the endpoint just cleaned up: when a replacement moves the
-        // connection to another endpoint meanwhile, clean that one up too before deleting.
+        // A compare-and-swap on the endpoint read: when a replacement moves the connection
+        // to another endpoint meanwhile, the next round deletes that one.
         for _ in 0..SAVE_ROUNDS {
             let record = self
                 .store
                 .find_connection(tenant)
                 .await?
                 .ok_or(ConnectError::NotConnected)?;
-            let cleanup = self.delete_endpoint_of(&record).await;
-            let endpoint_id = record.webhook.as_ref().map(|w| w.endpoint_id.as_str());
-            let deleted = match (cleanup, endpoint_id) {
-                // Stripe gave no conclusive answer: the key is kept with the endpoint so
-                // that a later try deletes it, or it would outlive the connection on an
-                // account we no longer hold.
-                (StripeCleanup::Failed, Some(endpoint_id)) => {
-                    (self.store)
-                        .delete_connection_leaving_endpoint(tenant, endpoint_id, actor)
-                        .await?
+            let Some(webhook) = &record.webhook else {
+                if (self.store).delete_connection(tenant, None, actor).await? {
+                    return Ok(StripeCleanup::NotNeeded);
                 }
-                _ => {
-                    (self.store)
-                        .delete_connection(tenant, endpoint_id, actor)
-                        .await?
-                }
+                continue;
             };
-            if deleted {
-                return Ok(cleanup);
+            let cleanup_id = random_id("epc_", 20);
+            let due_at = crate::clock::now() + CLEANUP_RETRY;
+            if !(self.store)
+                .delete_connection_leaving_endpoint(
+                    tenant,
+                    &webhook.endpoint_id,
+                    &cleanup_id,
+                    due_at,
+                    actor,
+                )
+                .await?
+            {
+                continue;
             }
+            let cleanup = self.delete_endpoint_of(&record).await;
+            if cleanup != StripeCleanup::Failed {
+                self.drop_intent(Some(cleanup_id)).await;
+            }
+            return Ok(cleanup);
         }
         Err(ConnectError::ConcurrentChange)
     }

@@ -39,7 +39,7 @@ impl StripeCleanup {
 /// registration, a save, a deletion on failure: each Stripe call bounded by its timeout).
 const INTENT_GRACE: time::Duration = time::Duration::seconds(60);
 /// How soon an endpoint left on Stripe is tried again after Stripe gave no conclusive answer.
-const CLEANUP_RETRY: time::Duration = time::Duration::seconds(60);
+pub(super) const CLEANUP_RETRY: time::Duration = time::Duration::seconds(60);
 /// Endpoints tried per sweep.
 const CLEANUP_BATCH: i64 = 50;
 /// How often each process sweeps.

@@ -222,19 +222,21 @@ where
     }
 
     /// Deletes the connection like `delete_connection`, keeping its sealed key for a later
-    /// deletion of `endpoint_id` in the same transaction.
+    /// deletion of `endpoint_id` in the same transaction (row `cleanup_id`, due at `due_at`).
     pub(super) async fn delete_connection_leaving_endpoint(
         &self,
         tenant: &TenantId,
         endpoint_id: &str,
+        cleanup_id: &str,
+        due_at: OffsetDateTime,
         actor: &Actor,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(endpoint_cleanups::KEEP)
             .bind(tenant.as_str())
             .bind(endpoint_id)
-            .bind(crate::domain::random_id("epc_", 20))
-            .bind(now())
+            .bind(cleanup_id)
+            .bind(due_at)
             .execute(&mut *tx)
             .await?;
         // Rolled back with the copy when the connection moved on meanwhile.

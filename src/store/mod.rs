@@ -223,13 +223,16 @@ pub trait Store: Outbox + Send + Sync + 'static {
         actor: &Actor,
     ) -> Result<bool, StoreError>;
 
-    /// As `delete_connection`, for a connection whose endpoint could not be deleted from
-    /// Stripe: in the same transaction its sealed API key is kept beside `endpoint_id`, so
-    /// that a later try (`claim_endpoint_cleanups`) can still delete the endpoint.
+    /// As `delete_connection`, for a connection with an endpoint on Stripe: in the same
+    /// transaction its sealed API key is kept beside `endpoint_id` (row `cleanup_id` of
+    /// `endpoint_cleanups`, due at `due_at`), so that the endpoint can be deleted after the
+    /// commit, by the disconnect or, should it die or Stripe not answer, by the sweep.
     async fn delete_connection_leaving_endpoint(
         &self,
         tenant: &TenantId,
         endpoint_id: &str,
+        cleanup_id: &str,
+        due_at: OffsetDateTime,
         actor: &Actor,
     ) -> Result<bool, StoreError>;
 

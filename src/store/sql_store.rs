@@ -288,9 +288,11 @@ where
         &self,
         tenant: &TenantId,
         endpoint_id: &str,
+        cleanup_id: &str,
+        due_at: OffsetDateTime,
         actor: &Actor,
     ) -> Result<bool, StoreError> {
-        self.delete_connection_leaving_endpoint(tenant, endpoint_id, actor)
+        self.delete_connection_leaving_endpoint(tenant, endpoint_id, cleanup_id, due_at, actor)
             .await
     }
 

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use atlas_stripe::domain::{Mode, TenantId};
+use atlas_stripe::store::Actor;
 use reqwest::Method;
 
 use crate::backend_tests;
@@ -15,7 +16,9 @@ use crate::stripe_mock::{answer_all, key, FakeEndpoints, StripeFront};
 backend_tests!(
     replacements_onto_two_accounts_leave_one_endpoint,
     a_disconnect_during_a_replacement_leaves_the_new_endpoint_stored,
-    a_replacement_during_a_disconnect_is_cleaned_up_too,
+    a_connect_during_a_disconnects_cleanup_connects_anew,
+    a_disconnect_cut_off_after_stripe_deleted_leaves_nothing_stored,
+    a_disconnect_cut_off_before_stripe_deleted_leaves_the_endpoint_to_the_sweep,
 );
 
 /// The app, its Stripe's webhook endpoints, and the front that can hold one of their
@@ -107,10 +110,10 @@ async fn a_disconnect_during_a_replacement_leaves_the_new_endpoint_stored(backen
     assert_eq!(endpoints.endpoints().len(), 1);
 }
 
-/// A disconnect has looked at the stored endpoint (its answers held) when a replacement
-/// onto another account commits. The disconnect's delete then finds another key, and
-/// cleans up what the replacement stored before deleting the connection.
-async fn a_replacement_during_a_disconnect_is_cleaned_up_too(backend: Backend) {
+/// A connect onto another account while a disconnect's call to delete our endpoint is held:
+/// the disconnect committed first (the database goes before Stripe), so the connect is a
+/// new connection (201) with its own endpoint, and the disconnect deletes only the old one.
+async fn a_connect_during_a_disconnects_cleanup_connects_anew(backend: Backend) {
     let (app, endpoints, front) = connected(backend).await;
     let mut gate = front.hold("GET", "Main");
     let disconnect = {
@@ -118,16 +121,69 @@ async fn a_replacement_during_a_disconnect_is_cleaned_up_too(backend: Backend) {
         tokio::spawn(async move { app.tenant_request(Method::DELETE, "ten_1", "").await })
     };
     gate.arrived().await;
-    let replaced = app.connect("ten_1", &key("rk_test_", "XOth")).await;
-    assert_eq!(replaced.status(), 200);
+    let connected = app.connect("ten_1", &key("rk_test_", "XOth")).await;
+    assert_eq!(connected.status(), 201);
     gate.release();
-    assert_eq!(disconnect.await.unwrap().status(), 204);
+    let disconnect = disconnect.await.unwrap();
+    assert_eq!(disconnect.status(), 204);
+    assert_eq!(disconnect.headers()["atlas-stripe-cleanup"], "deleted");
     assert_only_the_stored_endpoint(&app, &endpoints).await;
-    assert!(
-        endpoints.endpoints().is_empty(),
-        "{:?}",
-        endpoints.endpoints()
+    assert_eq!(endpoints.endpoints().len(), 1);
+}
+
+/// Runs a disconnect of ten_1 and cuts it off (its task aborted, as a kill -9 would) while
+/// Stripe's answer to its `verb` call on our endpoint is held.
+async fn cut_off_disconnect(app: &TestApp, front: &StripeFront, verb: &str) {
+    let mut gate = front.hold(verb, "Main");
+    let connections = app.connections.clone();
+    let disconnecting = tokio::spawn(async move {
+        let tenant = TenantId::parse("ten_1").unwrap();
+        connections.disconnect(&tenant, &Actor::Cli).await
+    });
+    gate.arrived().await;
+    disconnecting.abort();
+    assert!(disconnecting.await.is_err(), "cut off before it ended");
+    gate.release();
+}
+
+/// Makes every kept endpoint due and sweeps; the rows left after.
+async fn sweep_now(app: &TestApp) -> i64 {
+    app.db
+        .execute("UPDATE endpoint_cleanups SET due_at = '2000-01-01T00:00:00Z'")
+        .await;
+    app.connections.clean_up_left_endpoints().await;
+    app.db
+        .scalar("SELECT COUNT(*) FROM endpoint_cleanups")
+        .await
+}
+
+/// Found by scripts/chaos (seed 612926814): an instance killed -9 after Stripe deleted our
+/// endpoint and before the disconnect deleted the connection left a stored connection
+/// naming an endpoint gone from Stripe. The connection now goes first.
+async fn a_disconnect_cut_off_after_stripe_deleted_leaves_nothing_stored(backend: Backend) {
+    let (app, endpoints, front) = connected(backend).await;
+    cut_off_disconnect(&app, &front, "DELETE").await;
+    assert_only_the_stored_endpoint(&app, &endpoints).await;
+    assert!(endpoints.endpoints().is_empty());
+    assert_eq!(
+        sweep_now(&app).await,
+        0,
+        "the kept key goes with nothing left"
     );
+}
+
+/// Cut off before Stripe was asked to delete: the connection is gone and the endpoint
+/// outlives it only until the sweep, which deletes it with the key kept beside it.
+async fn a_disconnect_cut_off_before_stripe_deleted_leaves_the_endpoint_to_the_sweep(
+    backend: Backend,
+) {
+    let (app, endpoints, front) = connected(backend).await;
+    cut_off_disconnect(&app, &front, "GET").await;
+    let tenant = TenantId::parse("ten_1").unwrap();
+    assert!(app.store.find_connection(&tenant).await.unwrap().is_none());
+    assert_eq!(endpoints.endpoints().len(), 1, "still on Stripe");
+    assert_eq!(sweep_now(&app).await, 0);
+    assert!(endpoints.endpoints().is_empty(), "deleted by the sweep");
 }
 
 /// Found by scripts/chaos (a 500 "connection vanished in its own transaction"): a disconnect
@@ -174,4 +230,52 @@ async fn a_disconnect_inside_a_replacements_save_makes_it_start_over() {
         .unwrap()
         .expect("connected");
     assert_eq!(stored.key_last4, "Next");
+}
+
+/// A replacement commits between a disconnect's read and its delete (forced: the delete
+/// waits on a row lock the test holds while it moves the connection to another endpoint).
+/// The disconnect's compare-and-swap fails, it reads again and deletes the connection with
+/// the endpoint it names now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_that_loses_its_compare_and_swap_reads_again() {
+    let (app, endpoints, _) = connected(Backend::Postgres).await;
+    let first = endpoints.endpoints()[0].id.clone();
+    let mut replacement = <sqlx::PgConnection as sqlx::Connection>::connect(&app.db.url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN")
+        .execute(&mut replacement)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1 FROM stripe_connections WHERE tenant_id = 'ten_1' FOR UPDATE")
+        .execute(&mut replacement)
+        .await
+        .unwrap();
+    let disconnect = {
+        let app = app.clone();
+        tokio::spawn(async move { app.tenant_request(Method::DELETE, "ten_1", "").await })
+    };
+    let waiting = "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                   AND query LIKE 'DELETE FROM stripe_connections%'";
+    crate::helpers::eventually("the disconnect waits on the row", || async {
+        app.db.scalar(waiting).await == 1
+    })
+    .await;
+    sqlx::query(
+        "UPDATE stripe_connections SET webhook_endpoint_id = 'we_moved' WHERE tenant_id = 'ten_1'",
+    )
+    .execute(&mut replacement)
+    .await
+    .unwrap();
+    sqlx::query("COMMIT")
+        .execute(&mut replacement)
+        .await
+        .unwrap();
+    let response = disconnect.await.unwrap();
+    assert_eq!(response.status(), 204);
+    // The second round's endpoint, which Stripe does not have; the first is left alone.
+    assert_eq!(response.headers()["atlas-stripe-cleanup"], "already_gone");
+    assert_eq!(endpoints.endpoints()[0].id, first);
+    let tenant = TenantId::parse("ten_1").unwrap();
+    assert!(app.store.find_connection(&tenant).await.unwrap().is_none());
 }
