@@ -8,7 +8,9 @@ use secrecy::ExposeSecret;
 use super::{ConnectError, ConnectionService, Inconclusive};
 use crate::crypto::SecretContext;
 use crate::domain::{random_id, StripeKey, TenantId};
-use crate::store::{ConnectionRecord, EndpointIntent, StoredWebhook, WebhookChange, WebhookStatus};
+use crate::store::{
+    ConnectionRecord, EndpointCleanup, EndpointIntent, StoredWebhook, WebhookChange, WebhookStatus,
+};
 use crate::stripe::{events, webhooks};
 use crate::webhooks::announcements::{self, Repair};
 
@@ -435,7 +437,7 @@ impl ConnectionService {
             let done = match (self.keyring).open_stripe_key(&left.key.context, &left.key.sealed) {
                 Ok(key) => {
                     let tenant = &left.key.context.tenant_id;
-                    let outcome = self.delete_left(&key, tenant, &left.connection_id).await;
+                    let outcome = self.delete_left(&key, tenant, &left).await;
                     metrics::counter!("atlas_endpoint_cleanups_total", "result" => outcome.as_str())
                         .increment(1);
                     outcome != StripeCleanup::Failed
@@ -458,14 +460,18 @@ impl ConnectionService {
         settled
     }
 
-    /// Deletes the account's endpoints whose URL names `connection_id`, but the one the
-    /// tenant's stored connection holds (if it is that connection).
+    /// Deletes the account's endpoints whose URL names the row's connection, but the one
+    /// the tenant's stored connection holds (if it is that connection). Put off while
+    /// another connect of that connection may be under way: the endpoint it registered has
+    /// the same URL and is not stored yet. Both are read after the listing, so an endpoint
+    /// listed is either held by then or its connect's intent is still there.
     async fn delete_left(
         &self,
         key: &StripeKey,
         tenant: &TenantId,
-        connection_id: &str,
+        left: &EndpointCleanup,
     ) -> StripeCleanup {
+        let connection_id = left.connection_id.as_str();
         let listed = match self.stripe.send(key, &webhooks::list_request()).await {
             Ok(reply) if reply.status == 200 => webhooks::listed_endpoints(&reply),
             // The key was revoked or lost the permission: nothing can delete them now.
@@ -475,6 +481,13 @@ impl ConnectionService {
         let Some(listed) = listed else {
             return StripeCleanup::Failed;
         };
+        match (self.store)
+            .endpoint_connect_in_flight(connection_id, &left.cleanup_id, crate::clock::now())
+            .await
+        {
+            Ok(false) => {}
+            Ok(true) | Err(_) => return StripeCleanup::Failed,
+        }
         let held = match self.store.find_connection(tenant).await {
             Ok(record) => record
                 .filter(|c| c.connection_id == connection_id)

@@ -22,9 +22,14 @@ pub(super) const KEEP: &str = "INSERT INTO endpoint_cleanups (cleanup_id, tenant
     wrapped_key, ciphertext, $4 FROM stripe_connections \
     WHERE tenant_id = $1 AND webhook_endpoint_id = $2 ON CONFLICT DO NOTHING";
 
+/// A connect's intent: due, and in flight, until `$9`.
 const INSERT: &str = "INSERT INTO endpoint_cleanups (cleanup_id, tenant_id, connection_id, \
-    mode, api_key_secret_id, master_key_id, wrapped_key, ciphertext, due_at) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+    mode, api_key_secret_id, master_key_id, wrapped_key, ciphertext, due_at, in_flight_until) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)";
+
+/// Another connect of connection `$1` than row `$2` may still be under way at `$3`.
+const IN_FLIGHT: &str = "SELECT COUNT(*) FROM endpoint_cleanups WHERE connection_id = $1 \
+    AND cleanup_id <> $2 AND in_flight_until > $3";
 
 /// Takes due rows by moving their next try to `$2` (the lease: a process that dies holding
 /// one leaves it due again then); `Dialect::SKIP_LOCKED` goes between the two halves.
@@ -76,6 +81,7 @@ where
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
     for<'r> EndpointCleanupRow: FromRow<'r, DB::Row>,
+    for<'r> (i64,): FromRow<'r, DB::Row>,
 {
     pub(super) async fn record_endpoint_intent(
         &self,
@@ -119,6 +125,21 @@ where
                 })
             })
             .collect()
+    }
+
+    pub(super) async fn endpoint_connect_in_flight(
+        &self,
+        connection_id: &str,
+        except_cleanup_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let (count,): (i64,) = sqlx::query_as(IN_FLIGHT)
+            .bind(connection_id)
+            .bind(except_cleanup_id)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count > 0)
     }
 
     pub(super) async fn finish_endpoint_cleanup(&self, cleanup_id: &str) -> Result<(), StoreError> {

@@ -249,6 +249,15 @@ pub trait Store: Outbox + Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<EndpointCleanup>, StoreError>;
 
+    /// Whether a row of `connection_id` other than `except_cleanup_id` is a connect that may
+    /// still be under way at `now` (its endpoint registered and not stored yet).
+    async fn endpoint_connect_in_flight(
+        &self,
+        connection_id: &str,
+        except_cleanup_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
     /// Every endpoint the row stands for is settled (gone, or held by its connection):
     /// forgets it and its sealed key.
     async fn finish_endpoint_cleanup(&self, cleanup_id: &str) -> Result<(), StoreError>;

@@ -309,6 +309,16 @@ where
         self.claim_endpoint_cleanups(now, next_try, limit).await
     }
 
+    async fn endpoint_connect_in_flight(
+        &self,
+        connection_id: &str,
+        except_cleanup_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        self.endpoint_connect_in_flight(connection_id, except_cleanup_id, now)
+            .await
+    }
+
     async fn finish_endpoint_cleanup(&self, cleanup_id: &str) -> Result<(), StoreError> {
         self.finish_endpoint_cleanup(cleanup_id).await
     }

@@ -19,6 +19,7 @@ backend_tests!(
     a_connect_during_a_disconnects_cleanup_connects_anew,
     a_disconnect_cut_off_after_stripe_deleted_leaves_nothing_stored,
     a_disconnect_cut_off_before_stripe_deleted_leaves_the_endpoint_to_the_sweep,
+    the_sweep_spares_the_endpoint_of_a_connect_under_way,
 );
 
 /// The app, its Stripe's webhook endpoints, and the front that can hold one of their
@@ -278,4 +279,45 @@ async fn a_disconnect_that_loses_its_compare_and_swap_reads_again() {
     assert_eq!(endpoints.endpoints()[0].id, first);
     let tenant = TenantId::parse("ten_1").unwrap();
     assert!(app.store.find_connection(&tenant).await.unwrap().is_none());
+}
+
+/// A replacement cut off after registering its endpoint leaves its intent, which the sweep
+/// settles later. Meanwhile another replacement of the same connection (the same URL) has
+/// registered its endpoint and not stored it yet, when the sweep comes: it must not delete
+/// that endpoint, which the replacement is about to store.
+async fn the_sweep_spares_the_endpoint_of_a_connect_under_way(backend: Backend) {
+    let (app, endpoints, front) = connected(backend).await;
+    let mut cut = front.hold("POST", "XKil");
+    let killed = {
+        let app = app.clone();
+        tokio::spawn(async move { app.connect("ten_1", &key("rk_test_", "XKil")).await })
+    };
+    let orphan = cut.arrived().await;
+    killed.abort();
+    let _ = killed.await;
+    cut.release();
+    app.db
+        .execute("UPDATE endpoint_cleanups SET due_at = '2000-01-01T00:00:00Z'")
+        .await;
+
+    let mut held = front.hold("POST", "XNew");
+    let replacing = {
+        let app = app.clone();
+        tokio::spawn(async move { app.connect("ten_1", &key("rk_test_", "XNew")).await })
+    };
+    let registered = held.arrived().await;
+    app.connections.clean_up_left_endpoints().await;
+    let ids: Vec<String> = endpoints.endpoints().into_iter().map(|e| e.id).collect();
+    assert!(
+        ids.contains(&registered),
+        "the sweep spared {registered}: {ids:?}"
+    );
+    held.release();
+    assert_eq!(replacing.await.unwrap().status(), 200);
+
+    // Once the replacement has ended, the sweep deletes the orphan and keeps what is stored.
+    assert_eq!(sweep_now(&app).await, 0);
+    let ids: Vec<String> = endpoints.endpoints().into_iter().map(|e| e.id).collect();
+    assert!(!ids.contains(&orphan), "{ids:?}");
+    assert_only_the_stored_endpoint(&app, &endpoints).await;
 }
