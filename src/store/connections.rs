@@ -307,11 +307,10 @@ where
         token_id: &str,
         tenant: &TenantId,
     ) -> Result<Option<KeyFetch>, StoreError> {
-        let row: Option<KeyFetchRow> = sqlx::query_as(queries::FETCH_KEY)
+        let query = sqlx::query_as(queries::FETCH_KEY)
             .bind(token_id)
-            .bind(tenant.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
+            .bind(tenant.as_str());
+        let row: Option<KeyFetchRow> = self.lane.fetch_optional(&self.pool, query).await?;
         row.map(TryInto::try_into).transpose()
     }
 
@@ -319,10 +318,8 @@ where
         &self,
         tenant: &TenantId,
     ) -> Result<Option<FetchedKey>, StoreError> {
-        let row: Option<ApiKeyRow> = sqlx::query_as(queries::FIND_API_KEY)
-            .bind(tenant.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
+        let query = sqlx::query_as(queries::FIND_API_KEY).bind(tenant.as_str());
+        let row: Option<ApiKeyRow> = self.lane.fetch_optional(&self.pool, query).await?;
         row.map(TryInto::try_into).transpose()
     }
 

@@ -10,6 +10,7 @@ mod dialect;
 mod endpoint_cleanups;
 mod error;
 mod events;
+mod lane;
 mod model;
 pub mod notifications;
 mod postgres;

@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 
 use super::dialect::Dialect;
 use super::endpoint_cleanups::{EndpointCleanup, EndpointCleanupRow, EndpointIntent};
+use super::lane::Lane;
 use super::model::{
     Actor, AuditRecord, ConnectionRecord, EventCursor, FetchedKey, KeyFetch, KeyFetchTally,
     NewConnection, NewEvent, NewServiceToken, RewrappedPair, RewrappedRow, SaveOutcome, SealedPair,
@@ -32,6 +33,8 @@ use crate::domain::{ConnectionStatus, Mode, Resource, TenantId};
 /// A store on a pool of backend `DB`: `PgStore` or `SqliteStore`.
 pub struct SqlStore<DB: Database> {
     pub(super) pool: Pool<DB>,
+    /// The key reads' connections (`lane.rs`).
+    pub(super) lane: Lane<DB>,
 }
 
 impl<DB: Dialect> SqlStore<DB> {
@@ -42,6 +45,7 @@ impl<DB: Dialect> SqlStore<DB> {
     ) -> Result<Self, StoreError> {
         Ok(Self {
             pool: DB::open_pool(url, max_connections, acquire_timeout).await?,
+            lane: Lane::for_pool(max_connections, acquire_timeout),
         })
     }
 
