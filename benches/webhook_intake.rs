@@ -166,6 +166,40 @@ async fn main() {
         })
         .collect();
 
+    let cpu_before = process_cpu();
+    let (sent, elapsed, p50, p99, failures, client) = if quick {
+        send_in_process(plans).await
+    } else {
+        send_with_wrk(plans, &base).await
+    };
+    let service_cpu = process_cpu() - cpu_before;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let unique = (senders_n * per_sender) as i64;
+    println!(
+        "webhook intake{}, {senders_n} senders ({client}), {tenants} tenant(s): {sent} deliveries in {:.2} s = {:.0} deliveries/s; \
+         p50 {:.1} ms, p99 {:.1} ms; non-2xx {failures}; stored {stored} of {unique} unique events{}; \
+         service CPU {:.0} us per delivery",
+        if quick { " (quick mode)" } else { "" },
+        elapsed.as_secs_f64(),
+        sent as f64 / elapsed.as_secs_f64(),
+        p50.as_secs_f64() * 1000.0,
+        p99.as_secs_f64() * 1000.0,
+        if stored == unique { " (exact)" } else { " (MISMATCH)" },
+        service_cpu.as_secs_f64() * 1e6 / sent as f64,
+    );
+    assert_eq!(stored, unique, "every unique event stored exactly once");
+    assert_eq!(failures, 0);
+}
+
+/// What sending took: (deliveries sent, wall time, p50, p99, non-2xx, the load generator).
+type Sent = (usize, Duration, Duration, Duration, usize, &'static str);
+
+/// The quick mode's senders: reqwest in this process (the test command has no wrk yet).
+async fn send_in_process(plans: Vec<(String, Vec<(String, String)>)>) -> Sent {
     let http = reqwest::Client::new();
     let started = Instant::now();
     let senders = plans.into_iter().map(|(url, deliveries)| {
@@ -200,23 +234,128 @@ async fn main() {
     let elapsed = started.elapsed();
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1)];
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_events")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let unique = (senders_n * per_sender) as i64;
-    println!(
-        "webhook intake{}, {senders_n} senders, {tenants} tenant(s): {} deliveries in {:.2} s = {:.0} deliveries/s; \
-         p50 {:.1} ms, p99 {:.1} ms; non-2xx {failures}; stored {stored} of {unique} unique events{}",
-        if quick { " (quick mode)" } else { "" },
+    (
         latencies.len(),
-        elapsed.as_secs_f64(),
-        latencies.len() as f64 / elapsed.as_secs_f64(),
-        at(0.5).as_secs_f64() * 1000.0,
-        at(0.99).as_secs_f64() * 1000.0,
-        if stored == unique { " (exact)" } else { " (MISMATCH)" }
+        elapsed,
+        at(0.5),
+        at(0.99),
+        failures,
+        "reqwest, in process",
+    )
+}
+
+/// The full run's senders: wrk, a process of its own (the floor's pgbench is one too), with
+/// one connection per sender, each delivery sent once (scripts/bench/webhook-deliveries.lua).
+async fn send_with_wrk(plans: Vec<(String, Vec<(String, String)>)>, base: &str) -> Sent {
+    use std::fmt::Write;
+    let connections = plans.len();
+    let total: usize = plans.iter().map(|(_, d)| d.len()).sum();
+    let mut lines = String::new();
+    // Interleaved, so that each of wrk's threads takes every sender's deliveries in turn.
+    let longest = plans.iter().map(|(_, d)| d.len()).max().unwrap_or(0);
+    for i in 0..longest {
+        for (url, deliveries) in &plans {
+            if let Some((signature, body)) = deliveries.get(i) {
+                let path = url.strip_prefix(base).expect("a URL of the service");
+                writeln!(lines, "{path}\t{signature}\t{body}").unwrap();
+            }
+        }
+    }
+    let file = std::env::temp_dir().join(format!("deliveries-{}.tsv", std::process::id()));
+    std::fs::write(&file, lines).expect("write the deliveries");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/bench/webhook-deliveries.lua"
     );
-    assert_eq!(stored, unique, "every unique event stored exactly once");
-    assert_eq!(failures, 0);
+    let threads = 2;
+    // Each thread leaves `<done>N` once every delivery of its share is answered.
+    let done = std::env::temp_dir().join(format!("deliveries-{}.done", std::process::id()));
+    let marks: Vec<std::path::PathBuf> = (0..threads)
+        .map(|t| std::path::PathBuf::from(format!("{}{t}", done.display())))
+        .collect();
+    let mut wrk = std::process::Command::new("wrk");
+    wrk.args(["-t", &threads.to_string(), "-c", &connections.to_string()])
+        .args(["-d", "120s", "--latency", "-s", script, base])
+        .env("DELIVERIES", &file)
+        .env("THREADS", threads.to_string())
+        .env("DONE", &done)
+        .stdout(std::process::Stdio::piped());
+    let output = tokio::task::spawn_blocking(move || {
+        let child = wrk
+            .spawn()
+            .expect("wrk (scripts/bench-webhooks installs it)");
+        // wrk's main thread sleeps out -d whatever its threads do: once every thread is
+        // done, SIGINT makes it print its figures for the time it ran.
+        let started = Instant::now();
+        while !marks.iter().all(|m| m.exists()) && started.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let output = child.wait_with_output();
+        for m in &marks {
+            let _ = std::fs::remove_file(m);
+        }
+        output
+    })
+    .await
+    .unwrap()
+    .expect("wrk's output");
+    let _ = std::fs::remove_file(&file);
+    let out = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (sent, seconds) = out
+        .lines()
+        .find_map(|l| {
+            let (n, rest) = l.trim().split_once(" requests in ")?;
+            Some((n.parse::<usize>().ok()?, rest.split(',').next()?.to_owned()))
+        })
+        .unwrap_or_else(|| panic!("wrk's summary: {out}"));
+    let latency = |q: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(q).map(|v| parse_latency(v.trim())))
+            .unwrap_or_else(|| panic!("wrk's {q} latency: {out}"))
+    };
+    let failures = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .map_or(0, |n| n.trim().parse().unwrap());
+    assert!(sent >= total, "wrk sent {sent} of {total}");
+    (
+        sent,
+        parse_latency(&seconds),
+        latency("50%"),
+        latency("99%"),
+        failures,
+        "wrk, its own process",
+    )
+}
+
+/// wrk's durations: 950.00us, 4.10ms, 1.02s, 2.50s.
+fn parse_latency(text: &str) -> Duration {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| c.is_ascii_alphabetic())
+            .expect("a unit"),
+    );
+    let value: f64 = number.parse().expect("a number");
+    Duration::from_secs_f64(match unit {
+        "us" => value / 1e6,
+        "ms" => value / 1e3,
+        "s" => value,
+        "m" => value * 60.0,
+        other => panic!("wrk unit {other}"),
+    })
+}
+
+/// This process's CPU time so far (user + system), from /proc.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_secs_f64(ticks as f64 / 100.0)
 }

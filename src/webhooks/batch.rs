@@ -6,7 +6,12 @@
 //! A batch closes when it holds `webhooks.batch_max_events` or `webhooks.batch_wait_us`
 //! has passed since its first event arrived (whatever is queued by then joins it), so a
 //! lone delivery waits at most the wait. At most `COMMITS_IN_FLIGHT` batches commit at
-//! once; while they do, the next batch keeps filling.
+//! once; while they do, the next batch keeps filling. The default wait is 0: a batch leaves
+//! as soon as a commit slot is free, and under load batches form behind the commits in
+//! flight (natural group commit). With a wait of 1 ms, 32 concurrent senders (fewer than a
+//! batch holds) made every batch wait out its timer: intake measured 0.56-0.60 of the
+//! pgbench floor against 0.89-0.91 with none (`scripts/bench-webhooks`, wrk as the senders);
+//! 2 slots measured 0.82, 8 the same as 4.
 
 use std::sync::Arc;
 use std::time::Duration;
