@@ -310,34 +310,6 @@ impl EventRecovery {
         count
     }
 
-    /// The age of the oldest cursor per mode: how far back events may still be missing. At
-    /// most once a minute: the minimum is read over every cursor.
-    async fn report_oldest_gaps(&self) {
-        {
-            let mut last = self.gaps_reported.lock().unwrap_or_else(|e| e.into_inner());
-            let now = tokio::time::Instant::now();
-            if last.is_some_and(|at| now.duration_since(at) < GAP_REPORT_EVERY) {
-                return;
-            }
-            *last = Some(now);
-        }
-        let oldest = match self.store.oldest_recovery_cursors().await {
-            Ok(oldest) => oldest,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read the oldest recovery cursors");
-                return;
-            }
-        };
-        let now = crate::clock::now();
-        for mode in [Mode::Test, Mode::Live] {
-            let age = (oldest.iter())
-                .find(|(m, _)| *m == mode)
-                .map_or(0.0, |(_, cursor)| (now - *cursor).as_seconds_f64().max(0.0));
-            metrics::gauge!("atlas_event_recovery_oldest_gap_seconds", "mode" => mode.as_str())
-                .set(age);
-        }
-    }
-
     /// Recovers one leased connection and gives the lease back.
     pub async fn recover_leased(&self, claim: &RecoveryClaim) -> RunOutcome {
         let outcome = match self.recover(claim).await {

@@ -1,6 +1,6 @@
 //! The worker's pace across the fleet: its turn under the fleet-wide budget and the
-//! account's smoothed rate, the heartbeat that tells a long stop, and the loop every
-//! process runs.
+//! account's smoothed rate, the renewal of its leases, the oldest-gap gauges, the heartbeat
+//! that tells a long stop, and the loop every process runs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{EventRecovery, BUDGET, STOP_GAP};
+use super::{EventRecovery, BUDGET, GAP_REPORT_EVERY, STOP_GAP};
 use crate::domain::{Mode, TenantId};
 use crate::store::StoreError;
 
@@ -33,6 +33,34 @@ impl EventRecovery {
         }
         while let Err(over) = self.smoothing.take_turn(tenant, mode).await {
             tokio::time::sleep(over.retry_after).await;
+        }
+    }
+
+    /// The age of the oldest cursor per mode: how far back events may still be missing. At
+    /// most once a minute: the minimum is read over every cursor.
+    pub(super) async fn report_oldest_gaps(&self) {
+        {
+            let mut last = self.gaps_reported.lock().unwrap_or_else(|e| e.into_inner());
+            let now = tokio::time::Instant::now();
+            if last.is_some_and(|at| now.duration_since(at) < GAP_REPORT_EVERY) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let oldest = match self.store.oldest_recovery_cursors().await {
+            Ok(oldest) => oldest,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the oldest recovery cursors");
+                return;
+            }
+        };
+        let now = crate::clock::now();
+        for mode in [Mode::Test, Mode::Live] {
+            let age = (oldest.iter())
+                .find(|(m, _)| *m == mode)
+                .map_or(0.0, |(_, cursor)| (now - *cursor).as_seconds_f64().max(0.0));
+            metrics::gauge!("atlas_event_recovery_oldest_gap_seconds", "mode" => mode.as_str())
+                .set(age);
         }
     }
 
