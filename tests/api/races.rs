@@ -288,9 +288,15 @@ async fn a_disconnect_that_loses_its_compare_and_swap_reads_again() {
 async fn the_sweep_spares_the_endpoint_of_a_connect_under_way(backend: Backend) {
     let (app, endpoints, front) = connected(backend).await;
     let mut cut = front.hold("POST", "XKil");
+    // The service's own call, so that aborting the task cuts the connect off (a request
+    // over HTTP would go on in the server after its client went away).
     let killed = {
-        let app = app.clone();
-        tokio::spawn(async move { app.connect("ten_1", &key("rk_test_", "XKil")).await })
+        let connections = app.connections.clone();
+        tokio::spawn(async move {
+            let tenant = TenantId::parse("ten_1").unwrap();
+            let pasted = secrecy::SecretString::from(key("rk_test_", "XKil"));
+            connections.connect(&tenant, &pasted, &Actor::Cli).await
+        })
     };
     let orphan = cut.arrived().await;
     killed.abort();
