@@ -34,7 +34,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from tools import PROBES, stop, stripe_signature, wait_line
+from tools import PROBES, StripeJsonHandler, stop, stripe_signature, wait_line
 
 # Where Stripe is told our endpoints live: only its path is used (the stand-in delivers to
 # the instances round-robin, as a load balancer in front of them would).
@@ -207,20 +207,7 @@ class StripeStandin(ThreadingHTTPServer):
             return len(self.deliveries)
 
 
-class StandinHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *_):
-        pass
-
-    def send(self, status, body):
-        text = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(text)))
-        self.send_header("Request-Id", "req_" + secrets.token_hex(7))
-        self.end_headers()
-        self.wfile.write(text)
+class StandinHandler(StripeJsonHandler):
 
     def handle_any(self):
         s = self.server

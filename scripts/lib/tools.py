@@ -59,7 +59,10 @@ PROBES = [
 ENDPOINT = re.compile(r"^/v1/webhook_endpoints/(we_[A-Za-z0-9]+)$")
 DENIED = {"NoCp": {"coupons"}}
 
-class FakeStripeHandler(BaseHTTPRequestHandler):
+class StripeJsonHandler(BaseHTTPRequestHandler):
+    """What every Stripe stand-in answers with: JSON, a request id and the version asked
+    for (this file's and scripts/lib/chaos.py's)."""
+
     protocol_version = "HTTP/1.1"
 
     def log_message(self, *_):
@@ -74,6 +77,9 @@ class FakeStripeHandler(BaseHTTPRequestHandler):
         self.send_header("Stripe-Version", self.headers.get("Stripe-Version", "2023-08-16"))
         self.end_headers()
         self.wfile.write(text)
+
+
+class FakeStripeHandler(StripeJsonHandler):
 
     def handle_any(self):
         length = int(self.headers.get("Content-Length") or 0)
